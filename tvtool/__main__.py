@@ -1,0 +1,3 @@
+from tvtool.cli.app import main
+
+main()

@@ -1,0 +1,1 @@
+"""Checkpoint readers (safetensors, shards, torch, restricted unpickler) and a streaming writer."""

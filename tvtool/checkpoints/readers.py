@@ -1,0 +1,286 @@
+"""Read checkpoints tensor by tensor, whatever their format.
+
+Formats: safetensors (one file, a `*.safetensors.index.json` shard index, or a directory of
+shards), torch `.pt/.bin/.pth` state dicts (`weights_only=True`, memory-mapped), and whole pickled
+`nn.Module` checkpoints through the restricted unpickler. Key names are normalised: a `module.` or
+`model.` prefix shared by every key is stripped, as are `state_dict`-style wrappers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tvtool.errors import TvtoolError, UnsafePickleError
+
+_PREFIXES = ("module.", "model.")
+_WRAPPERS = ("state_dict", "model_state_dict", "model", "module", "params")
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def normalise_keys(keys: list[str]) -> dict[str, str]:
+    """Map normalised name -> original name, stripping prefixes every key shares."""
+    names = list(keys)
+    stripped = True
+    while stripped and names:
+        stripped = False
+        for p in _PREFIXES:
+            if all(k.startswith(p) for k in names):
+                names = [k[len(p):] for k in names]
+                stripped = True
+    return dict(zip(names, keys, strict=True))
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+class CheckpointReader:
+    """Tensor-by-tensor access to a checkpoint; use as a context manager."""
+
+    format = "?"
+
+    def __init__(self, path: Path, files: list[Path]):
+        self.path = path
+        self.files = files
+        self._fingerprint: str | None = None
+        self._names: dict[str, str] = {}
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._names
+
+    def meta(self, key: str) -> TensorMeta:
+        raise NotImplementedError
+
+    def get(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """sha256 of the file (for several shards: of their names and digests)."""
+        if self._fingerprint is None:
+            if len(self.files) == 1:
+                self._fingerprint = file_sha256(self.files[0])
+            else:
+                h = hashlib.sha256()
+                for f in sorted(self.files, key=lambda p: p.name):
+                    h.update(f"{f.name}:{file_sha256(f)}\n".encode())
+                self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    def metadata(self) -> dict[str, str]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class SafetensorsReader(CheckpointReader):
+    format = "safetensors"
+
+    def __init__(self, path: Path, files: list[Path]):
+        super().__init__(path, files)
+        from safetensors import safe_open
+
+        self._handles = []
+        raw_to_handle = {}
+        for f in files:
+            try:
+                h = safe_open(str(f), framework="pt", device="cpu")
+            except Exception as e:  # SafetensorError, OSError
+                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise TvtoolError(f"{f}: not a readable safetensors file ({msg})") from None
+            self._handles.append(h)
+            for k in h.keys():
+                if k in raw_to_handle:
+                    raise TvtoolError(f"{path}: tensor {k!r} appears in two shards")
+                raw_to_handle[k] = h
+        self._raw = raw_to_handle
+        self._names = normalise_keys(sorted(raw_to_handle))
+        self._meta_cache: dict[str, TensorMeta] = {}
+
+    def meta(self, key: str) -> TensorMeta:
+        if key not in self._meta_cache:
+            raw = self._names[key]
+            sl = self._raw[raw].get_slice(raw)
+            dtype = _ST_DTYPES.get(sl.get_dtype())
+            if dtype is None:
+                raise TvtoolError(f"{self.path}: tensor {key!r} has unsupported dtype {sl.get_dtype()}")
+            self._meta_cache[key] = TensorMeta(tuple(sl.get_shape()), dtype)
+        return self._meta_cache[key]
+
+    def get(self, key: str) -> torch.Tensor:
+        raw = self._names[key]
+        try:
+            return self._raw[raw].get_tensor(raw)
+        except Exception as e:
+            raise TvtoolError(f"{self.path}: cannot read tensor {key!r} ({e})") from None
+
+    def metadata(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for h in self._handles:
+            out.update(h.metadata() or {})
+        return out
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+class TorchReader(CheckpointReader):
+    """A torch pickle: a state dict (weights_only) or a whole module (restricted unpickler)."""
+
+    format = "torch"
+
+    def __init__(self, path: Path):
+        super().__init__(path, [path])
+        obj = _torch_load(path)
+        self.format = "torch-module" if not isinstance(obj, dict) else "torch"
+        state = _unwrap_state(obj)
+        self._tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        self.skipped_non_tensor = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+        self._names = normalise_keys(sorted(self._tensors))
+
+    def meta(self, key: str) -> TensorMeta:
+        t = self._tensors[self._names[key]]
+        return TensorMeta(tuple(t.shape), t.dtype)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._tensors[self._names[key]]
+
+    def close(self) -> None:
+        self._tensors = {}
+
+
+def _torch_load(path: Path) -> Any:
+    import pickle
+
+    from tvtool.checkpoints.safe_unpickle import restricted_pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" in str(e):  # legacy (non-zip) format cannot be memory-mapped
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError:
+                pass
+            except Exception as e2:
+                raise TvtoolError(f"{path}: not a readable torch checkpoint ({_first(e2)})") from None
+        else:
+            raise TvtoolError(f"{path}: not a readable torch checkpoint ({_first(e)})") from None
+    except pickle.UnpicklingError:
+        pass  # not a plain state dict: fall back to the restricted unpickler
+    except Exception as e:
+        raise TvtoolError(f"{path}: not a readable torch checkpoint ({_first(e)})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle)
+    except UnsafePickleError:
+        raise
+    except Exception as e:
+        raise TvtoolError(f"{path}: not a readable torch checkpoint ({_first(e)})") from None
+
+
+def _first(e: Exception) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0][:200] if s else type(e).__name__
+
+
+def _unwrap_state(obj: Any) -> dict[str, Any]:
+    from tvtool.checkpoints.safe_unpickle import Stub, tensors_from_object
+
+    if isinstance(obj, Stub):
+        return dict(tensors_from_object(obj))
+    if isinstance(obj, dict):
+        if not any(isinstance(v, torch.Tensor) for v in obj.values()):
+            for w in _WRAPPERS:
+                inner = obj.get(w)
+                if isinstance(inner, dict) or isinstance(inner, Stub):
+                    return _unwrap_state(inner)
+        if any(isinstance(v, Stub) for v in obj.values()):
+            return dict(tensors_from_object(obj))
+        return obj
+    raise TvtoolError(f"checkpoint holds a {type(obj).__name__}, not a state dict or module")
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and n < (1 << 30)
+
+
+def open_checkpoint(path: str | Path) -> CheckpointReader:
+    """Open any supported checkpoint for streaming reads."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise TvtoolError(f"checkpoint not found: {p}")
+    if p.is_dir():
+        indexes = sorted(p.glob("*.safetensors.index.json"))
+        if indexes:
+            return _from_index(indexes[0])
+        shards = sorted(p.glob("*.safetensors"))
+        if shards:
+            return SafetensorsReader(p, shards)
+        for name in ("pytorch_model.bin", "model.pt", "model.bin"):
+            if (p / name).exists():
+                return TorchReader(p / name)
+        raise TvtoolError(f"{p}: directory holds no .safetensors shards or pytorch_model.bin")
+    if p.name.endswith(".index.json"):
+        return _from_index(p)
+    if p.suffix == ".safetensors" or _looks_like_safetensors(p):
+        return SafetensorsReader(p, [p])
+    return TorchReader(p)
+
+
+def _from_index(index: Path) -> SafetensorsReader:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TvtoolError(f"{index}: not a valid shard index ({_first(e)})") from None
+    files = sorted({index.parent / f for f in weight_map.values()})
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise TvtoolError(f"{index}: missing shard(s) {', '.join(missing[:3])}")
+    return SafetensorsReader(index, files)

@@ -1,0 +1,64 @@
+"""Shared `Annotated` option aliases, so every command spells the same option the same way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from tvtool.store.store import Store
+
+
+def complete_names(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Shell completion of stored ref names (reads only the refs directory)."""
+    root = ctx.params.get("store") if ctx is not None else None
+    try:
+        names = Store(root).refs()
+    except Exception:
+        return []
+    return [n for n in names if n.startswith(incomplete)]
+
+
+def open_store(path: Optional[Path]) -> Store:
+    return Store(path)
+
+
+StoreOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--store",
+        help="Store root. Default: $TVTOOL_HOME, else $XDG_CACHE_HOME/tvtool, else ~/.cache/tvtool.",
+        show_default=False,
+        file_okay=False,
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Print only the resulting digest or name on stdout.")
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Say what would happen; change nothing.")]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+NameOpt = Annotated[
+    Optional[str], typer.Option("--name", "-n", help="Tag the result with this ref name (e.g. vit-b-32/cars).")
+]
+DtypeOpt = Annotated[
+    Optional[str], typer.Option("--dtype", help="Precision: fp32, fp16 or bf16.", show_default=False)
+]
+IncludeOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--include", help="Only tensors whose name matches this regex (repeatable).", show_default=False),
+]
+ExcludeOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--exclude", help="Skip tensors whose name matches this regex (repeatable).", show_default=False),
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="auto, cpu, cuda or cuda:N (auto picks CUDA when present).")
+]
+VectorsArg = Annotated[
+    list[str],
+    typer.Argument(help="Task vectors: ref names, digests or unique digest prefixes.", autocompletion=complete_names, show_default=False),
+]

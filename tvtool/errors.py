@@ -1,0 +1,19 @@
+"""Errors that map to exit codes and one-line messages (no traceback unless TVTOOL_DEBUG=1)."""
+
+from __future__ import annotations
+
+
+class TvtoolError(Exception):
+    """A user error: bad input, with an actionable one-line message (exit 1)."""
+
+    exit_code = 1
+
+
+class IntegrityError(TvtoolError):
+    """The store holds corrupt data (exit 3)."""
+
+    exit_code = 3
+
+
+class UnsafePickleError(TvtoolError):
+    """A pickle asked for something the restricted unpickler refuses."""

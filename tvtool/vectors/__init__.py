@@ -1,0 +1,1 @@
+"""Task-vector maths: statistics, blocks, merge methods (a registry), selection scores."""
