@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,11 +58,6 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
 
 
 class CheckpointReader:
@@ -113,54 +109,49 @@ class CheckpointReader:
 
 
 class SafetensorsReader(CheckpointReader):
+    """One or several safetensors files, read with positioned reads (see safetensors_file)."""
+
     format = "safetensors"
 
     def __init__(self, path: Path, files: list[Path]):
         super().__init__(path, files)
-        from safetensors import safe_open
+        from tvtool.checkpoints.safetensors_file import SafetensorsFile
 
-        self._handles = []
-        raw_to_handle = {}
-        for f in files:
-            try:
-                h = safe_open(str(f), framework="pt", device="cpu")
-            except Exception as e:  # SafetensorError, OSError
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise TvtoolError(f"{f}: not a readable safetensors file ({msg})") from None
-            self._handles.append(h)
-            for k in h.keys():
-                if k in raw_to_handle:
-                    raise TvtoolError(f"{path}: tensor {k!r} appears in two shards")
-                raw_to_handle[k] = h
-        self._raw = raw_to_handle
-        self._names = normalise_keys(sorted(raw_to_handle))
-        self._meta_cache: dict[str, TensorMeta] = {}
+        self._files: list[SafetensorsFile] = []
+        raw_to_file: dict[str, SafetensorsFile] = {}
+        try:
+            for f in files:
+                sf = SafetensorsFile(f)
+                self._files.append(sf)
+                for k in sf.entries:
+                    if k in raw_to_file:
+                        raise TvtoolError(f"{path}: tensor {k!r} appears in two shards")
+                    raw_to_file[k] = sf
+        except BaseException:
+            self.close()
+            raise
+        self._raw = raw_to_file
+        self._names = normalise_keys(sorted(raw_to_file))
 
     def meta(self, key: str) -> TensorMeta:
-        if key not in self._meta_cache:
-            raw = self._names[key]
-            sl = self._raw[raw].get_slice(raw)
-            dtype = _ST_DTYPES.get(sl.get_dtype())
-            if dtype is None:
-                raise TvtoolError(f"{self.path}: tensor {key!r} has unsupported dtype {sl.get_dtype()}")
-            self._meta_cache[key] = TensorMeta(tuple(sl.get_shape()), dtype)
-        return self._meta_cache[key]
+        raw = self._names[key]
+        sf = self._raw[raw]
+        return TensorMeta(sf.entries[raw].shape, sf.dtype(raw))
 
     def get(self, key: str) -> torch.Tensor:
         raw = self._names[key]
-        try:
-            return self._raw[raw].get_tensor(raw)
-        except Exception as e:
-            raise TvtoolError(f"{self.path}: cannot read tensor {key!r} ({e})") from None
+        return self._raw[raw].read(raw)
 
     def metadata(self) -> dict[str, str]:
         out: dict[str, str] = {}
-        for h in self._handles:
-            out.update(h.metadata() or {})
+        for sf in self._files:
+            out.update(sf.metadata)
         return out
 
     def close(self) -> None:
-        self._handles.clear()
+        for sf in self._files:
+            sf.close()
+        self._files = []
 
 
 class TorchReader(CheckpointReader):
@@ -174,7 +165,9 @@ class TorchReader(CheckpointReader):
         self.format = "torch-module" if not isinstance(obj, dict) else "torch"
         state = _unwrap_state(obj)
         self._tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-        self.skipped_non_tensor = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+        self.skipped_non_tensor = sorted(
+            k for k, v in state.items() if not isinstance(v, torch.Tensor)
+        )
         self._names = normalise_keys(sorted(self._tensors))
 
     def meta(self, key: str) -> TensorMeta:
@@ -202,7 +195,9 @@ def _torch_load(path: Path) -> Any:
             except pickle.UnpicklingError:
                 pass
             except Exception as e2:
-                raise TvtoolError(f"{path}: not a readable torch checkpoint ({_first(e2)})") from None
+                raise TvtoolError(
+                    f"{path}: not a readable torch checkpoint ({_first(e2)})"
+                ) from None
         else:
             raise TvtoolError(f"{path}: not a readable torch checkpoint ({_first(e)})") from None
     except pickle.UnpicklingError:
@@ -210,11 +205,22 @@ def _torch_load(path: Path) -> Any:
     except Exception as e:
         raise TvtoolError(f"{path}: not a readable torch checkpoint ({_first(e)})") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle)
-    except UnsafePickleError:
-        raise
+        with warnings.catch_warnings():  # e.g. "couldn't retrieve source code" for stubs
+            warnings.simplefilter("ignore")
+            return torch.load(
+                path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle,
+                mmap=_is_zip(path),
+            )
+    except UnsafePickleError as e:
+        raise UnsafePickleError(f"{path}: {e}") from None
     except Exception as e:
         raise TvtoolError(f"{path}: not a readable torch checkpoint ({_first(e)})") from None
+
+
+def _is_zip(path: Path) -> bool:
+    import zipfile
+
+    return zipfile.is_zipfile(path)
 
 
 def _first(e: Exception) -> str:

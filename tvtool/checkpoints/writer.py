@@ -62,7 +62,9 @@ def build_header(specs: list[TensorSpec], metadata: dict[str, str] | None) -> by
         if s.dtype not in DTYPE_TO_ST:
             raise TvtoolError(f"cannot write tensor {s.name!r} of dtype {s.dtype}")
         end = offset + s.nbytes
-        header[s.name] = {"dtype": DTYPE_TO_ST[s.dtype], "shape": list(s.shape), "data_offsets": [offset, end]}
+        header[s.name] = {
+            "dtype": DTYPE_TO_ST[s.dtype], "shape": list(s.shape), "data_offsets": [offset, end]
+        }
         offset = end
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode()
     raw += b" " * (-len(raw) % 8)
@@ -72,7 +74,9 @@ def build_header(specs: list[TensorSpec], metadata: dict[str, str] | None) -> by
 class SafetensorsStreamWriter:
     """Writes the header for `specs` at once; `write` must then be called in spec order."""
 
-    def __init__(self, f: IO[bytes], specs: list[TensorSpec], metadata: dict[str, str] | None = None):
+    def __init__(
+        self, f: IO[bytes], specs: list[TensorSpec], metadata: dict[str, str] | None = None
+    ):
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise TvtoolError("duplicate tensor names in output")

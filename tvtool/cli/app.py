@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import os
-from typing import Any
-
-import click
 import typer
-from typer.core import TyperGroup
 
 from tvtool import __version__
-from tvtool.errors import TvtoolError
+from tvtool.cli.group import TvtoolGroup
 
 COMMAND_MODULES = (
     "extract_cmd",
@@ -22,23 +17,6 @@ COMMAND_MODULES = (
     "store_cmd",
     "demo_cmd",
 )
-
-
-class TvtoolGroup(TyperGroup):
-    """Maps tvtool errors to a one-line message and exit code (traceback with TVTOOL_DEBUG=1)."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except TvtoolError as e:
-            if os.environ.get("TVTOOL_DEBUG") == "1":
-                raise
-            from tvtool.cli.output import err
-
-            err.print(f"[red]Error:[/red] {e}", soft_wrap=True, markup=True, highlight=False)
-            raise typer.Exit(e.exit_code) from None
-        except KeyboardInterrupt:
-            raise typer.Exit(130) from None
 
 
 app = typer.Typer(

@@ -1,9 +1,199 @@
-"""`tvtool compose` (being built)."""
+"""`tvtool compose`: learn aTLAS coefficients for a bank of task vectors (torch imported lazily)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
 import typer
+
+from tvtool.cli.model_options import (
+    BaseOpt,
+    ClassnamesOpt,
+    DataOpt,
+    ModelConfigOpt,
+    ModelOpt,
+    PretrainedOpt,
+    SplitOpt,
+    TemplatesOpt,
+)
+from tvtool.cli.options import DeviceOpt, ForceOpt, JsonOpt, NameOpt, QuietOpt, SeedOpt, StoreOpt, complete_names
+
+OptVectors = Annotated[
+    Optional[list[str]],
+    typer.Argument(help="Task vectors (names or digests); optional with --selection.", autocompletion=complete_names,
+                   show_default=False),
+]
+ObjectiveOpt = Annotated[str, typer.Option("--objective", help="ce (few-shot labels), entropy (unlabelled) or pseudo (confident zero-shot labels).")]
+ShotsOpt = Annotated[Optional[int], typer.Option("--shots", "-k", help="Images per class, sampled with --seed (default: all).", min=1, show_default=False)]
+ThresholdOpt = Annotated[float, typer.Option("--threshold", help="pseudo: minimum zero-shot confidence of a pseudo-label.")]
+GranularityOpt = Annotated[str, typer.Option("--granularity", help="One coefficient per tensor, per layer or per whole vector (task).")]
+PartitionsOpt = Annotated[int, typer.Option("--partitions", help="Split each 2-D weight's elements into K seeded random groups (aTLAS xK).", min=1)]
+EpochsOpt = Annotated[int, typer.Option("--epochs", help="Passes over the training images.", min=1)]
+LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Learning rate (default 1e-1 for ce/pseudo, 1e-2 for entropy and --negate).", show_default=False)]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per micro-batch and data set.", min=1)]
+AccumOpt = Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimisation step.", min=1)]
+WdOpt = Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay on the coefficients (pulls them to 0).")]
+ValOpt = Annotated[Optional[list[Path]], typer.Option("--val", help="Validation folder, one per --data (model selection by accuracy).", file_okay=False, show_default=False)]
+ValSplitOpt = Annotated[Optional[float], typer.Option("--val-split", help="Hold out this fraction of each class for validation.", show_default=False)]
+NegateOpt = Annotated[Optional[Path], typer.Option("--negate", help="Forget this data set (maximise its loss)...", file_okay=False, show_default=False)]
+ControlOpt = Annotated[Optional[Path], typer.Option("--control", help="...while keeping >= 95% of the base accuracy on this one.", file_okay=False, show_default=False)]
+SelectionOpt = Annotated[Optional[str], typer.Option("--selection", help="Learn (and load) only the pairs this `tvtool select` result keeps.", show_default=False)]
+VecDtypeOpt = Annotated[str, typer.Option("--vector-dtype", help="Vectors on the device: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16.")]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="Data-loading worker processes.", min=0)]
+FlipOpt = Annotated[bool, typer.Option("--flip", help="Add random horizontal flips to the few-shot augmentation.")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same configuration from its last epoch.")]
+OtherBaseOpt = Annotated[bool, typer.Option("--allow-other-base", help="Accept vectors recorded as extracted from another base file.")]
+
+
+class RichReporter:
+    """Progress bar per epoch and one line per finished epoch, on stderr."""
+
+    def __init__(self, enabled: bool):
+        from tvtool.cli.output import progress
+
+        self.enabled = enabled
+        self.bar = progress() if enabled else None
+        self.task: Any = None
+
+    def __enter__(self) -> RichReporter:
+        if self.bar:
+            self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar:
+            self.bar.__exit__(*exc)
+
+    def start_epoch(self, epoch: int, steps: int) -> None:
+        if self.bar:
+            if self.task is not None:
+                self.bar.remove_task(self.task)
+            self.task = self.bar.add_task(f"epoch {epoch}", total=steps)
+
+    def step(self) -> None:
+        if self.bar and self.task is not None:
+            self.bar.advance(self.task)
+
+    def end_epoch(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        from tvtool.cli.output import info
+
+        acc = "  ".join(f"{k} {100 * v:.1f}%" for k, v in record["val_acc"].items())
+        loss = record["train_loss"]
+        info(f"epoch {record['epoch']:>3}  loss {loss:.4f}" + (f"  val {acc}" if acc else "") if loss is not None
+             else f"epoch {record['epoch']}  loss nan")
+
+
+def render(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from tvtool.cli.output import err, info
+
+    h = report["history"]
+    table = Table(title="compose", title_justify="left")
+    table.add_column("epoch", justify="right")
+    table.add_column("train loss", justify="right")
+    names = list(h[0]["val_acc"]) if h and h[0]["val_acc"] else []
+    for n in names:
+        table.add_column(f"val {n}", justify="right")
+    for r in h:
+        mark = " *" if r["epoch"] == report["epoch"] else ""
+        loss = "-" if r["train_loss"] is None else f"{r['train_loss']:.4f}"
+        table.add_row(f"{r['epoch']}{mark}", loss, *(f"{100 * r['val_acc'][n]:.1f}%" for n in names))
+    err.print(table)
+    info(f"{len(report['vectors'])} vectors x {report['groups']} groups ({report['blocks']} blocks), "
+         f"{report['learnable']} learned; vectors on {report['device']}: {report['vector_bytes'] / 1e6:.1f} MB")
+    which = {"val": "best validation accuracy", "negation": "most forgetting within the control constraint",
+             "last": "last epoch"}[report["select_by"]]
+    info(f"kept epoch {report['epoch']} ({which})")
+    info(f"coefs {report['digest'][:12]}" + (f"  tagged {report['name']}" if report["name"] else ""))
+
+
+def compose_command(
+    vectors: OptVectors = None,
+    model: ModelOpt = None,
+    model_config: ModelConfigOpt = None,
+    base: BaseOpt = None,
+    pretrained: PretrainedOpt = None,
+    data: DataOpt = None,  # type: ignore[assignment]
+    classnames: ClassnamesOpt = None,
+    templates: TemplatesOpt = None,
+    split: SplitOpt = "train",
+    val: ValOpt = None,
+    val_split: ValSplitOpt = None,
+    negate: NegateOpt = None,
+    control: ControlOpt = None,
+    objective: ObjectiveOpt = "ce",
+    shots: ShotsOpt = None,
+    threshold: ThresholdOpt = 0.99,
+    granularity: GranularityOpt = "tensor",
+    partitions: PartitionsOpt = 1,
+    epochs: EpochsOpt = 10,
+    lr: LrOpt = None,
+    batch_size: BatchOpt = 32,
+    grad_accum: AccumOpt = 1,
+    weight_decay: WdOpt = 0.0,
+    seed: SeedOpt = 0,
+    selection: SelectionOpt = None,
+    device: DeviceOpt = "auto",
+    vector_dtype: VecDtypeOpt = "auto",
+    workers: WorkersOpt = 0,
+    flip: FlipOpt = False,
+    resume: ResumeOpt = False,
+    allow_other_base: OtherBaseOpt = False,
+    name: NameOpt = None,
+    force: ForceOpt = False,
+    store: StoreOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Learn block-wise coefficients (aTLAS) for task VECTORS on a few images; store a `coefs`.
+
+    theta = theta_0 + sum_t Lambda[t, block] * tau_t, Lambda from 0, base and vectors frozen.
+    Several --data sets: task addition (losses summed). --negate T --control C: forgetting.
+    Runs under `torchrun --nproc-per-node N -m tvtool compose ...` as DistributedDataParallel.
+    """
+    from tvtool.cli.model_options import load_model
+    from tvtool.cli.options import open_store
+    from tvtool.cli.output import emit_json, emit_line, warn
+    from tvtool.compose.ddp import init_from_env
+    from tvtool.compose.runner import ComposeOptions, compose, data_specs
+    from tvtool.errors import TvtoolError
+    from tvtool.models.heads import load_templates
+
+    if granularity not in ("tensor", "layer", "task"):
+        raise TvtoolError(f"unknown --granularity {granularity!r}: use tensor, layer or task")
+    specs = data_specs(list(data or []), val, classnames, negate, control)
+    dist, device = init_from_env(device)
+    try:
+        clip = load_model(model, model_config, base, pretrained, device)
+        opts = ComposeOptions(
+            vectors=list(vectors or []), data=specs, objective=objective, shots=shots, threshold=threshold,
+            val_split=val_split, granularity=granularity, partitions=partitions, epochs=epochs, lr=lr,
+            batch_size=batch_size, grad_accum=grad_accum, seed=seed, weight_decay=weight_decay,
+            selection=selection, vector_dtype=vector_dtype,
+            templates=load_templates(templates) if templates else None, flip=flip, workers=workers,
+            split=split, allow_other_base=allow_other_base, resume=resume, name=name, force=force,
+        )
+        if not opts.vectors and not selection:
+            raise TvtoolError("give task VECTORS (or --selection REF)")
+        show = dist.main and not quiet and not json_out
+        with RichReporter(show) as rep:
+            report = compose(open_store(store), clip, opts, dist, reporter=rep, warn=warn if dist.main else None)
+    finally:
+        dist.close()
+    if not dist.main:
+        return
+    if json_out:
+        emit_json(report)
+    elif quiet:
+        emit_line(report["digest"])
+    else:
+        render(report)
+        emit_line(report["digest"])
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("compose")(compose_command)

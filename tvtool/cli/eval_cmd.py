@@ -1,9 +1,223 @@
-"""`tvtool eval` (being built)."""
+"""`tvtool eval`: top-1 accuracy of a base, task vectors, coefficients or fine-tuned weights."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from tvtool.cli.model_options import (
+    BaseOpt,
+    BatchSizeOpt,
+    ClassnamesOpt,
+    DataOpt,
+    ModelConfigOpt,
+    ModelOpt,
+    PretrainedOpt,
+    SplitOpt,
+    TemplatesOpt,
+)
+from tvtool.cli.options import DeviceOpt, JsonOpt, QuietOpt, StoreOpt, complete_names
+
+HELP = "\n\n".join(
+    [
+        "Top-1 accuracy per data set, with one zero-shot head per data set from its class names.",
+        "Weights (at most one): the base alone; VECTOR[:w]... added to it (base + sum w*tau); "
+        "--coefs REF (learned by compose); --weights FILE (a fine-tuned checkpoint's image tower; "
+        "without --base the file is the whole model). Only the image tower changes; heads come "
+        "from the base's text tower.",
+        "Data: --data DIR uses DIR/<split> when it exists (default split: test), "
+        "else DIR/<class>/*.png.",
+        "--grid 0:1:0.05 picks the task-arithmetic scale on validation data (--val DIR..., else "
+        "DIR/val) by mean normalised accuracy (accuracy / fine-tuned accuracy, from "
+        "--finetuned-acc FILE or measured with --finetuned FILE...), or by mean accuracy when "
+        "neither is given.",
+        "--disentanglement V1 V2 reports the weight-disentanglement error xi(a1, a2) of two "
+        "vectors on two --data sets (one per vector) over --alphas.",
+        "-q prints only the mean accuracy (the mean xi with --disentanglement).",
+    ]
+)
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("eval", help=HELP)(eval_cmd)
+
+
+def eval_cmd(
+    vectors: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Task vectors to add, as NAME or NAME:WEIGHT.",
+            autocompletion=complete_names,
+            show_default=False,
+        ),
+    ] = None,
+    model: ModelOpt = None,
+    model_config: ModelConfigOpt = None,
+    base: BaseOpt = None,
+    pretrained: PretrainedOpt = None,
+    weights: Annotated[
+        Path | None,
+        typer.Option("--weights", help="Fine-tuned checkpoint to evaluate.", show_default=False),
+    ] = None,
+    coefs: Annotated[
+        str | None,
+        typer.Option(
+            "--coefs",
+            help="A coefs object (from compose) to apply.",
+            autocompletion=complete_names,
+            show_default=False,
+        ),
+    ] = None,
+    data: DataOpt = ...,  # type: ignore[assignment]
+    split: SplitOpt = "test",
+    classnames: ClassnamesOpt = None,
+    templates: TemplatesOpt = None,
+    grid: Annotated[
+        str | None,
+        typer.Option(
+            "--grid",
+            help="Scale grid START:STOP:STEP or a list (e.g. 0:1:0.05).",
+            show_default=False,
+        ),
+    ] = None,
+    val: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--val", help="Validation folder per --data set (default DIR/val).", show_default=False
+        ),
+    ] = None,
+    finetuned_acc: Annotated[
+        Path | None,
+        typer.Option(
+            "--finetuned-acc",
+            help='JSON {"dataset": accuracy} or a tvtool eval --json report.',
+            show_default=False,
+            dir_okay=False,
+        ),
+    ] = None,
+    finetuned: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--finetuned",
+            help="Fine-tuned checkpoint per --data set, to measure.",
+            show_default=False,
+        ),
+    ] = None,
+    disentanglement: Annotated[
+        tuple[str, str] | None,
+        typer.Option(
+            "--disentanglement",
+            help="Two vectors V1 V2: weight-disentanglement error.",
+            show_default=False,
+        ),
+    ] = None,
+    alphas: Annotated[
+        str, typer.Option("--alphas", help="Alphas for --disentanglement.")
+    ] = "0:1:0.25",
+    allow_other_base: Annotated[
+        bool,
+        typer.Option("--allow-other-base", help="Accept vectors extracted from another base file."),
+    ] = False,
+    device: DeviceOpt = "auto",
+    batch_size: BatchSizeOpt = 128,
+    store: StoreOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    from tvtool.cli.options import open_store
+    from tvtool.cli.output import emit_json, emit_line, err, info, progress
+    from tvtool.models.eval_run import EvalOptions, headline, run_eval
+
+    opts = EvalOptions(
+        model=model,
+        model_config=model_config,
+        base=base,
+        pretrained=pretrained,
+        vectors=list(vectors or []),
+        weights=weights,
+        coefs=coefs,
+        data=list(data),
+        split=split,
+        classnames=classnames,
+        templates=templates,
+        grid=grid,
+        val=val,
+        finetuned_acc=finetuned_acc,
+        finetuned=finetuned,
+        disentanglement=disentanglement,
+        alphas=alphas,
+        allow_other_base=allow_other_base,
+        device=device,
+        batch_size=batch_size,
+    )
+    with progress() as bar:
+
+        def on_progress(desc: str, total: int):
+            task = bar.add_task(desc, total=total)
+            return lambda: bar.advance(task)
+
+        report = run_eval(opts, open_store(store), on_note=info, on_progress=on_progress)
+    if json_out:
+        emit_json(report)
+    elif quiet:
+        emit_line(f"{headline(report):.6f}")
+    if not json_out and not quiet:
+        render(report, err)
+
+
+def render(report: dict, console) -> None:
+    """People's view on stderr: the accuracy table, the scale grid, the xi matrix."""
+    from rich.table import Table
+
+    w = report["weights"]
+    what = {
+        "base": "base",
+        "weights": f"weights {w.get('file', '')}",
+        "coefs": f"coefs {str(w.get('coefs'))[:12]}",
+    }.get(w["mode"], w["mode"])
+    if w["mode"] == "vectors":
+        terms = " + ".join(
+            f"{v['weight']:g}*{v['name']}" if v["weight"] != 1 else v["name"] for v in w["vectors"]
+        )
+        scale = report["scale"]
+        what = f"base + {terms}" if scale == 1.0 else f"base + {scale:g} x ({terms})"
+    console.print(f"{report['model']} ({what}) on {report['device']}", soft_wrap=True, markup=False)
+    if report.get("grid"):
+        g = report["grid"]
+        t = Table(
+            "scale",
+            "mean acc",
+            "mean norm",
+            title="scale grid (validation)",
+            caption=f"* best by {g['criterion'].replace('_', ' ')}",
+        )
+        for r in g["rows"]:
+            mark = " *" if r["scale"] == g["best_scale"] else ""
+            norm = f"{r['mean_normalised']:.4f}" if r["mean_normalised"] is not None else "-"
+            t.add_row(f"{r['scale']:g}{mark}", f"{r['mean_accuracy']:.2%}", norm)
+        console.print(t)
+    if report.get("disentanglement"):
+        d = report["disentanglement"]
+        v1, v2 = d["vectors"]
+        t = Table(
+            f"a1 ({v1}) \\ a2 ({v2})",
+            *[f"{a:g}" for a in d["alphas"]],
+            title="disentanglement error xi",
+        )
+        for a, row in zip(d["alphas"], d["xi"], strict=True):
+            t.add_row(f"{a:g}", *[f"{x:.3f}" for x in row])
+        console.print(t)
+    t = Table(
+        "data set", "images", "accuracy", "normalised", title=f"top-1 accuracy ({report['split']})"
+    )
+    for r in report["results"]:
+        norm = f"{r['normalised']:.3f}" if r["normalised"] is not None else "-"
+        t.add_row(r["dataset"], str(r["n"]), f"{r['accuracy']:.2%}", norm)
+    if len(report["results"]) > 1:
+        mn = report["mean_normalised"]
+        t.add_row(
+            "mean", "", f"{report['mean_accuracy']:.2%}", f"{mn:.3f}" if mn is not None else "-"
+        )
+    console.print(t)

@@ -1,9 +1,418 @@
-"""`tvtool store` (being built)."""
+"""`tvtool store ...`: list, show, tag, remove, verify, gc, export and import stored objects."""
 
 from __future__ import annotations
 
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
 import typer
+
+from tvtool.cli.group import TvtoolGroup
+from tvtool.cli.options import DryRunOpt, ForceOpt, JsonOpt, QuietOpt, StoreOpt, YesOpt
+from tvtool.errors import IntegrityError, TvtoolError
+
+store_app = typer.Typer(
+    cls=TvtoolGroup,
+    name="store",
+    help="The local content-addressed store: list, show, tag, remove, verify, gc, export, import.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def complete_refs(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Ref names, and digest prefixes once a few hex characters are typed (torch-free)."""
+    from tvtool.store.store import Store
+
+    try:
+        store = Store(ctx.params.get("store") if ctx is not None else None)
+        out = [n for n in store.refs() if n.startswith(incomplete)]
+        raw = incomplete.lower()
+        if len(raw) >= 2 and all(c in "0123456789abcdef" for c in raw):
+            fan = store.objects_dir / raw[:2]
+            if fan.is_dir():
+                out += sorted(
+                    (raw[:2] + p.name[:-5])[:12] for p in fan.glob(raw[2:] + "*.json")
+                )
+        return out
+    except Exception:
+        return []
+
+
+RefArg = Annotated[
+    str,
+    typer.Argument(help="A ref name, a digest or a unique digest prefix (8+ hex).",
+                   autocompletion=complete_refs, show_default=False),
+]
+RefsArg = Annotated[
+    list[str],
+    typer.Argument(help="Ref names (or digests / unique prefixes).", autocompletion=complete_refs,
+                   show_default=False),
+]
+
+
+def _duration(value: str) -> str:
+    from tvtool.store.maintenance import parse_duration
+
+    try:
+        parse_duration(value)
+    except TvtoolError as e:
+        raise typer.BadParameter(str(e)) from None
+    return value
+
+
+def _when(iso: str) -> str:
+    try:
+        return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M")
+    except ValueError:
+        return iso
+
+
+def _count(n: int | None) -> str:
+    """87849216 -> '87.8M' (exact counts are in --json)."""
+    if not n:
+        return ""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+def _short_dtype(dtype: str | None) -> str:
+    names = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64",
+             "F32": "fp32", "F16": "fp16", "BF16": "bf16", "F64": "fp64"}
+    return ",".join(names.get(d, d) for d in dtype.split(",")) if dtype else ""
+
+
+def _row(store: Any, digest: str, names: list[str]) -> dict[str, Any]:
+    try:
+        m = store.manifest(digest)
+    except TvtoolError:
+        return {"names": names, "digest": digest, "kind": "corrupt", "numel": None,
+                "size": None, "dtype": None, "created": None, "tensors": None}
+    return {"names": names, "digest": digest, "kind": m.kind, "numel": m.numel, "size": m.size,
+            "dtype": m.dtype, "created": m.created, "tensors": len(m.tensors)}
+
+
+@store_app.command("ls")
+def ls_cmd(
+    kind: Annotated[str | None, typer.Option("--kind", help="Only objects of this kind.",
+                                                show_default=False)] = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """List named and untagged objects (names, digest, kind, numel, size, dtype, created)."""
+    from tvtool.cli.output import emit_json, emit_line, err, human_bytes
+    from tvtool.store.store import Store
+
+    st = Store(store)
+    by_digest = st.names_by_digest()
+    rows = [_row(st, d, by_digest.get(d, [])) for d in st.iter_digests()]
+    if kind is not None:
+        rows = [r for r in rows if r["kind"] == kind]
+    rows.sort(key=lambda r: (not r["names"], r["names"][:1], r["created"] or "", r["digest"]))
+    dangling = {n: d for d, ns in by_digest.items() if not st.has(d) for n in ns}
+    if as_json:
+        emit_json({"store": str(st.root), "objects": rows, "dangling_refs": dangling})
+        return
+    if quiet:
+        for r in rows:
+            emit_line(r["names"][0] if r["names"] else r["digest"])
+        return
+    if not rows:
+        err.print(f"no objects in store {st.root}" + (f" of kind {kind}" if kind else ""))
+    else:
+        from rich.table import Table
+
+        table = Table(title=f"store {st.root}", title_justify="left", box=None, pad_edge=False,
+                      collapse_padding=True)
+        widest = max((len(n) for r in rows for n in r["names"]), default=10)
+        table.add_column("name", no_wrap=True, min_width=min(widest, 40))
+        table.add_column("digest", no_wrap=True)
+        table.add_column("kind", no_wrap=True)
+        table.add_column("numel", justify="right", no_wrap=True)
+        table.add_column("size", justify="right", no_wrap=True)
+        table.add_column("dtype", no_wrap=True)
+        table.add_column("created", no_wrap=True)
+        for r in rows:
+            table.add_row(
+                "\n".join(r["names"]) or "[dim](untagged)[/dim]", r["digest"][:12], r["kind"],
+                _count(r["numel"]), human_bytes(r["size"] or 0),
+                _short_dtype(r["dtype"]), _when(r["created"]) if r["created"] else "",
+            )
+        err.print(table)
+    for n, d in dangling.items():
+        err.print(f"[yellow]warning:[/yellow] ref {n!r} points at missing object {d[:12]}")
+
+
+@store_app.command("show")
+def show_cmd(
+    ref: RefArg,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """Show an object's manifest (and, for coefs objects, its coefficients)."""
+    from tvtool.cli.output import emit_json, emit_line
+    from tvtool.store.store import Store
+
+    st = Store(store)
+    digest = st.resolve(ref)
+    manifest = st.manifest(digest)
+    names = st.names_for(digest)
+    if as_json:
+        emit_json({"names": names, **manifest.model_dump(mode="json")})
+    elif quiet:
+        emit_line(digest)
+    else:
+        _render_manifest(st, manifest, names)
+
+
+def _render_manifest(st: Any, m: Any, names: list[str]) -> None:
+    import json
+
+    from rich.markup import escape
+    from rich.table import Table
+
+    from tvtool.cli.output import err, human_bytes
+
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    rows = [
+        ("names", ", ".join(names) or "(untagged)"), ("digest", m.digest), ("kind", m.kind),
+        ("format", m.format), ("size", f"{human_bytes(m.size)} ({m.size:,} bytes)"),
+        ("numel", f"{m.numel:,}"), ("dtype", m.dtype or ""),
+        ("created", _when(m.created)), ("tool", f"tvtool {m.tool_version}"),
+        ("schema", str(m.schema_version)),
+    ]
+    for d in m.inputs:
+        rows.append(("input", f"{d[:12]} {st.display_name(d) if st.has(d) else '(not in store)'}"))
+    if m.tensors:
+        shown = ", ".join(f"{t.name} {t.shape}" for t in m.tensors[:6])
+        more = f" ... and {len(m.tensors) - 6} more" if len(m.tensors) > 6 else ""
+        rows.append(("tensors", f"{len(m.tensors)}: {shown}{more}"))
+    for k, v in m.params.items():
+        text = json.dumps(v, sort_keys=True)
+        rows.append((f"params.{k}", text if len(text) <= 120 else text[:117] + "..."))
+    for k, v in rows:
+        grid.add_row(k, escape(v))
+    err.print(grid)
+    if m.kind == "coefs" and m.format == "safetensors":
+        _render_coefs(st, m)
+
+
+def _render_coefs(st: Any, m: Any, max_rows: int = 40) -> None:
+    """Coefficients per block (rows) and vector (columns); groups of a block are averaged."""
+    from rich.table import Table
+
+    from tvtool.cli.output import err, warn
+    from tvtool.store.peek import read_small_tensor
+
+    layout = m.params.get("layout") or {}
+    vectors, blocks = layout.get("vectors", []), layout.get("blocks", [])
+    try:
+        shape, values = read_small_tensor(st.blob_path(m.digest), "coefs")
+    except TvtoolError as e:
+        warn(f"cannot show coefficients: {e}")
+        return
+    n_groups = sum(int(b.get("groups", 1)) for b in blocks)
+    if len(shape) != 2 or shape != [len(vectors), n_groups]:
+        warn(f"coefs tensor has shape {shape}; the layout needs [{len(vectors)}, {n_groups}]")
+        return
+    table = Table(title="coefficients (block x vector)", title_justify="left", box=None)
+    table.add_column("block")
+    for d in vectors:
+        table.add_column(st.display_name(d) if st.has(d) else d[:12], justify="right")
+    col = 0
+    for i, b in enumerate(blocks):
+        g = int(b.get("groups", 1))
+        if i < max_rows:
+            cells = [sum(values[t * n_groups + col: t * n_groups + col + g]) / g
+                     for t in range(len(vectors))]
+            label = b["name"] + (f" (mean of {g})" if g > 1 else "")
+            table.add_row(label, *(f"{c:.4f}" for c in cells))
+        col += g
+    err.print(table)
+    if len(blocks) > max_rows:
+        err.print(f"... {len(blocks) - max_rows} more blocks (see --json / the coefs tensor)")
+
+
+@store_app.command("tag")
+def tag_cmd(
+    digest: RefArg,
+    name: Annotated[str, typer.Argument(help="The ref name to set (namespaces: vit-b-32/cars).",
+                                        autocompletion=complete_refs, show_default=False)],
+    force: Annotated[bool, typer.Option("--force", help="Move the name if it exists.")] = False,
+    quiet: QuietOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """Name an object (DIGEST may also be a prefix or another ref)."""
+    from tvtool.cli.output import emit_line, info
+    from tvtool.store.store import Store
+
+    st = Store(store)
+    target = st.resolve(digest)
+    old = st.set_ref(name, target, force=force)
+    if quiet:
+        emit_line(name)
+    elif old is not None and old != target:
+        info(f"moved {name} from {old[:12]} to {target[:12]}")
+    else:
+        info(f"tagged {target[:12]} ({st.manifest(target).kind}) as {name}")
+
+
+@store_app.command("rm")
+def rm_cmd(
+    names: Annotated[list[str], typer.Argument(help="Ref names to remove.",
+                                               autocompletion=complete_refs, show_default=False)],
+    yes: YesOpt = False,
+    dry_run: DryRunOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """Remove refs. The objects stay until `tvtool store gc` sweeps them."""
+    from tvtool.cli.output import info
+    from tvtool.store.store import Store
+
+    st = Store(store)
+    targets = {}
+    for n in names:
+        d = st.get_ref(n)
+        if d is None:
+            raise TvtoolError(f"no ref named {n!r} (see `tvtool store ls`)")
+        targets[n] = d
+    listing = ", ".join(f"{n} ({d[:12]})" for n, d in targets.items())
+    if dry_run:
+        info(f"would remove {len(targets)} ref(s): {listing}")
+        return
+    if not yes:
+        typer.confirm(f"Remove {len(targets)} ref(s): {listing}?", abort=True, err=True)
+    for n in targets:
+        st.remove_ref(n)
+    info(f"removed {len(targets)} ref(s): {listing}; run `tvtool store gc` to free space")
+
+
+@store_app.command("verify")
+def verify_cmd(as_json: JsonOpt = False, store: StoreOpt = None) -> None:
+    """Re-hash every object; exit 3 naming each corrupt one."""
+    from tvtool.cli.output import emit_json, err, progress
+    from tvtool.store.maintenance import verify
+    from tvtool.store.store import Store
+
+    st = Store(store)
+    total = sum(1 for _ in st.iter_digests())
+    with progress() as bar:
+        task = bar.add_task("verifying", total=total)
+        checked, problems = verify(st, on_object=lambda _d: bar.advance(task))
+    by_digest = st.names_by_digest()
+    listed = [{"digest": p.digest, "names": by_digest.get(p.digest, []), "problem": p.what,
+               "dangling_ref": p.ref} for p in problems]
+    if as_json:
+        emit_json({"store": str(st.root), "checked": checked, "ok": not problems,
+                   "problems": listed})
+    else:
+        for p, item in zip(problems, listed, strict=True):
+            names = f" ({', '.join(item['names'])})" if item["names"] else ""
+            label = "dangling" if p.ref else "corrupt"
+            err.print(f"[red]{label}[/red] {p.digest}{names}: {p.what}", soft_wrap=True)
+    if problems:
+        bad = len({p.digest for p in problems if p.ref is None})
+        dangling = sum(1 for p in problems if p.ref is not None)
+        extra = f" and {dangling} ref(s) point at missing objects" if dangling else ""
+        raise IntegrityError(
+            f"{bad} of {checked} objects in {st.root} failed verification{extra}"
+        )
+    if not as_json:
+        err.print(f"{checked} objects ok")
+
+
+@store_app.command("gc")
+def gc_cmd(
+    dry_run: DryRunOpt = False,
+    grace: Annotated[str, typer.Option("--grace", callback=_duration,
+                                       help="Keep unreferenced objects younger than this "
+                                            "(30s, 10m, 1h, 2d, 0).")] = "1h",
+    as_json: JsonOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """Sweep objects no ref reaches (nor their inputs), crashed writes and temp files."""
+    from tvtool.cli.output import emit_json, human_bytes, info
+    from tvtool.store.maintenance import format_duration, gc, parse_duration
+    from tvtool.store.store import Store
+
+    st = Store(store)
+    seconds = parse_duration(grace)
+    report = gc(st, seconds, dry_run=dry_run)
+    if as_json:
+        emit_json({"store": str(st.root), "dry_run": dry_run, "grace_seconds": seconds,
+                   "removed": report.removed, "reclaimed_bytes": report.reclaimed_bytes,
+                   "kept_recent": report.kept_recent, "tmp_removed": report.tmp_removed})
+        return
+    verb = "would remove" if dry_run else "removed"
+    for d in report.removed:
+        info(f"{verb} {d[:12]}")
+    info(f"{verb} {len(report.removed)} object(s) ({human_bytes(report.reclaimed_bytes)})"
+         f" and {report.tmp_removed} temp file(s)")
+    if report.kept_recent:
+        info(f"kept {len(report.kept_recent)} unreferenced object(s) younger than"
+             f" {format_duration(seconds)} (--grace)")
+
+
+@store_app.command("export")
+def export_cmd(
+    names: RefsArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="The bundle file to write.",
+                                         dir_okay=False, show_default=False)],
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """Write named objects and all their inputs to a self-contained bundle.
+
+    A namespace (e.g. vit-b-32/) exports every ref under it; a digest exports an unnamed object.
+    """
+    from tvtool.cli.output import emit_json, human_bytes, info
+    from tvtool.store.bundle import export_bundle
+    from tvtool.store.store import Store
+
+    result = export_bundle(Store(store), names, output, force=force)
+    if as_json:
+        emit_json({"bundle": str(output), **result})
+        return
+    refs = ", ".join(result["refs"]) or "no refs"
+    info(f"exported {len(result['objects'])} object(s) ({refs}) to {output}"
+         f" ({human_bytes(result['size'])})")
+
+
+@store_app.command("import")
+def import_cmd(
+    bundle: Annotated[Path, typer.Argument(help="A bundle written by `tvtool store export`.",
+                                           dir_okay=False, show_default=False)],
+    force: Annotated[bool, typer.Option("--force", help="Move refs that exist here.")] = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    store: StoreOpt = None,
+) -> None:
+    """Import a bundle: every object is verified; a corrupt bundle imports nothing (exit 3)."""
+    from tvtool.cli.output import emit_json, emit_line, info
+    from tvtool.store.bundle import import_bundle
+    from tvtool.store.store import Store
+
+    if not bundle.is_file():
+        raise TvtoolError(f"no bundle file {bundle}")
+    result = import_bundle(Store(store), bundle, force=force)
+    if as_json:
+        emit_json(result)
+    elif quiet:
+        for d in result["objects"]:
+            emit_line(d)
+    else:
+        refs = ", ".join(result["refs"]) or "no refs"
+        info(f"imported {len(result['objects'])} object(s), {len(result['new'])} new ({refs})")
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.add_typer(store_app, name="store")

@@ -3,7 +3,7 @@
 Layout under the root::
 
     objects/sha256/ab/cdef...        data blob (safetensors or canonical JSON), mode 0444
-    objects/sha256/ab/cdef....json   its Manifest, mode 0444; written last, so it is the commit point
+    objects/sha256/ab/cdef....json   its Manifest, mode 0444; written last: the commit point
     refs/<name>                      a name (namespaces allowed: vit-b-32/cars) -> a digest
     tmp/                             in-flight writes (same filesystem), swept by gc
     store.json                       format version
@@ -22,7 +22,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from tvtool.errors import TvtoolError
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
+
+from tvtool.errors import IntegrityError, TvtoolError
 from tvtool.store.manifest import Manifest, ObjectKind, canonical_json
 
 STORE_FORMAT = 1
@@ -53,8 +58,40 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def create_locked(path: Path) -> IO[bytes]:
+    """Create `path` exclusively and hold an advisory lock on it while it is open.
+
+    gc skips temp files and blobs it cannot lock, so it never sweeps a write in flight; the
+    lock goes with the open file, so a killed writer leaves nothing locked.
+    """
+    while True:
+        f = open(path, "xb")  # noqa: SIM115
+        lock_file(f, exclusive=True)
+        if os.fstat(f.fileno()).st_nlink > 0:
+            return f
+        f.close()  # gc swept it between create and lock: the name is free again
+
+
+def lock_file(f: IO[bytes], *, exclusive: bool, blocking: bool = True) -> bool:
+    """An flock on an open file; False when `blocking` is off and someone else holds it."""
+    if fcntl is None:  # pragma: no cover - not POSIX
+        return True
+    flags = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    if not blocking:
+        flags |= fcntl.LOCK_NB
+    try:
+        fcntl.flock(f.fileno(), flags)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def is_valid_ref_name(name: str) -> bool:
+    return bool(_REF.match(name)) and ".." not in name.split("/")
+
+
 def check_ref_name(name: str) -> str:
-    if not _REF.match(name) or ".." in name:
+    if not is_valid_ref_name(name):
         raise TvtoolError(
             f"invalid name {name!r}: use letters, digits, '.', '_', '-' and '/' for namespaces"
         )
@@ -62,14 +99,23 @@ def check_ref_name(name: str) -> str:
 
 
 class ObjectWriter:
-    """A temp file in `tmp/` that hashes what is written; `commit` moves it into place."""
+    """A locked temp file in `tmp/` that hashes what is written; `commit` moves it into place.
+
+    Use as a context manager: an exception before `commit` removes the temp file.
+    """
 
     def __init__(self, store: Store):
         self.store = store
         self.path = store.tmp_dir / f"{uuid.uuid4().hex}.part"
-        self._file: IO[bytes] = open(self.path, "xb")  # noqa: SIM115
+        self._file: IO[bytes] = create_locked(self.path)
         self._hash = hashlib.sha256()
         self.size = 0
+        self._done = False
+
+    @property
+    def digest(self) -> str:
+        """sha256 of everything written so far."""
+        return self._hash.hexdigest()
 
     def write(self, data: bytes | memoryview) -> int:
         self._file.write(data)
@@ -83,22 +129,37 @@ class ObjectWriter:
     def flush(self) -> None:
         self._file.flush()
 
+    def finish(self) -> str:
+        """Flush and fsync the data (the file stays open and locked); returns the digest."""
+        if not self._done:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._done = True
+        return self.digest
+
     def commit(self, manifest_fields: dict[str, Any]) -> Manifest:
-        """Finish the blob and record its manifest; the same bytes twice give one object."""
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        digest = self._hash.hexdigest()
+        """Move the blob into place and record its manifest (the commit point).
+
+        The same bytes twice give one object and the first manifest wins. The temp file's lock
+        travels with it into `objects/`, so gc cannot take the blob before its manifest exists.
+        """
+        digest = self.finish()
+        manifest = Manifest(digest=digest, size=self.size, **manifest_fields)  # validate first
         blob = self.store.blob_path(digest)
         blob.parent.mkdir(parents=True, exist_ok=True)
-        if blob.exists():
-            self.path.unlink()
-        else:
+        try:
+            existing = _open_whole_blob(blob, self.size)
+            if existing is not None:  # dedup: keep the blob that is there, refresh it for gc
+                with existing:
+                    _touch(blob)
+                    self.path.unlink()
+                    return self.store._write_manifest(manifest)
             os.chmod(self.path, 0o444)
             os.replace(self.path, blob)
             _fsync_dir(blob.parent)
-        manifest = Manifest(digest=digest, size=self.size, **manifest_fields)
-        return self.store._write_manifest(manifest)
+            return self.store._write_manifest(manifest)
+        finally:
+            self._file.close()
 
     def abort(self) -> None:
         if not self._file.closed:
@@ -111,6 +172,28 @@ class ObjectWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def _open_whole_blob(blob: Path, size: int) -> IO[bytes] | None:
+    """Open and share-lock an existing blob of the expected size; None if absent (or swept
+    by gc meanwhile) or of the wrong size (then the caller's copy replaces it)."""
+    try:
+        f = open(blob, "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        return None
+    lock_file(f, exclusive=False)
+    st = os.fstat(f.fileno())
+    if st.st_nlink == 0 or st.st_size != size:
+        f.close()
+        return None
+    return f
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass
 
 
 class Store:
@@ -141,13 +224,16 @@ class Store:
             except (OSError, ValueError) as e:
                 raise TvtoolError(f"{meta} is unreadable: {e}") from None
             if fmt != STORE_FORMAT:
-                raise TvtoolError(f"store {self.root} has format {fmt}; this tvtool reads {STORE_FORMAT}")
+                raise TvtoolError(
+                    f"store {self.root} has format {fmt}; this tvtool reads {STORE_FORMAT}"
+                )
         for d in (self.objects_dir, self.refs_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
         if not meta.exists():
             tmp = self.tmp_dir / f"store-{uuid.uuid4().hex}.json"
-            tmp.write_text(json.dumps({"format": STORE_FORMAT}) + "\n")
-            os.replace(tmp, meta)
+            with create_locked(tmp) as f:
+                f.write((json.dumps({"format": STORE_FORMAT}) + "\n").encode())
+                os.replace(tmp, meta)
         return self
 
     def exists(self) -> bool:
@@ -175,19 +261,21 @@ class Store:
     def _write_manifest(self, manifest: Manifest) -> Manifest:
         path = self.manifest_path(manifest.digest)
         if path.exists():
+            _touch(path)
             return self.manifest(manifest.digest)
         tmp = self.tmp_dir / f"{uuid.uuid4().hex}.manifest"
-        with open(tmp, "wb") as f:
+        with create_locked(tmp) as f:
             f.write(canonical_json(manifest.model_dump(mode="json")))
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o444)
-        try:
-            os.link(tmp, path)  # atomic create-if-absent: the first writer's manifest wins
-        except FileExistsError:
+            os.chmod(tmp, 0o444)
+            try:
+                os.link(tmp, path)  # atomic create-if-absent: the first writer's manifest wins
+            except FileExistsError:
+                tmp.unlink()
+                _touch(path)
+                return self.manifest(manifest.digest)
             tmp.unlink()
-            return self.manifest(manifest.digest)
-        tmp.unlink()
         _fsync_dir(path.parent)
         return manifest
 
@@ -212,13 +300,17 @@ class Store:
             raise TvtoolError(f"object {digest[:12]} is not in store {self.root}") from None
         except ValueError as e:
             first = str(e).splitlines()[0]
-            raise TvtoolError(f"manifest of {digest[:12]} is corrupt ({first}); run `tvtool store verify`") from None
+            raise IntegrityError(
+                f"manifest of {digest[:12]} is corrupt ({first}); run `tvtool store verify`"
+            ) from None
 
     def read_json(self, digest: str) -> Any:
         try:
             return json.loads(self.blob_path(digest).read_bytes())
         except (OSError, ValueError) as e:
-            raise TvtoolError(f"object {digest[:12]} is unreadable ({e}); run `tvtool store verify`") from None
+            raise IntegrityError(
+                f"object {digest[:12]} is unreadable ({e}); run `tvtool store verify`"
+            ) from None
 
     # -- names --------------------------------------------------------------------------------
     def resolve(self, name: str, kind: ObjectKind | tuple[str, ...] | None = None) -> str:
@@ -234,14 +326,16 @@ class Store:
     def _resolve(self, name: str) -> str:
         if not name:
             raise TvtoolError("empty name: give a ref name or a digest")
-        if _REF.match(name) and ".." not in name:
+        if is_valid_ref_name(name):
             ref = self.get_ref(name)
             if ref is not None:
                 return ref
         raw = name.removeprefix("sha256:").lower()
         if _HEX.match(raw):
             if len(raw) < MIN_PREFIX:
-                raise TvtoolError(f"{name!r}: a digest prefix needs at least {MIN_PREFIX} hex characters")
+                raise TvtoolError(
+                    f"{name!r}: a digest prefix needs at least {MIN_PREFIX} hex characters"
+                )
             fan = self.objects_dir / raw[:2]
             hits = sorted(
                 raw[:2] + p.name[:-5] for p in fan.glob(raw[2:] + "*.json")
@@ -250,13 +344,21 @@ class Store:
                 return hits[0]
             if len(hits) > 1:
                 shown = ", ".join(h[:16] for h in hits[:4])
-                raise TvtoolError(f"{name!r} is ambiguous: matches {len(hits)} objects ({shown}); give more characters")
-        raise TvtoolError(f"no ref or object named {name!r} in store {self.root} (see `tvtool store ls`)")
+                raise TvtoolError(
+                    f"{name!r} is ambiguous: matches {len(hits)} objects ({shown});"
+                    " give more characters"
+                )
+        raise TvtoolError(
+            f"no ref or object named {name!r} in store {self.root} (see `tvtool store ls`)"
+        )
 
     def ref_path(self, name: str) -> Path:
         return self.refs_dir / check_ref_name(name)
 
     def get_ref(self, name: str) -> str | None:
+        """The digest a ref points at, or None (also for names that cannot be refs)."""
+        if not is_valid_ref_name(name):
+            return None
         path = self.refs_dir / name
         try:
             return path.read_text().strip() if path.is_file() else None
@@ -270,10 +372,14 @@ class Store:
         out = {}
         for p in sorted(self.refs_dir.rglob("*")):
             if p.is_file() and not p.name.startswith(".") and not p.name.endswith(".tmp"):
-                out[p.relative_to(self.refs_dir).as_posix()] = p.read_text().strip()
+                try:
+                    out[p.relative_to(self.refs_dir).as_posix()] = p.read_text().strip()
+                except FileNotFoundError:  # removed meanwhile
+                    continue
         return out
 
-    def _lock(self):
+    def lock(self):
+        """The store-wide lock held around ref updates and gc."""
         from filelock import FileLock
 
         self.init()
@@ -282,16 +388,20 @@ class Store:
     def set_ref(self, name: str, digest: str, *, force: bool = True) -> str | None:
         """Point `name` at `digest` atomically; returns the previous digest, if any."""
         path = self.ref_path(name)
-        if not self.has(digest):
-            raise TvtoolError(f"cannot tag {digest[:12]}: no such object")
-        with self._lock():
+        with self.lock():
+            if not self.has(digest):
+                raise TvtoolError(f"cannot tag {digest[:12]}: no such object")
             old = self.get_ref(name)
             if old is not None and old != digest and not force:
-                raise TvtoolError(f"ref {name!r} already points at {old[:12]}; use --force to move it")
+                raise TvtoolError(
+                    f"ref {name!r} already points at {old[:12]}; use --force to move it"
+                )
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
             except (FileExistsError, NotADirectoryError):
-                raise TvtoolError(f"cannot create ref {name!r}: a ref named like its namespace exists") from None
+                raise TvtoolError(
+                    f"cannot create ref {name!r}: a ref named like its namespace exists"
+                ) from None
             if path.is_dir():
                 raise TvtoolError(f"cannot create ref {name!r}: it is a namespace of other refs")
             tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
@@ -302,7 +412,9 @@ class Store:
 
     def remove_ref(self, name: str) -> str:
         path = self.ref_path(name)
-        with self._lock():
+        if self.get_ref(name) is None:
+            raise TvtoolError(f"no ref named {name!r} (see `tvtool store ls`)")
+        with self.lock():
             digest = self.get_ref(name)
             if digest is None:
                 raise TvtoolError(f"no ref named {name!r} (see `tvtool store ls`)")
@@ -315,6 +427,13 @@ class Store:
 
     def names_for(self, digest: str) -> list[str]:
         return [n for n, d in self.refs().items() if d == digest]
+
+    def names_by_digest(self) -> dict[str, list[str]]:
+        """digest -> its ref names (sorted), for listing many objects at once."""
+        out: dict[str, list[str]] = {}
+        for name, digest in self.refs().items():
+            out.setdefault(digest, []).append(name)
+        return out
 
     def display_name(self, digest: str) -> str:
         names = self.names_for(digest)

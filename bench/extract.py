@@ -1,0 +1,112 @@
+"""Peak memory of `tvtool extract` vs a naive load-both-subtract-save, on a synthetic
+ViT-B/32-sized pair (about 88M float32 parameters, 351 MB per checkpoint).
+
+Every measurement runs in a fresh subprocess and reads its peak resident set size (VmHWM in
+/proc/self/status); "import only" is the interpreter with torch and tvtool imported, so the
+other rows' "over import" column is what the work itself costs.
+
+    .venv/bin/python bench/extract.py [--scale 1.0] [--dir /tmp/somewhere]
+
+Writes bench/results/extract.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+CHILD = r"""
+import sys, time
+mode, base, ft, work = sys.argv[1:5]
+import torch
+import safetensors.torch
+from tvtool.store.store import Store
+from tvtool.vectors.extract import extract_vector
+t0 = time.perf_counter()
+if mode == "tvtool":
+    extract_vector(Store(work + "/store"), base, ft)
+elif mode == "tvtool-fp16":
+    extract_vector(Store(work + "/store16"), base, ft, dtype=torch.float16)
+elif mode == "naive":
+    b = safetensors.torch.load_file(base)
+    f = safetensors.torch.load_file(ft)
+    tau = {k: f[k] - b[k] for k in b}
+    safetensors.torch.save_file(tau, work + "/naive.safetensors")
+elif mode != "import":
+    raise SystemExit(f"unknown mode {mode}")
+wall = time.perf_counter() - t0
+hwm = 0
+for line in open("/proc/self/status"):
+    if line.startswith("VmHWM:"):
+        hwm = int(line.split()[1]) * 1024
+print(hwm, wall)
+"""
+
+MODES = [
+    ("import", "import only (python + torch + tvtool)"),
+    ("tvtool", "tvtool extract (fp32)"),
+    ("tvtool-fp16", "tvtool extract (--dtype fp16)"),
+    ("naive", "naive: load both, subtract, save"),
+]
+
+
+def measure(mode: str, base: Path, ft: Path, work: Path) -> tuple[int, float]:
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, mode, str(base), str(ft), str(work)],
+        check=True, capture_output=True, text=True,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    ).stdout.split()
+    return int(out[0]), float(out[1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scale", type=float, default=1.0, help="width factor (1.0 = ViT-B/32)")
+    ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp dir)")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "extract.json")
+    args = ap.parse_args()
+
+    from synthetic import make_finetuned, make_vit_b32_like, n_params, vit_b32_shapes
+
+    shapes = vit_b32_shapes(args.scale)
+    params = n_params(shapes)
+    largest = max(n_params({k: s}) for k, s in shapes.items())
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        work = Path(tmp)
+        base = make_vit_b32_like(work / "base.safetensors", seed=0, scale=args.scale)
+        ft = make_finetuned(base, work / "ft.safetensors", seed=1, noise=1e-3)
+        rows = []
+        for mode, label in MODES:
+            hwm, wall = measure(mode, base, ft, work)
+            rows.append({"mode": mode, "label": label, "peak_rss_mb": hwm / 1e6, "wall_s": wall})
+    floor = rows[0]["peak_rss_mb"]
+    for r in rows:
+        r["over_import_mb"] = r["peak_rss_mb"] - floor
+    info = {
+        "parameters": params,
+        "tensors": len(shapes),
+        "checkpoint_mb": params * 4 / 1e6,
+        "largest_tensor_mb": largest * 4 / 1e6,
+        "rows": rows,
+    }
+    print(f"synthetic ViT-B/32-like pair: {params / 1e6:.1f}M params in {len(shapes)} tensors, "
+          f"{params * 4 / 1e6:.0f} MB per checkpoint, largest tensor {largest * 4 / 1e6:.1f} MB")
+    print(f"{'mode':<40} {'peak RSS MB':>12} {'over import':>12} {'wall s':>8}")
+    for r in rows:
+        print(f"{r['label']:<40} {r['peak_rss_mb']:>12.0f} {r['over_import_mb']:>12.0f} "
+              f"{r['wall_s']:>8.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(info, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

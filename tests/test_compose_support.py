@@ -1,0 +1,145 @@
+"""Shared assets for the compose/select tests (no tests here): a tiny open_clip base, synthetic
+image tasks written as PNG folders, and task vectors from briefly fine-tuned copies.
+
+Built once per session (about 10 s on one core) into a temporary directory; each test then
+extracts the vectors it needs into its own isolated store.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_CLIP
+
+CLASSES = {
+    "colors": ["red", "green", "blue"],
+    "stripes": ["horizontal", "vertical"],
+}
+
+
+def _image(task: str, c: int, g: torch.Generator) -> torch.Tensor:
+    """A 16x16 RGB image in [0, 1] of class c of a synthetic task."""
+    x = 0.35 + 0.15 * torch.rand(3, 16, 16, generator=g)
+    if task == "colors":
+        x[c] += 0.45
+    else:
+        period = int(torch.randint(3, 5, (1,), generator=g))
+        line = (torch.arange(16) % period == 0).float() * 0.5
+        x += line.view(1, 16, 1) if c == 0 else line.view(1, 1, 16)
+    return x.clamp(0, 1)
+
+
+def write_task(root: Path, task: str, per_class: int, seed: int) -> Path:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    for c, name in enumerate(CLASSES[task]):
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            arr = (_image(task, c, g) * 255).round().byte().permute(1, 2, 0).numpy()
+            Image.fromarray(arr).save(d / f"{i:03d}.png")
+    return root
+
+
+def finetune(cfg: Path, base: Path, data: Path, out: Path, steps: int = 40, lr: float = 2e-3) -> Path:
+    """Fine-tune the image tower on a folder (frozen zero-shot head) and save the whole model."""
+    from tvtool.checkpoints.writer import save_safetensors
+    from tvtool.models import data as mdata
+    from tvtool.models.build import load_clip
+    from tvtool.models.functional import encode_images
+    from tvtool.models.heads import compute_head
+
+    clip = load_clip(model_config=cfg, base=base)
+    folder = mdata.ImageFolder(data)
+    head = compute_head(clip, folder.classnames, ["a photo of {}."])
+    images, labels = mdata.load_tensors(folder, list(range(len(folder))), mdata.eval_transform(clip))
+    params = [p for p in clip.model.visual.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    torch.manual_seed(0)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(clip.logit_scale * encode_images(clip, None, images) @ head.T, labels)
+        loss.backward()
+        opt.step()
+    state = {k: v.detach().clone().contiguous() for k, v in clip.model.state_dict().items()}
+    save_safetensors(out, state, {})
+    return out
+
+
+@dataclass
+class Assets:
+    root: Path
+    cfg: Path
+    base: Path
+    other_base: Path
+    colors: Path
+    colors_val: Path
+    stripes: Path
+    ft_colors: Path
+    ft_stripes: Path
+
+
+def model_args(a: Assets) -> list[str]:
+    return ["--model-config", str(a.cfg), "--base", str(a.base), "--device", "cpu"]
+
+
+def extract(a: Assets, ft: Path, name: str, base: Path | None = None, visual: bool = True) -> str:
+    from tvtool.store.store import Store
+    from tvtool.vectors.extract import extract_vector
+    from tvtool.vectors.filters import TensorFilter
+
+    keep = TensorFilter(presets=["visual"]) if visual else TensorFilter()
+    return extract_vector(Store(), base or a.base, ft, keep=keep, name=name).digest
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
+    import open_clip
+
+    from tvtool.checkpoints.writer import save_safetensors
+    from tvtool.models.build import register_config
+
+    root = tmp_path_factory.mktemp("compose-assets")
+    cfg = root / "tvtool-tiny.json"
+    cfg.write_text(json.dumps(TINY_CLIP))
+    name, _ = register_config(cfg)
+    paths = {}
+    for tag, seed in (("base", 0), ("other_base", 1)):
+        torch.manual_seed(seed)
+        net = open_clip.create_model(name, pretrained=None)
+        paths[tag] = root / f"{tag}.safetensors"
+        save_safetensors(paths[tag], {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}, {})
+    colors = write_task(root / "colors", "colors", 12, seed=1)
+    colors_val = write_task(root / "colors_val", "colors", 8, seed=2)
+    stripes = write_task(root / "stripes", "stripes", 12, seed=3)
+    ft_colors = finetune(cfg, paths["base"], colors, root / "ft_colors.safetensors")
+    ft_stripes = finetune(cfg, paths["base"], stripes, root / "ft_stripes.safetensors")
+    return Assets(root, cfg, paths["base"], paths["other_base"], colors, colors_val, stripes, ft_colors, ft_stripes)
+
+
+@pytest.fixture(scope="session")
+def clip(assets: Assets):
+    from tvtool.models.build import load_clip
+
+    return load_clip(model_config=assets.cfg, base=assets.base)
+
+
+def accuracy(clip, data: Path, override=None) -> float:
+    from tvtool.models import data as mdata
+    from tvtool.models.functional import encode_images
+    from tvtool.models.heads import zeroshot_head
+
+    folder = mdata.ImageFolder(data)
+    head = zeroshot_head(clip, folder.classnames)
+    images, labels = mdata.load_tensors(folder, list(range(len(folder))), mdata.eval_transform(clip))
+    with torch.no_grad():
+        pred = (encode_images(clip, override, images) @ head.T).argmax(-1)
+    return float((pred == labels).float().mean())

@@ -1,0 +1,294 @@
+"""`merge` core against plain torch: every method on small random checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tvtool.checkpoints.readers import open_checkpoint
+from tvtool.checkpoints.writer import save_safetensors
+from tvtool.errors import TvtoolError
+from tvtool.store.store import Store
+from tvtool.vectors.blocks import CoefsLayout, make_blocks, partition_ids
+from tvtool.vectors.extract import extract_vector
+from tvtool.vectors.merge import execute_merge, plan_merge
+from tvtool.vectors.methods import dare_seed, topk_count
+from tvtool.vectors.recipe import MergeRequest, request_from_recipe
+from tvtool.vectors.stored import save_tensor_object
+from tvtool.vectors.terms import parse_terms
+
+SHAPES = {
+    "blocks.0.attn.weight": (12, 8),
+    "blocks.0.attn.bias": (12,),
+    "blocks.1.mlp.weight": (8, 16),
+    "blocks.1.mlp.bias": (8,),
+    "head.weight": (5, 8),
+}
+
+
+def _rand(shape, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def world(tmp_path: Path):
+    """A base checkpoint (plus an int buffer), three stored task vectors named t0..t2."""
+    base = {k: _rand(s, i) for i, (k, s) in enumerate(SHAPES.items())}
+    base["position_ids"] = torch.arange(7)
+    save_safetensors(tmp_path / "base.safetensors", base)
+    store = Store()
+    taus = []
+    for t in range(3):
+        tau = {k: _rand(s, 100 * (t + 1) + i) * 0.1 for i, (k, s) in enumerate(SHAPES.items())}
+        digest = save_tensor_object(store, "vector", tau).digest
+        store.set_ref(f"t{t}", digest)
+        taus.append(tau)
+    return tmp_path, store, base, taus
+
+
+def run(store, tmp, terms, name="out.safetensors", **kw):
+    req = MergeRequest(base=tmp / "base.safetensors", out=tmp / name,
+                       terms=parse_terms(terms), **kw)
+    plan = plan_merge(store, req)
+    res = execute_merge(store, plan)
+    with open_checkpoint(res.index or res.files[0]) as r:
+        return {k: r.get(k) for k in r.keys()}, plan, res
+
+
+def test_base_plus_extracted_vector_reproduces_finetuned_bit_for_bit(tmp_path):
+    store = Store()
+    base = {k: _rand(s, i) for i, (k, s) in enumerate(SHAPES.items())}
+    base["position_ids"] = torch.arange(7)
+    ft = {k: (v + _rand(v.shape, 50 + i) * 0.01 if v.is_floating_point() else v)
+          for i, (k, v) in enumerate(base.items())}
+    save_safetensors(tmp_path / "base.safetensors", base)
+    save_safetensors(tmp_path / "ft.safetensors", ft)
+    digest = extract_vector(store, tmp_path / "base.safetensors", tmp_path / "ft.safetensors")
+    digest = digest.digest
+    out, plan, _ = run(store, tmp_path, [f"{digest}:1.0"])
+    assert plan.params.scale == 1.0 and len(plan.touched) == len(SHAPES)
+    for k, v in ft.items():
+        assert out[k].dtype == v.dtype
+        assert torch.equal(out[k].view(-1).view(torch.uint8), v.view(-1).view(torch.uint8)), k
+
+
+def test_sum_weights_negation_and_default_scale(world):
+    tmp, store, base, taus = world
+    out, plan, _ = run(store, tmp, ["t0:0.5", "-t1", "t2"])
+    assert [t.weight for t in plan.terms] == [0.5, -0.3, 0.3]
+    for k in SHAPES:
+        ref = base[k] + (0.5 * taus[0][k] - 0.3 * taus[1][k] + 0.3 * taus[2][k])
+        assert torch.allclose(out[k], ref, atol=1e-6)
+    assert torch.equal(out["position_ids"], base["position_ids"])
+    out, plan, _ = run(store, tmp, ["-t1"], name="neg.safetensors", scale=0.7)
+    for k in SHAPES:
+        assert torch.allclose(out[k], base[k] - 0.7 * taus[1][k], atol=1e-6)
+
+
+def _flat(tau: dict) -> torch.Tensor:
+    return torch.cat([tau[k].reshape(-1) for k in sorted(SHAPES)])
+
+
+def _unflat(vec: torch.Tensor) -> dict:
+    out, i = {}, 0
+    for k in sorted(SHAPES):
+        n = torch.Size(SHAPES[k]).numel()
+        out[k] = vec[i:i + n].reshape(SHAPES[k])
+        i += n
+    return out
+
+
+def _ref_trim(x: torch.Tensor, density: float) -> torch.Tensor:
+    k = topk_count(x.numel(), density)
+    keep = torch.zeros(x.numel(), dtype=torch.bool)
+    keep[torch.sort(-x.abs().reshape(-1), stable=True).indices[:k]] = True
+    return x * keep.reshape(x.shape)
+
+
+def _ref_ties(trimmed: list[torch.Tensor]) -> torch.Tensor:
+    stack = torch.stack(trimmed)
+    sign = torch.sign(stack.sum(0))
+    agree = (torch.sign(stack) == sign) & (sign != 0)
+    return (stack * agree).sum(0) / agree.sum(0).clamp(min=1)
+
+
+def test_ties_global_scope_matches_ties_on_concatenated_vectors(world):
+    tmp, store, base, taus = world
+    out, plan, _ = run(store, tmp, ["t0", "t1", "-t2:0.5"], method="ties", density=0.3, scale=0.8)
+    assert plan.params.scope == "global"
+    xs = [_ref_trim(_flat(taus[0]), 0.3), _ref_trim(_flat(taus[1]), 0.3),
+          -0.5 * _ref_trim(_flat(taus[2]), 0.3)]
+    merged = _unflat(_ref_ties(xs))
+    for k in SHAPES:
+        assert torch.allclose(out[k], base[k] + 0.8 * merged[k], atol=1e-6), k
+
+
+def test_ties_tensor_scope_trims_each_tensor_and_differs_from_global(world):
+    tmp, store, base, taus = world
+    out, _, _ = run(store, tmp, ["t0", "t1"], method="ties", scope="tensor", density=0.25)
+    glob, _, _ = run(store, tmp, ["t0", "t1"], name="g.safetensors", method="ties", density=0.25)
+    for k in SHAPES:
+        ref = _ref_ties([_ref_trim(taus[0][k], 0.25), _ref_trim(taus[1][k], 0.25)])
+        assert torch.allclose(out[k], base[k] + ref, atol=1e-6), k
+    assert any(not torch.equal(out[k], glob[k]) for k in SHAPES)
+
+
+def test_magnitude_keeps_global_top_density(world):
+    tmp, store, base, taus = world
+    out, _, _ = run(store, tmp, ["t0", "t1:2"], method="magnitude", density=0.1)
+    kept = [_unflat(_ref_trim(_flat(t), 0.1)) for t in taus[:2]]
+    for k in SHAPES:
+        assert torch.allclose(out[k], base[k] + 0.3 * kept[0][k] + 2 * kept[1][k], atol=1e-6)
+
+
+def _ref_dare(tau: dict, digest: str, p: float, seed: int) -> dict:
+    out = {}
+    for k, x in tau.items():
+        g = torch.Generator().manual_seed(dare_seed(seed, digest, k))
+        keep = torch.rand(x.shape, generator=g) >= p
+        out[k] = torch.where(keep, x / (1 - p), 0.0)
+    return out
+
+
+def test_dare_then_sum_and_ties_deterministic(world):
+    tmp, store, base, taus = world
+    d = [store.resolve(f"t{i}") for i in range(2)]
+    out, _, r1 = run(store, tmp, ["t0", "t1"], method="dare", drop=0.5, seed=3)
+    dd = [_ref_dare(taus[i], d[i], 0.5, 3) for i in range(2)]
+    for k in SHAPES:
+        assert torch.allclose(out[k], base[k] + 0.3 * (dd[0][k] + dd[1][k]), atol=1e-6)
+    _, _, r2 = run(store, tmp, ["t0", "t1"], name="again.safetensors", method="dare", drop=0.5,
+                   seed=3)
+    assert r1.files[0].read_bytes() == r2.files[0].read_bytes()
+    _, _, r3 = run(store, tmp, ["t0", "t1"], name="s4.safetensors", method="dare", drop=0.5,
+                   seed=4)
+    assert r1.files[0].read_bytes() != r3.files[0].read_bytes()
+    out, _, _ = run(store, tmp, ["t0", "t1"], name="dt.safetensors", method="dare", drop=0.5,
+                    seed=3, then="ties", density=0.4)
+    merged = _unflat(_ref_ties([_ref_trim(_flat(x), 0.4) for x in dd]))
+    for k in SHAPES:
+        assert torch.allclose(out[k], base[k] + merged[k], atol=1e-6)
+
+
+def test_mask_method_applies_each_terms_mask_and_negative_weight_forgets(world):
+    tmp, store, base, taus = world
+    d0, d1 = store.resolve("t0"), store.resolve("t1")
+    m0 = {k: (torch.rand(s, generator=torch.Generator().manual_seed(7)) > 0.5)
+          for k, s in SHAPES.items()}
+    m1 = {k: (torch.rand(s) > 0.7).to(torch.uint8) for k, s in SHAPES.items() if k != "head.weight"}
+    mk0 = save_tensor_object(store, "mask", m0, inputs=[d0], params={"vector": d0, "density": 0.5})
+    mk1 = save_tensor_object(store, "mask", m1, inputs=[d1], params={"vector": d1, "density": 0.3})
+    out, plan, _ = run(store, tmp, ["t0:0.5", "-t1"], method="mask", scale=1.0,
+                       masks=[mk1.digest, mk0.digest])
+    assert [t.mask for t in plan.terms] == [mk0.digest, mk1.digest]
+    for k in SHAPES:
+        second = taus[1][k] * m1[k] if k in m1 else torch.zeros(SHAPES[k])  # absent: dropped
+        ref = base[k] + 0.5 * taus[0][k] * m0[k] - second
+        assert torch.allclose(out[k], ref, atol=1e-6), k
+    with pytest.raises(TvtoolError, match="no --mask"):
+        run(store, tmp, ["t0", "t2"], name="x.safetensors", method="mask", masks=[mk0.digest])
+    with pytest.raises(TvtoolError, match="only used with --method mask"):
+        run(store, tmp, ["t0"], name="x.safetensors", masks=[mk0.digest])
+
+
+@pytest.mark.parametrize("granularity,partitions", [("tensor", 1), ("layer", 1), ("task", 1),
+                                                    ("tensor", 3)])
+def test_learned_coefficients_blockwise_and_partitions(world, granularity, partitions):
+    tmp, store, base, taus = world
+    digests = [store.resolve(f"t{i}") for i in range(3)]
+    shapes = {k: SHAPES[k] for k in sorted(SHAPES) if k != "head.weight"}  # head: not learned
+    layout = CoefsLayout(vectors=digests, blocks=make_blocks(shapes, granularity, partitions),
+                         granularity=granularity, partitions=partitions, partition_seed=5)
+    coefs = torch.randn(3, layout.n_groups, generator=torch.Generator().manual_seed(9))
+    c = save_tensor_object(store, "coefs", {"coefs": coefs}, inputs=digests,
+                           params={"layout": layout.model_dump()})
+    out, plan, _ = run(store, tmp, [], coefs=c.digest)
+    assert plan.coefs == c.digest
+    off = 0
+    for b in layout.blocks:
+        for k in b.keys:
+            ref = base[k].clone()
+            for t in range(3):
+                if b.groups == 1:
+                    ref += coefs[t, off] * taus[t][k]
+                else:
+                    ids = partition_ids(k, SHAPES[k], b.groups, 5)
+                    ref += coefs[t, off:off + b.groups][ids] * taus[t][k]
+            assert torch.allclose(out[k], ref, atol=1e-6), k
+        off += b.groups
+    assert torch.equal(out["head.weight"], base["head.weight"])
+    with pytest.raises(TvtoolError, match="drop the TERMs"):
+        run(store, tmp, ["t0"], name="y.safetensors", coefs=c.digest)
+
+
+def test_output_dtype_filters_and_byte_identical_reruns(world):
+    tmp, store, base, taus = world
+    out, _, r1 = run(store, tmp, ["t0", "t1"], dtype="fp16", exclude=[r"bias$"])
+    ref32, _, _ = run(store, tmp, ["t0", "t1"], name="o32.safetensors", exclude=[r"bias$"])
+    for k in SHAPES:
+        assert out[k].dtype == torch.float16
+        if k.endswith("bias"):
+            assert torch.equal(out[k], base[k].half())
+        else:
+            assert torch.equal(out[k], ref32[k].half())
+    assert out["position_ids"].dtype == torch.int64
+    _, _, r2 = run(store, tmp, ["t0", "t1"], name="o2.safetensors", dtype="fp16",
+                   exclude=[r"bias$"])
+    assert r1.files[0].read_bytes() == r2.files[0].read_bytes()
+
+
+def test_shards_index_and_merge_object(world):
+    tmp, store, base, taus = world
+    single, _, r1 = run(store, tmp, ["t0"], name="model.safetensors")
+    (tmp / "sh").mkdir()
+    sharded, plan, r2 = run(store, tmp, ["t0"], name="sh/model.safetensors", shard_size=400)
+    assert r2.index == tmp / "sh" / "model.safetensors.index.json"
+    n = len(r2.files)
+    assert n > 1 and r2.files[0].name == f"model-00001-of-{n:05d}.safetensors"
+    assert sharded.keys() == single.keys()
+    assert all(torch.equal(sharded[k], single[k]) for k in single)
+    m = store.manifest(r2.digest)
+    assert m.kind == "merge" and m.inputs == [store.resolve("t0")]
+    assert m.params["files"][-1] == "model.safetensors.index.json"
+    assert store.read_json(r2.digest)["terms"][0]["vector"] == store.resolve("t0")
+
+
+def test_rebuild_from_recipe_is_byte_identical(world):
+    tmp, store, base, taus = world
+    _, _, r1 = run(store, tmp, ["t0:0.4", "-t1"], method="ties", scope="tensor")
+    req = request_from_recipe(store, r1.digest[:10], tmp / "base.safetensors",
+                              tmp / "rebuilt.safetensors")
+    r2 = execute_merge(store, plan_merge(store, req))
+    assert r2.digest == r1.digest
+    assert r2.files[0].read_bytes() == r1.files[0].read_bytes()
+    save_safetensors(tmp / "other.safetensors", {k: v + 1 for k, v in base.items()})
+    req = request_from_recipe(store, r1.digest, tmp / "other.safetensors", tmp / "z.safetensors")
+    with pytest.raises(TvtoolError, match="not the recipe's base"):
+        plan_merge(store, req)
+
+
+def test_bad_inputs(world):
+    tmp, store, base, taus = world
+    odd = dict(taus[0])
+    odd["extra.weight"] = torch.ones(2)
+    odd["head.weight"] = torch.ones(8, 5)
+    store.set_ref("odd", save_tensor_object(store, "vector", odd).digest)
+    with pytest.raises(TvtoolError, match=r"extra\.weight.*head\.weight.*allow-missing"):
+        run(store, tmp, ["odd"])
+    out, plan, _ = run(store, tmp, ["odd"], allow_missing=True)
+    assert len(plan.skipped) == 2
+    assert torch.equal(out["head.weight"], base["head.weight"])
+    assert torch.allclose(out["blocks.1.mlp.bias"], base["blocks.1.mlp.bias"]
+                          + taus[0]["blocks.1.mlp.bias"])
+    with pytest.raises(TvtoolError, match="exists; use --force"):
+        run(store, tmp, ["t0"])
+    run(store, tmp, ["t0"], force=True)
+    with pytest.raises(TvtoolError, match="nothing to merge"):
+        run(store, tmp, [], name="n.safetensors")
+    with pytest.raises(TvtoolError, match="no ref or object"):
+        run(store, tmp, ["nope"], name="n.safetensors")
+    with pytest.raises(TvtoolError, match="density"):
+        run(store, tmp, ["t0"], name="n.safetensors", method="ties", density=2.0)
+    assert not (tmp / "n.safetensors").exists()

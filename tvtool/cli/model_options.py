@@ -1,0 +1,101 @@
+"""Option aliases shared by compose, select and eval (model, weights, data), and the helpers that
+turn them into a loaded model and image folders. Importing this module does not import torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model", "-m", help="open_clip architecture name (e.g. ViT-B-32).", show_default=False
+    ),
+]
+ModelConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--model-config",
+        help="Custom open_clip config JSON (model name = file stem); instead of --model.",
+        show_default=False,
+        dir_okay=False,
+    ),
+]
+BaseOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--base",
+        "-b",
+        help="Base (pre-trained) weights: any checkpoint format extract reads.",
+        show_default=False,
+    ),
+]
+PretrainedOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--pretrained",
+        help="open_clip pretrained tag whose weights are cached locally (never downloaded).",
+        show_default=False,
+    ),
+]
+DataOpt = Annotated[
+    list[Path],
+    typer.Option(
+        "--data",
+        "-d",
+        help="Image folder DIR/<class>/*.png|jpg (or DIR/<split>/<class>/...); repeatable.",
+        show_default=False,
+        file_okay=False,
+    ),
+]
+ClassnamesOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--classnames",
+        help="Class names file, one per line in class-index order (one for all or one per --data).",
+        show_default=False,
+        dir_okay=False,
+    ),
+]
+TemplatesOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--templates",
+        help="Prompt templates file, one per line with '{}' (default: built-in).",
+        show_default=False,
+        dir_okay=False,
+    ),
+]
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Images per forward pass.", min=1)]
+SplitOpt = Annotated[
+    str,
+    typer.Option(
+        "--split", help="Split sub-folder used when DIR/<split> exists (e.g. train, val, test)."
+    ),
+]
+
+
+def load_model(
+    model: str | None,
+    model_config: Path | None,
+    base: Path | None,
+    pretrained: str | None,
+    device: str,
+) -> Any:
+    """--model/--model-config + --base/--pretrained + --device -> LoadedClip."""
+    from tvtool.models.build import load_clip
+
+    return load_clip(
+        model=model, model_config=model_config, base=base, pretrained=pretrained, device=device
+    )
+
+
+def open_folders(
+    data: list[Path], split: str | None, classnames: list[Path] | None = None, cache: bool = False
+) -> list[Any]:
+    """One ImageFolder per --data (class names files matched one-for-all or pairwise)."""
+    from tvtool.models.data import open_folders as _open
+
+    return _open(data, split, classnames, cache)

@@ -1,0 +1,206 @@
+"""`compose` end to end: vectors + model + data -> learned coefficients -> a `coefs` object.
+
+The run directory (checkpoints for --resume) is `<store>/tmp/compose-runs/<hash>` where the hash
+covers everything that determines the result (vectors, base, data, objective, hyper-parameters,
+selection); it is removed once the coefs object is stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tvtool.compose.bank import load_stacks, plan_bank, stored_bytes
+from tvtool.compose.coefs import Coefs, attach_partitions, build_layout, learnable_mask
+from tvtool.compose.ddp import Dist
+from tvtool.compose.objectives import default_lr, get_objective
+from tvtool.compose.select import load_selection, selection_keep
+from tvtool.compose.tasks import DataSpec, prepare_task
+from tvtool.compose.train import Reporter, Settings, Trainer
+from tvtool.errors import TvtoolError
+from tvtool.store.store import Store, check_ref_name
+from tvtool.vectors.stored import save_tensor_object
+
+VECTOR_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class ComposeOptions:
+    vectors: list[str]
+    data: list[DataSpec]
+    objective: str = "ce"
+    shots: int | None = None
+    threshold: float = 0.99
+    val_split: float | None = None
+    granularity: str = "tensor"
+    partitions: int = 1
+    epochs: int = 10
+    lr: float | None = None
+    batch_size: int = 32
+    grad_accum: int = 1
+    seed: int = 0
+    weight_decay: float = 0.0
+    selection: str | None = None
+    vector_dtype: str = "auto"
+    templates: list[str] | None = None
+    flip: bool = False
+    workers: int = 0
+    split: str = "train"
+    allow_other_base: bool = False
+    resume: bool = False
+    name: str | None = None
+    force: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def vector_dtype(spec: str, device: torch.device, stored: list[str]) -> torch.dtype:
+    """auto: fp32 on CPU; on CUDA bf16 when every vector is stored in bf16, else fp16."""
+    if spec == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if stored and all(s == "BF16" for s in stored) else torch.float16
+    try:
+        return VECTOR_DTYPES[spec]
+    except KeyError:
+        raise TvtoolError(f"unknown --vector-dtype {spec!r}: use auto, fp32, fp16 or bf16") from None
+
+
+def run_hash(doc: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def compose(
+    store: Store, clip: Any, opts: ComposeOptions, dist: Dist | None = None,
+    reporter: Reporter | None = None, on_epoch: Callable[[int], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Learn the coefficients and (rank 0) store them; returns the report."""
+    from tvtool.models.functional import visual_params
+
+    dist = dist or Dist()
+    if opts.name is not None:
+        check_ref_name(opts.name)
+    objective = get_objective(opts.objective)
+    roles = [d.role for d in opts.data]
+    negation = "target" in roles
+    if negation and "control" not in roles:
+        raise TvtoolError("--negate needs --control DIR (the data whose accuracy must be kept)")
+    if negation and "task" in roles:
+        raise TvtoolError("--negate and --data cannot be combined: negate first, then add")
+    if not opts.data:
+        raise TvtoolError("give --data DIR (or --negate DIR --control DIR)")
+    if opts.threshold < 0 or opts.threshold > 1:
+        raise TvtoolError(f"--threshold must be in [0, 1] (got {opts.threshold})")
+
+    sel_digest, keep, vectors = None, None, list(opts.vectors)
+    if opts.selection:
+        sel_digest, sel = load_selection(store, opts.selection)
+        vectors = vectors or list(sel.vectors)
+    tower = visual_params(clip)
+    plan = plan_bank(store, vectors, tower, set(clip.model.state_dict()), clip.base_fingerprint,
+                     opts.allow_other_base, warn)
+    if opts.selection:
+        keep = selection_keep(sel, plan)
+    try:
+        layout = build_layout(plan, opts.granularity, opts.partitions, opts.seed)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise TvtoolError(f"{e}") from None
+    dtype = vector_dtype(opts.vector_dtype, clip.device, [v.manifest.dtype or "" for v in plan.vectors])
+    n_bytes = stored_bytes(plan, dtype, keep)
+    if n_bytes == 0:
+        raise TvtoolError("the selection keeps no (vector, block) pair of these vectors")
+
+    tasks = [
+        prepare_task(clip, spec, objective, shots=opts.shots, val_split=opts.val_split, seed=opts.seed,
+                     templates=opts.templates, store=store, threshold=opts.threshold,
+                     batch_size=max(opts.batch_size, 64), dist=dist, split=opts.split)
+        for spec in opts.data
+    ]
+    _unique_names(tasks)
+    lr = opts.lr if opts.lr is not None else default_lr(objective, negation)
+    settings = Settings(epochs=opts.epochs, lr=lr, batch_size=opts.batch_size, grad_accum=opts.grad_accum,
+                        seed=opts.seed, weight_decay=opts.weight_decay, workers=opts.workers,
+                        augment=objective.augment, flip=opts.flip)
+    config = {
+        "vectors": plan.digests, "base": clip.base_fingerprint, "model": clip.name,
+        "data": [{"path": t.info["path"], "role": t.role, "train": t.train_idx, "labels": t.labels,
+                  "val": str(t.eval_folder.root) if t.eval_folder is not None else None,
+                  "val_idx": t.eval_idx} for t in tasks],
+        "objective": objective.name, "threshold": opts.threshold, "layout": layout.model_dump(),
+        "selection": sel_digest, "vector_dtype": str(dtype), "templates": opts.templates,
+        "settings": asdict(settings),
+    }
+    run_dir = store.tmp_dir / "compose-runs" / run_hash(config)[:24]
+    stacks = load_stacks(store, plan, clip.device, dtype, keep)
+    attach_partitions(layout, stacks)
+    coefs = Coefs(learnable_mask(layout, stacks))
+    trainer = Trainer(clip, stacks, layout, coefs, tasks, objective, settings, dist, run_dir)
+    result = trainer.fit(resume=opts.resume, reporter=reporter, on_epoch=on_epoch)
+
+    chosen = result.history[result.epoch]
+    params = {
+        "layout": layout.model_dump(), "base_fingerprint": clip.base_fingerprint, "model": clip.name,
+        "objective": objective.name, "shots": opts.shots, "seed": opts.seed, "lr": lr,
+        "epochs": opts.epochs, "batch_size": opts.batch_size, "grad_accum": opts.grad_accum,
+        "weight_decay": opts.weight_decay, "threshold": opts.threshold if objective.pseudo_labels else None,
+        "data": [{"name": t.name, "role": t.role, **t.info} for t in tasks],
+        "selection": sel_digest, "learnable": coefs.n_learnable, "vector_dtype": _dtype_name(dtype),
+        "select_by": result.select_by, "epoch": result.epoch, "val_acc": chosen["val_acc"],
+        "base_val_acc": result.base_acc, "history": result.history, "world_size": dist.world,
+    }
+    report: dict[str, Any] = {
+        "digest": None, "name": opts.name, "vectors": [{"digest": v.digest, "label": v.label} for v in plan.vectors],
+        "blocks": len(layout.blocks), "groups": layout.n_groups, "learnable": coefs.n_learnable,
+        "vector_bytes": n_bytes, "device": str(clip.device), "resumed_from": result.resumed_from,
+        **{k: params[k] for k in ("objective", "shots", "seed", "lr", "epoch", "select_by", "val_acc",
+                                  "base_val_acc", "history", "data", "selection", "world_size")},
+        "coefs": result.coefs.tolist(), "block_names": [b.name for b in layout.blocks],
+    }
+    if dist.main:
+        manifest = save_tensor_object(store, "coefs", {"coefs": result.coefs.float().contiguous()},
+                                      inputs=plan.digests, params=params)
+        report["digest"] = manifest.digest
+        if opts.name:
+            store.set_ref(opts.name, manifest.digest, force=opts.force)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    dist.barrier()
+    return report
+
+
+def _unique_names(tasks: list) -> None:
+    seen: dict[str, int] = {}
+    for t in tasks:
+        n = seen.get(t.name, 0)
+        seen[t.name] = n + 1
+        if n:
+            t.name = f"{t.name}#{n + 1}"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in VECTOR_DTYPES.items()}[dtype]
+
+
+def data_specs(data: list[Path], val: list[Path] | None, classnames: list[Path] | None,
+               negate: Path | None, control: Path | None) -> list[DataSpec]:
+    """--data/--val/--classnames/--negate/--control -> DataSpecs (val and class names paired)."""
+    val, names = list(val or []), list(classnames or [])
+    if val and len(val) != len(data):
+        raise TvtoolError(f"give one --val DIR per --data ({len(data)}), not {len(val)}")
+    if len(names) not in (0, 1, len(data)):
+        raise TvtoolError("give one --classnames file for all --data sets or one per set")
+    specs = []
+    for i, d in enumerate(data):
+        cn = names[0] if len(names) == 1 else (names[i] if names else None)
+        specs.append(DataSpec(Path(d), "task", val[i] if val else None, cn))
+    if negate is not None:
+        specs.append(DataSpec(Path(negate), "target"))
+    if control is not None:
+        specs.append(DataSpec(Path(control), "control"))
+    return specs

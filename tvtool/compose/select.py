@@ -1,0 +1,209 @@
+"""Which (vector, block) pairs and which elements matter: scores for `tvtool select`.
+
+One pass over the data gives the mean loss gradient at the base weights, G_k = dL/dtheta_k for
+every image-tower parameter k a vector covers. Everything else is read off G while the vectors are
+streamed from the store one tensor at a time (none is put on the device):
+
+* grad:       s[t, b] = |dL/dLambda[t, b]| at Lambda = 0 = |sum_{k in b} <G_k, tau_t,k>|
+              (the chain rule through theta_k = theta_0,k + Lambda[t, b] tau_t,k);
+* importance: I_t = |tau_t ⊙ G| element-wise (first-order Taylor estimate of the loss change
+              when tau_t's element is dropped), top `density` of each vector kept as a mask;
+* norm:       data-free, s[t, b] = ||tau_t,b||_2 for selections, |tau_t| for masks.
+
+A `selection` keeps the top-N vectors of every block (`--top`) or the best pairs whose device bytes
+fit a budget (`--budget-mb`); compose then loads and learns only those pairs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from tvtool.compose.bank import BankPlan
+from tvtool.compose.objectives import Objective
+from tvtool.errors import TvtoolError
+from tvtool.models import data as mdata
+from tvtool.models.functional import autocast, encode_images, visual_params
+from tvtool.store.store import Store
+from tvtool.vectors.blocks import BlockInfo
+from tvtool.vectors.stored import open_tensor_object
+
+
+class SelectionDoc(BaseModel):
+    """The JSON body of a `selection` object."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vectors: list[str]
+    blocks: list[BlockInfo]
+    keep: list[tuple[int, int]]  # (vector row, block index)
+    scores: list[list[float]]  # [T][B]
+    score: str
+    granularity: str = "tensor"
+
+
+def load_selection(store: Store, ref: str) -> tuple[str, SelectionDoc]:
+    digest = store.resolve(ref, kind="selection")
+    try:
+        return digest, SelectionDoc.model_validate(store.read_json(digest))
+    except ValueError as e:
+        raise TvtoolError(f"selection {ref!r} is malformed: {str(e).splitlines()[0]}") from None
+
+
+def selection_keep(doc: SelectionDoc, plan: BankPlan) -> Callable[[int, str], bool]:
+    """keep(t, key) for the bank's rows: is (vector t, the selection block holding key) kept?"""
+    row = {d: i for i, d in enumerate(doc.vectors)}
+    missing = [v.label for v in plan.vectors if v.digest not in row]
+    if missing:
+        raise TvtoolError(f"vector(s) not in the selection: {', '.join(missing)}")
+    block_of = {k: b for b, blk in enumerate(doc.blocks) for k in blk.keys}
+    kept = {(int(t), int(b)) for t, b in doc.keep}
+    rows = [row[v.digest] for v in plan.vectors]
+
+    def keep(t: int, key: str) -> bool:
+        b = block_of.get(key)
+        return b is not None and (rows[t], b) in kept
+
+    return keep
+
+
+# -- the gradient at the base -------------------------------------------------------------------
+def base_gradient(
+    clip: Any, plan: BankPlan, objective: Objective, datasets: Sequence[tuple[Any, list[int], list[int], torch.Tensor]],
+    batch_size: int, on_batch: Callable[[], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Mean gradient of the objective over all images (eval preprocessing), per covered param.
+
+    `datasets`: (folder, indices, targets, head) per data set; each set's loss is its mean, summed.
+    """
+    tower = visual_params(clip)
+    params = {k.param: tower[k.param].detach().clone().requires_grad_(True) for k in plan.keys}
+    grads = {p: torch.zeros_like(v, dtype=torch.float32) for p, v in params.items()}
+    tf = mdata.eval_transform(clip)
+    scale = clip.logit_scale
+    for folder, indices, targets, head in datasets:
+        n = len(indices)
+        for s in range(0, n, batch_size):
+            images, _ = mdata.load_tensors(folder, indices[s : s + batch_size], tf)
+            labels = torch.tensor(targets[s : s + batch_size], dtype=torch.long, device=clip.device)
+            with autocast(clip.device):
+                feats = encode_images(clip, params, images.to(clip.device))
+            loss = objective.loss(scale * feats.float() @ head.T, labels).sum() / n
+            for p, g in zip(params, torch.autograd.grad(loss, list(params.values())), strict=True):
+                grads[p] += g.float()
+            if on_batch:
+                on_batch()
+    return grads
+
+
+def _vector_tensors(store: Store, plan: BankPlan, t: int):
+    """(key, param or None, tau as fp32 on the gradient's device) of vector t, one at a time."""
+    _, reader = open_tensor_object(store, plan.vectors[t].digest, "vector")
+    param = {k.key: k.param for k in plan.keys}
+    with reader:
+        for key in reader.keys():
+            yield key, param.get(key), reader.get(key)
+
+
+def grad_scores(store: Store, plan: BankPlan, blocks: list[BlockInfo], grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[T, B] |dL/dLambda[t, b]| at Lambda = 0."""
+    block_of = {k: b for b, blk in enumerate(blocks) for k in blk.keys}
+    out = torch.zeros(len(plan.vectors), len(blocks), dtype=torch.float64)
+    for t in range(len(plan.vectors)):
+        for key, param, tau in _vector_tensors(store, plan, t):
+            if param is not None:
+                g = grads[param]
+                out[t, block_of[key]] += float((g.double() * tau.to(g.device, torch.float64)).sum())
+    return out.abs()
+
+
+def norm_scores(store: Store, plan: BankPlan, blocks: list[BlockInfo]) -> torch.Tensor:
+    """[T, B] L2 norm of each vector's part in each block (data-free)."""
+    block_of = {k: b for b, blk in enumerate(blocks) for k in blk.keys}
+    out = torch.zeros(len(plan.vectors), len(blocks), dtype=torch.float64)
+    for t in range(len(plan.vectors)):
+        for key, param, tau in _vector_tensors(store, plan, t):
+            if param is not None:
+                out[t, block_of[key]] += float(tau.double().pow(2).sum())
+    return out.sqrt()
+
+
+def pair_bytes(plan: BankPlan, blocks: list[BlockInfo], element_size: int) -> torch.Tensor:
+    """[T, B] device bytes of each (vector, block) pair."""
+    numel = {k.key: _numel(k.shape) for k in plan.keys}
+    rows = {k.key: set(k.rows) for k in plan.keys}
+    out = torch.zeros(len(plan.vectors), len(blocks), dtype=torch.int64)
+    for b, blk in enumerate(blocks):
+        for key in blk.keys:
+            for t in rows.get(key, ()):
+                out[t, b] += numel[key] * element_size
+    return out
+
+
+def keep_top(scores: torch.Tensor, covered: torch.Tensor, top: int) -> list[tuple[int, int]]:
+    """The `top` best-scoring covering vectors of every block."""
+    if top < 1:
+        raise TvtoolError("--top must be >= 1")
+    keep = []
+    for b in range(scores.shape[1]):
+        cand = [t for t in range(scores.shape[0]) if covered[t, b]]
+        cand.sort(key=lambda t: (-float(scores[t, b]), t))
+        keep += [(t, b) for t in cand[:top]]
+    return sorted(keep, key=lambda p: (p[1], p[0]))
+
+
+def keep_budget(scores: torch.Tensor, covered: torch.Tensor, nbytes: torch.Tensor, budget: int) -> list[tuple[int, int]]:
+    """Best pairs first (greedy by score) while their bytes fit `budget`."""
+    pairs = [(t, b) for t in range(scores.shape[0]) for b in range(scores.shape[1]) if covered[t, b]]
+    pairs.sort(key=lambda p: (-float(scores[p]), p))
+    keep, used = [], 0
+    for p in pairs:
+        if used + int(nbytes[p]) <= budget:
+            keep.append(p)
+            used += int(nbytes[p])
+    if not keep:
+        smallest = min(int(nbytes[p]) for p in pairs) if pairs else 0
+        raise TvtoolError(f"--budget-mb is too small: the smallest pair needs {smallest / 1e6:.3f} MB")
+    return sorted(keep, key=lambda p: (p[1], p[0]))
+
+
+# -- element masks ------------------------------------------------------------------------------
+def element_masks(
+    store: Store, plan: BankPlan, t: int, density: float, grads: dict[str, torch.Tensor] | None,
+) -> tuple[dict[str, torch.Tensor], int, int]:
+    """Masks (bool, keyed like vector t) keeping its top `density` elements by |tau ⊙ G| (or by
+    |tau| when `grads` is None). With gradients, tensors outside the image tower score 0 and are
+    dropped; `density` counts the scored elements only. Returns (masks, kept, scored)."""
+    if not 0.0 < density <= 1.0:
+        raise TvtoolError(f"--density must be in (0, 1] (got {density})")
+    scores: dict[str, torch.Tensor] = {}
+    shapes: dict[str, torch.Size] = {}
+    for key, param, tau in _vector_tensors(store, plan, t):
+        shapes[key] = tau.shape
+        if grads is None:
+            scores[key] = tau.float().abs().flatten()
+        elif param is not None:
+            scores[key] = (tau.float() * grads[param].float().cpu()).abs().flatten()
+    flat = torch.cat(list(scores.values())) if scores else torch.zeros(0)
+    k = min(flat.numel(), max(1, int(density * flat.numel() + 0.5)))
+    chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+    chosen[torch.topk(flat, k, sorted=False).indices] = True
+    masks, off = {}, 0
+    for key, shape in shapes.items():
+        if key in scores:
+            n = scores[key].numel()
+            masks[key] = chosen[off : off + n].view(shape).clone()
+            off += n
+        else:
+            masks[key] = torch.zeros(shape, dtype=torch.bool)
+    return masks, k, flat.numel()
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

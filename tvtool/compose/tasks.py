@@ -1,0 +1,147 @@
+"""The data sets of a run: image folders -> training samples, validation samples and a head.
+
+For each data set: open the folder (split `train` when DIR/train exists), split off validation
+images (`--val DIR`, or a stratified `--val-split` fraction of all images) *before* drawing
+`--shots k` images per class (seeded) from the rest; build the frozen zero-shot head from the
+class names. `pseudo` replaces the labels by the zero-shot model's confident predictions (images
+below the threshold are dropped) so the run never reads the folder's labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tvtool.compose.ddp import Dist
+from tvtool.compose.objectives import Objective, Role, confident
+from tvtool.errors import TvtoolError
+from tvtool.models import data as mdata
+from tvtool.models.functional import autocast, encode_images
+
+
+@dataclass
+class DataSpec:
+    """What the command line says about one data set."""
+
+    path: Path
+    role: Role = "task"
+    val: Path | None = None
+    classnames: Path | None = None
+
+
+@dataclass
+class TaskData:
+    name: str
+    role: Role
+    folder: Any  # ImageFolder
+    train_idx: list[int]
+    labels: list[int]  # training targets for train_idx (true labels, pseudo-labels or -1)
+    head: torch.Tensor  # [C, D] on the device
+    eval_folder: Any | None = None  # validation images (None: no validation)
+    eval_idx: list[int] = field(default_factory=list)
+    eval_is_train: bool = False  # no held-out images: checked on the training images
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class LabelledSubset(torch.utils.data.Dataset):
+    """(image tensor, target) for `indices` of a folder, with explicit targets."""
+
+    def __init__(self, folder: Any, indices: list[int], labels: list[int], transform: Any):
+        self.folder, self.indices, self.labels, self.transform = folder, indices, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.folder.load(self.indices[j])), self.labels[j]
+
+
+def prepare_task(
+    clip: Any,
+    spec: DataSpec,
+    objective: Objective,
+    *,
+    shots: int | None,
+    val_split: float | None,
+    seed: int,
+    templates: list[str] | None,
+    store: Any,
+    threshold: float,
+    batch_size: int,
+    dist: Dist,
+    split: str = "train",
+) -> TaskData:
+    from tvtool.models.heads import zeroshot_head
+
+    folder = mdata.ImageFolder(spec.path, split=split, classnames_file=spec.classnames)
+    needs_labels = objective.labelled or spec.role != "task"
+    what = {"task": "--data", "target": "--negate", "control": "--control"}[spec.role]
+    if needs_labels and not folder.labelled:
+        why = "negation needs labels to measure forgetting" if spec.role != "task" else f"objective {objective.name} needs labels"
+        raise TvtoolError(f"{what} {spec.path}: no class folders ({why}; expected DIR/<class>/*.png)")
+    labels = folder.labels
+    indices = list(range(len(folder)))
+    eval_folder, eval_idx = None, []
+    if spec.val is not None:
+        eval_folder = mdata.ImageFolder(spec.val, split="val", classnames_file=spec.classnames)
+        if not eval_folder.labelled:
+            raise TvtoolError(f"--val {spec.val}: validation images need class folders")
+        if eval_folder.classes != folder.classes:
+            raise TvtoolError(f"--val {spec.val}: its class folders differ from {spec.path}'s")
+        eval_idx = list(range(len(eval_folder)))
+    elif val_split:
+        if not folder.labelled:
+            raise TvtoolError(f"--val-split on {spec.path}: unlabelled images cannot be validated")
+        indices, eval_idx = mdata.split_val(labels, indices, val_split, seed)
+        eval_folder = folder
+        if not eval_idx:
+            raise TvtoolError(f"--val-split {val_split} leaves no validation images in {spec.path}")
+    if shots is not None:
+        if not folder.labelled:
+            raise TvtoolError(f"--shots on {spec.path}: few-shot sampling needs class folders")
+        sub = mdata.few_shot_indices([labels[i] for i in indices], shots, seed, folder.classnames)
+        indices = [indices[j] for j in sub]
+    head = zeroshot_head(clip, folder.classnames, templates, store)
+    targets = [labels[i] for i in indices]
+    info: dict[str, Any] = {"path": str(Path(spec.path).resolve()), "classes": folder.num_classes}
+    if objective.pseudo_labels:
+        indices, targets, kept = _pseudo_labels(clip, folder, indices, head, threshold, batch_size, dist)
+        info["pseudo_kept"] = kept
+        if not indices:
+            raise TvtoolError(
+                f"{spec.path}: no image's zero-shot confidence reaches --threshold {threshold}; lower it"
+            )
+    if not indices:
+        raise TvtoolError(f"{spec.path}: no training images")
+    info.update(train=len(indices), val=len(eval_idx))
+    task = TaskData(folder.name, spec.role, folder, indices, targets, head, eval_folder, eval_idx, info=info)
+    if eval_folder is None and spec.role != "task":  # negation must measure accuracy somewhere
+        task.eval_folder, task.eval_idx, task.eval_is_train = folder, list(indices), True
+    return task
+
+
+@torch.no_grad()
+def zero_shot_logits(clip: Any, folder: Any, indices: list[int], head: torch.Tensor, batch_size: int, dist: Dist):
+    """Logits of the base model for `indices` (eval preprocessing), computed sharded by rank and
+    summed across ranks, so every process gets identical values."""
+    tf = mdata.eval_transform(clip)
+    out = torch.zeros(len(indices), head.shape[0], device=clip.device)
+    mine = list(range(dist.rank, len(indices), dist.world))
+    scale = clip.logit_scale
+    for s in range(0, len(mine), batch_size):
+        pos = mine[s : s + batch_size]
+        images, _ = mdata.load_tensors(folder, [indices[p] for p in pos], tf)
+        with autocast(clip.device):
+            feats = encode_images(clip, None, images.to(clip.device))
+        out[pos] = scale * feats.float() @ head.T
+    return dist.all_reduce_sum(out)
+
+
+def _pseudo_labels(clip, folder, indices, head, threshold, batch_size, dist):
+    logits = zero_shot_logits(clip, folder, indices, head, batch_size, dist)
+    pred, ok = confident(logits, threshold)
+    keep = ok.nonzero().squeeze(1).tolist()
+    return [indices[j] for j in keep], [int(pred[j]) for j in keep], len(keep)

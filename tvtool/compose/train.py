@@ -1,0 +1,261 @@
+"""The training loop: AdamW on Lambda with a cosine schedule, one checkpoint per epoch, --resume.
+
+Each micro-batch composes theta from the current Lambda, runs every data set's batch through the
+image tower (autocast on CUDA) and backpropagates sum_k sign_k * mean-over-the-step(loss_k); the
+per-rank loss is scaled so that DistributedDataParallel's gradient average equals that global
+mean exactly, whatever the sharding. After every epoch: validation accuracy, model selection
+(see `pick`), a checkpoint (rank 0). A resumed run restores Lambda, the optimiser and scheduler
+states and the history, and continues with the same seeded batches and augmentations, so it
+ends bit-for-bit where an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+
+from tvtool.compose.bank import Stack
+from tvtool.compose.coefs import Coefs, compose_params
+from tvtool.compose.ddp import Dist
+from tvtool.compose.objectives import SIGN, Objective, keeps_control
+from tvtool.compose.sampling import SeededView, collate, epoch_plan, shard, steps_per_epoch
+from tvtool.compose.tasks import LabelledSubset, TaskData
+from tvtool.errors import TvtoolError
+from tvtool.models import data as mdata
+from tvtool.models.functional import autocast, encode_images, visual_params
+from tvtool.vectors.blocks import CoefsLayout
+
+SelectBy = Literal["val", "negation", "last"]
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class Settings:
+    epochs: int
+    lr: float
+    batch_size: int
+    grad_accum: int = 1
+    seed: int = 0
+    weight_decay: float = 0.0
+    workers: int = 0
+    augment: Literal["fewshot", "strong"] = "fewshot"
+    flip: bool = False
+
+
+class Reporter(Protocol):
+    def start_epoch(self, epoch: int, steps: int) -> None: ...
+    def step(self) -> None: ...
+    def end_epoch(self, record: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class FitResult:
+    coefs: torch.Tensor  # [T, G] chosen by `pick`
+    epoch: int  # the epoch it comes from (0 = the base model)
+    history: list[dict[str, Any]]
+    select_by: SelectBy
+    resumed_from: int | None = None
+    base_acc: dict[str, float] = field(default_factory=dict)
+
+
+class Trainer:
+    def __init__(
+        self, clip: Any, stacks: Sequence[Stack], layout: CoefsLayout, coefs: Coefs,
+        tasks: Sequence[TaskData], objective: Objective, settings: Settings, dist: Dist,
+        run_dir: Path | None = None,
+    ):
+        if settings.epochs < 1 or settings.batch_size < 1 or settings.grad_accum < 1:
+            raise TvtoolError("--epochs, --batch-size and --grad-accum must be >= 1")
+        self.clip, self.stacks, self.layout = clip, list(stacks), layout
+        self.tasks, self.objective, self.s, self.dist = list(tasks), objective, settings, dist
+        self.device = clip.device
+        self.coefs = coefs.to(self.device)
+        self.module = dist.wrap(self.coefs, self.device)
+        self.index = layout.key_index()
+        tower = visual_params(clip)
+        self.base = {s.param: tower[s.param] for s in self.stacks}
+        self.scale = clip.logit_scale
+        self.run_dir = run_dir
+        self.opt = torch.optim.AdamW(self.coefs.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+        self.steps = steps_per_epoch([len(t.train_idx) for t in self.tasks], settings.batch_size, settings.grad_accum)
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(1, self.steps * settings.epochs))
+        tf = mdata.train_transform(clip, flip=settings.flip, strong=settings.augment == "strong")
+        self.views = [
+            SeededView(LabelledSubset(t.folder, t.train_idx, t.labels, tf), settings.seed, k)
+            for k, t in enumerate(self.tasks)
+        ]
+        self.select_by: SelectBy = (
+            "negation" if any(t.role == "target" for t in self.tasks)
+            else "val" if any(t.eval_folder is not None for t in self.tasks) else "last"
+        )
+
+    # -- forward --------------------------------------------------------------------------
+    def params(self, lam: torch.Tensor) -> dict[str, torch.Tensor]:
+        return compose_params(lam, self.stacks, self.layout, self.base, self.index)
+
+    def logits(self, params: dict[str, torch.Tensor], images: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device):
+            feats = encode_images(self.clip, params, images.to(self.device, non_blocking=True))
+        return self.scale * feats.float() @ head.T
+
+    # -- one epoch ------------------------------------------------------------------------
+    def _loaders(self, epoch: int, plan) -> list:
+        loaders = []
+        for k, view in enumerate(self.views):
+            view.epoch = epoch
+            batches = [micro.items[k] for step in plan for micro in step]
+            loaders.append(iter(torch.utils.data.DataLoader(
+                view, batch_sampler=batches, collate_fn=collate, num_workers=self.s.workers,
+                pin_memory=self.device.type == "cuda",
+            )))
+        return loaders
+
+    def train_epoch(self, epoch: int, reporter: Reporter | None) -> tuple[float, list[float]]:
+        plan = epoch_plan([len(t.train_idx) for t in self.tasks], self.s.batch_size, self.s.grad_accum,
+                          self.s.seed, epoch, self.dist.rank, self.dist.world)
+        loaders = self._loaders(epoch, plan)
+        task_loss = torch.zeros(len(self.tasks), dtype=torch.float64)
+        for step in plan:
+            self.opt.zero_grad(set_to_none=True)
+            for m, micro in enumerate(step):
+                sync = m == len(step) - 1
+                ctx = contextlib.nullcontext() if sync or not self.dist.active else self.module.no_sync()
+                with ctx:
+                    lam = self.module()
+                    params = self.params(lam)
+                    loss = 0.0 * lam.sum()  # keeps every rank in the DDP graph, even with no data
+                    for k, task in enumerate(self.tasks):
+                        batch = next(loaders[k])
+                        if batch is None:
+                            continue
+                        images, labels = batch
+                        per = self.objective.loss(self.logits(params, images, task.head), labels.to(self.device))
+                        part = per.sum() / micro.step_counts[k]
+                        task_loss[k] += float(part.detach())
+                        loss = loss + SIGN[task.role] * part * self.dist.world
+                    loss.backward()
+            self.opt.step()
+            self.sched.step()
+            if reporter:
+                reporter.step()
+        task_loss = self.dist.all_reduce_sum(task_loss.to(self.device)).cpu() / len(plan)
+        total = sum(SIGN[t.role] * float(task_loss[k]) for k, t in enumerate(self.tasks))
+        return total, [float(x) for x in task_loss]
+
+    # -- evaluation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, lam: torch.Tensor) -> dict[str, float]:
+        """Top-1 accuracy on every data set with validation images (sharded, summed)."""
+        todo = [(k, t) for k, t in enumerate(self.tasks) if t.eval_folder is not None]
+        if not todo:
+            return {}
+        params = self.params(lam.to(self.device))
+        tf = mdata.eval_transform(self.clip)
+        counts = torch.zeros(len(self.tasks), 2, dtype=torch.float64)
+        for k, t in todo:
+            idx = shard(t.eval_idx, self.dist.rank, self.dist.world)
+            ds = LabelledSubset(t.eval_folder, idx, [t.eval_folder.samples[i][1] for i in idx], tf)
+            loader = torch.utils.data.DataLoader(ds, batch_size=max(self.s.batch_size, 64), collate_fn=collate,
+                                                 num_workers=self.s.workers)
+            for batch in loader:
+                images, labels = batch
+                pred = self.logits(params, images, t.head).argmax(dim=-1).cpu()
+                counts[k, 0] += float((pred == labels).sum())
+                counts[k, 1] += len(labels)
+        counts = self.dist.all_reduce_sum(counts.to(self.device)).cpu()
+        return {self.tasks[k].name + _role_tag(self.tasks[k].role): float(counts[k, 0] / counts[k, 1]) for k, _ in todo}
+
+    def score(self, acc: dict[str, float], base: dict[str, float]) -> float | None:
+        """Higher is better; None: not eligible (negation breaking the control constraint)."""
+        if self.select_by == "negation":
+            for t in self.tasks:
+                name = t.name + _role_tag(t.role)
+                if t.role == "control" and not keeps_control(acc[name], base[name]):
+                    return None
+            targets = [acc[t.name + _role_tag(t.role)] for t in self.tasks if t.role == "target"]
+            return -sum(targets) / len(targets)
+        if self.select_by == "val":
+            vals = [acc[t.name] for t in self.tasks if t.role == "task" and t.name in acc]
+            return sum(vals) / len(vals)
+        return 0.0
+
+    # -- the whole run --------------------------------------------------------------------
+    def fit(self, resume: bool = False, reporter: Reporter | None = None,
+            on_epoch: Callable[[int], None] | None = None) -> FitResult:
+        state = self._load() if resume else None
+        if state is not None:
+            start, history = int(state["epoch"]), list(state["history"])
+            self.coefs.values.data.copy_(state["values"].to(self.device))
+            self.opt.load_state_dict(state["opt"])
+            self.sched.load_state_dict(state["sched"])
+            best_epoch, best_values, best_score = state["best_epoch"], state["best_values"], state["best_score"]
+        else:
+            start = 0
+            zero = self.coefs.values.detach().cpu().clone()
+            acc = self.evaluate(self.coefs.matrix())
+            history = [{"epoch": 0, "train_loss": None, "task_losses": None, "val_acc": acc, "lr": None}]
+            best_epoch, best_values, best_score = 0, zero, self.score(acc, acc)
+        base_acc = history[0]["val_acc"]
+        for epoch in range(start + 1, self.s.epochs + 1):
+            if reporter:
+                reporter.start_epoch(epoch, self.steps)
+            lr = self.opt.param_groups[0]["lr"]
+            total, per_task = self.train_epoch(epoch, reporter)
+            acc = self.evaluate(self.coefs.matrix())
+            record = {"epoch": epoch, "train_loss": _finite(total), "lr": lr,
+                      "task_losses": {t.name + _role_tag(t.role): _finite(x) for t, x in zip(self.tasks, per_task, strict=True)},
+                      "val_acc": acc}
+            history.append(record)
+            sc = self.score(acc, base_acc)
+            if self.select_by == "last" or (sc is not None and (best_score is None or sc > best_score)):
+                best_epoch, best_values, best_score = epoch, self.coefs.values.detach().cpu().clone(), sc
+            self._save(epoch, history, best_epoch, best_values, best_score)
+            if reporter:
+                reporter.end_epoch(record)
+            if on_epoch:
+                on_epoch(epoch)
+        chosen = torch.zeros(self.coefs.shape).flatten()
+        chosen[self.coefs.index.cpu()] = best_values.float()
+        return FitResult(chosen.view(self.coefs.shape), best_epoch, history, self.select_by,
+                         resumed_from=start if state is not None else None, base_acc=base_acc)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def _save(self, epoch: int, history, best_epoch: int, best_values, best_score) -> None:
+        if self.run_dir is None:
+            return
+        if self.dist.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            state = {"epoch": epoch, "values": self.coefs.values.detach().cpu(), "opt": self.opt.state_dict(),
+                     "sched": self.sched.state_dict(), "history": history, "best_epoch": best_epoch,
+                     "best_values": best_values, "best_score": best_score}
+            tmp = self.run_dir / f".{CHECKPOINT}.{os.getpid()}.tmp"
+            torch.save(state, tmp)
+            os.replace(tmp, self.run_dir / CHECKPOINT)
+        self.dist.barrier()
+
+    def _load(self) -> dict[str, Any] | None:
+        path = None if self.run_dir is None else self.run_dir / CHECKPOINT
+        if path is None or not path.is_file():
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - a torn or foreign file: say so, start afresh
+            raise TvtoolError(f"cannot read checkpoint {path} ({e}); delete it to start afresh") from None
+        if state["values"].numel() != self.coefs.n_learnable:
+            raise TvtoolError(f"checkpoint {path} does not fit this run; delete it to start afresh")
+        return state
+
+
+def _role_tag(role: str) -> str:
+    return "" if role == "task" else f" ({role})"
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None

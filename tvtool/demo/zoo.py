@@ -1,0 +1,253 @@
+"""Build (or reuse) the example zoo: data folders, a pre-trained tiny CLIP, fine-tuned checkpoints.
+
+    DIR/zoo.json                          what was built: recipe, domains, splits, paths, accuracies
+    DIR/data/<domain>/<split>/<class>/    PNG image folders
+    DIR/models/<name>.json                the open_clip model config (name = file stem)
+    DIR/models/templates.txt              the prompt templates the zero-shot head was built with
+    DIR/models/zeroshot.safetensors       the "pre-trained" model
+    DIR/models/<domain>/finetuned.safetensors
+
+Each stage is keyed by a hash of the part of the recipe it depends on (stored in the
+safetensors metadata / a stamp file), so a second run reuses whatever is already there.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from tvtool.demo.domains import CLASSNAMES, describe
+from tvtool.demo.recipe import Size, ZooRecipe, recipe_for
+from tvtool.errors import TvtoolError
+
+MARKER = ".tvtool-zoo"
+KEY = "tvtool.zoo.key"
+
+# progress(stage description, total units) -> tick(n)
+Progress = Callable[[str, int], Callable[[int], None]]
+
+
+class ZooInfo(BaseModel):
+    """zoo.json: everything a consumer (tests, `tvtool demo`) needs, paths relative to the zoo."""
+
+    format: int
+    recipe: ZooRecipe
+    recipe_hash: str
+    model_name: str
+    model_config_path: str
+    templates_path: str
+    zeroshot: str
+    finetuned: dict[str, str]
+    data: dict[str, dict[str, str]]
+    split_sizes: dict[str, int]
+    classnames: list[str]
+    domains: dict[str, str]
+    accuracy: dict[str, dict[str, float]]  # domain -> {"zeroshot"|"finetuned": test %}
+    seconds: dict[str, float]
+
+
+@dataclass
+class ZooPaths:
+    """Absolute paths of a built zoo."""
+
+    root: Path
+    info: ZooInfo
+    reused: list[str] = field(default_factory=list)
+
+    @property
+    def recipe(self) -> ZooRecipe:
+        return self.info.recipe
+
+    @property
+    def model_config(self) -> Path:
+        return self.root / self.info.model_config_path
+
+    @property
+    def templates(self) -> Path:
+        return self.root / self.info.templates_path
+
+    @property
+    def zeroshot(self) -> Path:
+        return self.root / self.info.zeroshot
+
+    def finetuned(self, domain: str) -> Path:
+        return self.root / self.info.finetuned[domain]
+
+    def data(self, domain: str, split: str) -> Path:
+        return self.root / self.info.data[domain][split]
+
+
+def load_zoo(root: Path) -> ZooPaths:
+    path = Path(root) / "zoo.json"
+    if not path.is_file():
+        raise TvtoolError(f"no example zoo at {root} (zoo.json missing): run `tvtool demo build`")
+    return ZooPaths(Path(root), ZooInfo.model_validate_json(path.read_text()))
+
+
+def _check_out_dir(root: Path, recipe: ZooRecipe, force: bool) -> None:
+    if root.exists() and not root.is_dir():
+        raise TvtoolError(f"{root} exists and is not a directory")
+    if root.is_dir() and any(root.iterdir()) and not (root / MARKER).exists():
+        raise TvtoolError(f"{root} is not empty and holds no example zoo; choose another --out")
+    info = root / "zoo.json"
+    if info.is_file() and not force:
+        old = ZooInfo.model_validate_json(info.read_text())
+        if old.recipe_hash != recipe.digest():
+            raise TvtoolError(
+                f"{root} holds a zoo built with another recipe (size {old.recipe.size}, "
+                f"seed {old.recipe.seed}); use --force to rebuild it or choose another --out"
+            )
+
+
+def _stored_key(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get(KEY)
+    except Exception:
+        return None
+
+
+def _no_progress(desc: str, total: int) -> Callable[[int], None]:
+    return lambda n: None
+
+
+def build_zoo(
+    out_dir: Path | str, seed: int = 0, size: Size = "full", *, force: bool = False,
+    progress: Progress | None = None,
+) -> ZooPaths:
+    """Build the zoo under `out_dir` (reusing every stage already built with the same recipe)."""
+    import torch
+
+    from tvtool.checkpoints.writer import save_safetensors
+    from tvtool.demo import data as zdata
+    from tvtool.demo import train
+
+    progress = progress or _no_progress
+    recipe = recipe_for(size, seed)
+    root = Path(out_dir)
+    _check_out_dir(root, recipe, force)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).touch()
+    models = root / "models"
+    models.mkdir(exist_ok=True)
+    seconds: dict[str, float] = {}
+    reused: list[str] = []
+
+    # the open_clip config and templates (tiny text files: always rewritten)
+    cfg_path = models / f"{recipe.model.name}.json"
+    cfg_path.write_text(json.dumps(recipe.model.open_clip_config(), indent=2) + "\n")
+    templates_path = models / "templates.txt"
+    templates_path.write_text("\n".join(recipe.templates) + "\n")
+
+    # data
+    t0 = time.perf_counter()
+    data_key = recipe.digest("seed", "splits", "pretrain_domains", "task_domains", "target_domains")
+    data_key += f"-{recipe.model.image_size}"
+    stamp = root / "data" / ".stamp"
+    sets = zdata.render(
+        recipe.all_domains, recipe.pretrain_domains, recipe.splits, recipe.seed, recipe.model.image_size
+    )
+    if stamp.is_file() and stamp.read_text() == data_key:
+        reused.append("data")
+    else:
+        shutil.rmtree(root / "data", ignore_errors=True)
+        n = sum(len(dd.labels) for by in sets.values() for dd in by.values())
+        tick = progress("writing image folders", n)
+        zdata.write_image_folders(root / "data", sets)
+        tick(n)
+        stamp.write_text(data_key)
+    seconds["data"] = time.perf_counter() - t0
+
+    with train.deterministic(recipe.seed, recipe.threads):
+        tokens = train.caption_tokens(cfg_path, recipe.templates)
+        n_t = len(recipe.templates)
+
+        # pre-training
+        t0 = time.perf_counter()
+        zs_path = models / "zeroshot.safetensors"
+        pre_key = recipe.digest("seed", "threads", "model", "splits", "pretrain_domains", "templates",
+                                "pretrain")
+        if _stored_key(zs_path) == pre_key:
+            reused.append("pretrain")
+            model = train.create_model(cfg_path, _load(zs_path))
+        else:
+            torch.manual_seed(recipe.seed)
+            model = train.create_model(cfg_path)
+            imgs = torch.cat([sets[d]["pretrain"].images for d in recipe.pretrain_domains])
+            labels = torch.cat([sets[d]["pretrain"].labels for d in recipe.pretrain_domains])
+            tick = progress("pre-training (CLIP contrastive)", recipe.pretrain.epochs)
+            train.pretrain_clip(model, imgs, labels, tokens, n_t, recipe.pretrain, recipe.seed, tick)
+            _save(save_safetensors, zs_path, model.state_dict(), pre_key, "zeroshot")
+        seconds["pretrain"] = time.perf_counter() - t0
+        base_state = {k: v.clone() for k, v in model.state_dict().items()}
+        head = train.zeroshot_head(model, tokens, n_t)
+
+        # fine-tuning, one checkpoint per task domain
+        accuracy: dict[str, dict[str, float]] = {}
+        for d in [*recipe.pretrain_domains, *recipe.task_domains, *recipe.target_domains]:
+            test = sets[d]["test"]
+            accuracy[d] = {"zeroshot": train.accuracy(model, head, test.images, test.labels)}
+        finetuned: dict[str, str] = {}
+        for i, d in enumerate(recipe.task_domains):
+            t0 = time.perf_counter()
+            path = models / d / "finetuned.safetensors"
+            ft_key = f"{pre_key}-{recipe.digest('finetune')}-{d}"
+            if _stored_key(path) == ft_key:
+                reused.append(f"finetune:{d}")
+                ft_model = train.create_model(cfg_path, _load(path))
+            else:
+                model.load_state_dict(base_state)
+                ft_model = model
+                train_set = sets[d]["finetune"]
+                tick = progress(f"fine-tuning {d}", recipe.finetune.epochs)
+                train.finetune_image_tower(
+                    ft_model, head, train_set.images, train_set.labels, recipe.finetune,
+                    recipe.seed * 1000 + i + 1, tick,
+                )
+                path.parent.mkdir(exist_ok=True)
+                _save(save_safetensors, path, ft_model.state_dict(), ft_key, d)
+            test = sets[d]["test"]
+            accuracy[d]["finetuned"] = train.accuracy(ft_model, head, test.images, test.labels)
+            finetuned[d] = str(path.relative_to(root))
+            seconds[f"finetune:{d}"] = time.perf_counter() - t0
+        model.load_state_dict(base_state)
+
+    info = ZooInfo(
+        format=recipe.format,
+        recipe=recipe,
+        recipe_hash=recipe.digest(),
+        model_name=recipe.model.name,
+        model_config_path=str(cfg_path.relative_to(root)),
+        templates_path=str(templates_path.relative_to(root)),
+        zeroshot=str(zs_path.relative_to(root)),
+        finetuned=finetuned,
+        data={d: {s: f"data/{d}/{s}" for s in by} for d, by in sets.items()},
+        split_sizes={s: len(sets[recipe.pretrain_domains[0]][s].labels) for s in zdata.SPLITS},
+        classnames=list(CLASSNAMES),
+        domains={d: describe(d) for d in recipe.all_domains},
+        accuracy={d: {k: round(v, 2) for k, v in a.items()} for d, a in accuracy.items()},
+        seconds={k: round(v, 2) for k, v in seconds.items()},
+    )
+    (root / "zoo.json").write_text(info.model_dump_json(indent=2) + "\n")
+    return ZooPaths(root, info, reused)
+
+
+def _load(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _save(save_fn, path: Path, state: dict, key: str, what: str) -> None:
+    tensors = {k: v.detach().contiguous() for k, v in sorted(state.items())}
+    save_fn(path, tensors, {KEY: key, "tvtool.zoo.model": what}, force=True)

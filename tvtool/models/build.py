@@ -1,0 +1,297 @@
+"""Build an open_clip model offline: architecture by name or config file, weights from a file.
+
+* `--model NAME` names a built-in open_clip architecture (ViT-B-32, ...); `--model-config FILE`
+  registers a custom config (open_clip JSON: embed_dim, vision_cfg, text_cfg) under the file's stem.
+  A tvtool extension: the config may carry `"preprocess_cfg": {"mean": [...], "std": [...],
+  "interpolation": "bilinear", "resize_mode": "shortest"}`, applied as the model's preprocessing.
+* Weights come from `--base FILE` (any format `tvtool extract` reads; keys normalised; every key
+  of the model must be present, and no other) or from an open_clip `--pretrained TAG` whose weights
+  are already in the local cache (Hugging Face hub cache or ~/.cache/clip). tvtool never
+  downloads: a weight that is not cached is a TvtoolError that says how to supply a file.
+
+`base_fingerprint` identifies the weights (sha256 of the checkpoint file or shards): heads are
+cached under it, and stored task vectors/coefficients record it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before open_clip imports huggingface_hub
+
+import torch  # noqa: E402
+
+from tvtool.errors import TvtoolError  # noqa: E402
+
+_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
+
+
+@dataclass
+class LoadedClip:
+    """An open_clip model in eval mode with what is needed to feed and identify it."""
+
+    model: torch.nn.Module
+    name: str
+    base_fingerprint: str
+    image_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    tokenizer: Any
+    device: torch.device
+    source: str = ""
+
+    @property
+    def logit_scale(self) -> float:
+        """exp(learned logit scale), clamped at 100 as CLIP does: logits = scale * f @ head.T."""
+        ls = getattr(self.model, "logit_scale", None)
+        if ls is None:
+            return 100.0
+        return float(ls.detach().float().exp().clamp(max=100.0).item())
+
+    def visual_keys(self) -> list[str]:
+        """State-dict names of the image tower's parameters (``visual.*``)."""
+        return [f"visual.{n}" for n, _ in self.model.visual.named_parameters()]
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """`auto` -> cuda when present, else cpu; `cpu`, `cuda`, `cuda:N` checked for availability."""
+    if isinstance(spec, torch.device):
+        return spec
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            idx = int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1)
+            return torch.device("cuda", idx)
+        return torch.device("cpu")
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise TvtoolError(f"unknown device {spec!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TvtoolError(
+                f"device {spec!r} requested but CUDA is not available (use --device cpu)"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise TvtoolError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise TvtoolError(f"unsupported device {spec!r}: use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+@contextlib.contextmanager
+def _quiet_open_clip() -> Iterator[None]:
+    """open_clip logs a warning about random init; we load weights ourselves right after."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
+
+
+def register_config(path: Path) -> tuple[str, dict[str, Any]]:
+    """Register a custom open_clip config; returns (model name = file stem, preprocess dict)."""
+    import open_clip
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise TvtoolError(f"model config not found: {path}")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise TvtoolError(f"{path}: not a readable JSON model config ({e})") from None
+    missing = [
+        k
+        for k in ("embed_dim", "vision_cfg", "text_cfg")
+        if not isinstance(cfg, dict) or k not in cfg
+    ]
+    if missing:
+        raise TvtoolError(f"{path}: an open_clip model config needs {', '.join(missing)}")
+    preprocess = cfg.pop("preprocess_cfg", None) or {}
+    if not isinstance(preprocess, dict) or set(preprocess) - set(_PREPROCESS_KEYS):
+        raise TvtoolError(f"{path}: preprocess_cfg may only set {', '.join(_PREPROCESS_KEYS)}")
+    target = path
+    if preprocess:  # open_clip's constructor would reject the extra key: register a stripped copy
+        target = Path(tempfile.mkdtemp(prefix="tvtool-cfg-")) / path.name
+        target.write_text(json.dumps(cfg))
+    open_clip.add_model_config(target)
+    return path.stem, preprocess
+
+
+def _cached_pretrained(name: str, tag: str) -> tuple[str, dict[str, Any]]:
+    """The local file of an open_clip pretrained tag, or a TvtoolError (never downloads)."""
+    from open_clip import pretrained as oc_pretrained
+
+    cfg = oc_pretrained.get_pretrained_cfg(name, tag)
+    if not cfg:
+        tags = oc_pretrained.list_pretrained_tags_by_model(name)
+        known = f" (known tags: {', '.join(tags)})" if tags else ""
+        raise TvtoolError(f"open_clip has no pretrained tag {tag!r} for {name}{known}")
+    hint = (
+        f"open_clip weights {name}/{tag} are not in the local cache and tvtool never downloads; "
+        "save the weights to a file and pass it with --base FILE"
+    )
+    if "file" in cfg and os.path.isfile(cfg["file"]):
+        return cfg["file"], cfg
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            raise TvtoolError(hint) from None
+        if hub.endswith("/"):
+            repo, filename = hub.rstrip("/"), "open_clip_pytorch_model.bin"
+        else:
+            repo, filename = os.path.split(hub)
+        candidates = [filename]
+        if filename.endswith((".bin", ".pth")):
+            stem = filename.rsplit(".", 1)[0]
+            candidates.insert(
+                0,
+                "open_clip_model.safetensors"
+                if filename == "open_clip_pytorch_model.bin"
+                else stem + ".safetensors",
+            )
+        for fn in candidates:
+            hit = try_to_load_from_cache(repo_id=repo, filename=fn)
+            if isinstance(hit, str) and os.path.isfile(hit):
+                return hit, cfg
+    url = cfg.get("url", "")
+    if url:
+        local = os.path.join(os.path.expanduser("~/.cache/clip"), os.path.basename(url))
+        if os.path.isfile(local):
+            return local, cfg
+    raise TvtoolError(hint)
+
+
+def load_clip(
+    model: str | None = None,
+    model_config: Path | None = None,
+    base: Path | None = None,
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedClip:
+    """Build the architecture and load its weights (see the module docstring). Eval mode."""
+    import open_clip
+
+    if (model is None) == (model_config is None):
+        raise TvtoolError("give exactly one of --model NAME or --model-config FILE")
+    if base is not None and pretrained is not None:
+        raise TvtoolError("give either --base FILE or --pretrained TAG, not both")
+    if base is None and pretrained is None:
+        raise TvtoolError(
+            "no weights: give --base FILE (a checkpoint) or --pretrained TAG (cached open_clip "
+            "weights)"
+        )
+    preprocess: dict[str, Any] = {}
+    if model_config is not None:
+        name, preprocess = register_config(Path(model_config))
+    else:
+        name = str(model)
+        if name not in open_clip.list_models():
+            raise TvtoolError(
+                f"unknown open_clip architecture {name!r} (see open_clip.list_models(), "
+                "or use --model-config FILE)"
+            )
+    dev = resolve_device(device)
+
+    source = ""
+    with _quiet_open_clip():
+        if pretrained is not None:
+            path, tag_cfg = _cached_pretrained(name, pretrained)
+            preprocess = {**{k: tag_cfg[k] for k in _PREPROCESS_KEYS if k in tag_cfg}, **preprocess}
+            try:
+                net = open_clip.create_model(
+                    name, pretrained=path, force_preprocess_cfg=preprocess or None
+                )
+            except Exception as e:
+                raise TvtoolError(
+                    f"cannot load {name}/{pretrained} from {path}: {_first(e)}"
+                ) from None
+            from tvtool.checkpoints.readers import file_sha256
+
+            fingerprint, source = file_sha256(Path(path)), f"{name}/{pretrained}"
+        else:
+            try:
+                net = open_clip.create_model(
+                    name, pretrained=None, force_preprocess_cfg=preprocess or None
+                )
+            except Exception as e:
+                raise TvtoolError(f"cannot build open_clip model {name!r}: {_first(e)}") from None
+            fingerprint = load_state(net, Path(base), strict=True)  # type: ignore[arg-type]
+            source = str(base)
+    try:
+        tokenizer = open_clip.get_tokenizer(name)
+    except Exception as e:
+        raise TvtoolError(f"cannot build the tokenizer of {name} offline: {_first(e)}") from None
+    net = net.to(dev).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    pp = net.visual.preprocess_cfg
+    size = pp.get("size", net.visual.image_size)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return LoadedClip(
+        model=net,
+        name=name,
+        base_fingerprint=fingerprint,
+        image_size=size,  # type: ignore[arg-type]
+        mean=tuple(pp["mean"]),
+        std=tuple(pp["std"]),
+        interpolation=pp.get("interpolation", "bicubic"),  # type: ignore[arg-type]
+        tokenizer=tokenizer,
+        device=dev,
+        source=source,
+    )
+
+
+def load_state(net: torch.nn.Module, path: Path, strict: bool = True) -> str:
+    """Copy a checkpoint's tensors into `net` key by key; returns the file's fingerprint.
+
+    strict: the checkpoint must hold every key of the model's state dict and no other.
+    Otherwise (fine-tuned weights over a base): keys must be a subset; the others stay.
+    """
+    from tvtool.checkpoints.readers import open_checkpoint
+
+    state = net.state_dict()
+    with open_checkpoint(path) as reader:
+        keys = set(reader.keys())
+        unexpected = sorted(keys - set(state))
+        missing = sorted(set(state) - keys) if strict else []
+        if unexpected or missing:
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)} key(s): {_few(missing)}")
+            if unexpected:
+                parts.append(f"unexpected {len(unexpected)} key(s): {_few(unexpected)}")
+            raise TvtoolError(f"{path} does not fit the model ({'; '.join(parts)})")
+        bad = [
+            f"{k} {tuple(reader.meta(k).shape)} vs {tuple(state[k].shape)}"
+            for k in sorted(keys)
+            if tuple(reader.meta(k).shape) != tuple(state[k].shape)
+        ]
+        if bad:
+            raise TvtoolError(f"{path}: shape mismatch for {len(bad)} tensor(s): {_few(bad)}")
+        with torch.no_grad():
+            for k in sorted(keys):
+                state[k].copy_(reader.get(k).to(state[k].dtype))
+        return reader.fingerprint()
+
+
+def _few(items: list[str], n: int = 5) -> str:
+    more = f", ... (+{len(items) - n})" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def _first(e: Exception) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0][:200] if s else type(e).__name__

@@ -1,0 +1,215 @@
+"""Extract a task vector `tau = finetuned - base` into the store, one tensor pair at a time.
+
+Both checkpoints are opened lazily (safetensors / memory-mapped torch files); for every selected
+key the two tensors are read, subtracted in float32, checked for NaN/Inf, cast to the storage
+dtype (the largest rounding error is tracked) and streamed into a `vector` object. Peak memory
+is about one tensor pair, never two models. The stored bytes depend only on the inputs and the
+options, so extracting the same pair twice yields the same digest (one object).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from tvtool.checkpoints.readers import CheckpointReader, open_checkpoint
+from tvtool.checkpoints.writer import TensorSpec
+from tvtool.errors import TvtoolError
+from tvtool.store.manifest import Manifest
+from tvtool.store.store import Store, check_ref_name
+from tvtool.vectors.filters import TensorFilter
+from tvtool.vectors.stored import write_tensor_object
+
+STORAGE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+SHOW = 5  # offending keys named in a mismatch error
+
+
+@dataclass
+class ExtractResult:
+    manifest: Manifest
+    name: str | None
+    deduplicated: bool  # the same vector was already in the store
+    skipped_non_float: list[str] = field(default_factory=list)
+    filtered_out: int = 0
+
+    @property
+    def digest(self) -> str:
+        return self.manifest.digest
+
+
+@dataclass
+class _Accum:
+    sumsq: float = 0.0
+    max_round: float = 0.0
+    nonfinite: int = 0
+
+
+def _names(keys: list[str], more: int = 0) -> str:
+    shown = ", ".join(keys[:SHOW])
+    rest = len(keys) - SHOW + more
+    return shown + (f" and {rest} more" if rest > 0 else "")
+
+
+def _is_float(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point
+
+
+def plan_keys(
+    base: CheckpointReader, ft: CheckpointReader, keep: Callable[[str], bool]
+) -> tuple[list[TensorSpec], list[str], int]:
+    """(float tensors to extract as fp32 specs, skipped non-float keys, keys filtered out).
+
+    Raises a TvtoolError naming the first offending keys when the two checkpoints disagree on the
+    selected keys or their shapes."""
+    bkeys, fkeys = set(base.keys()), set(ft.keys())
+    union = sorted(bkeys | fkeys)
+    selected = [k for k in union if keep(k)]
+    filtered_out = len(union) - len(selected)
+    if not selected:
+        raise TvtoolError(
+            "no tensors selected: check --include/--exclude/--preset against the key names"
+        )
+    only_base = [k for k in selected if k not in fkeys]
+    only_ft = [k for k in selected if k not in bkeys]
+    shape_bad: list[str] = []
+    kind_bad: list[str] = []
+    specs: list[TensorSpec] = []
+    skipped: list[str] = []
+    for k in selected:
+        if k not in bkeys or k not in fkeys:
+            continue
+        mb, mf = base.meta(k), ft.meta(k)
+        fb, ff = _is_float(mb.dtype), _is_float(mf.dtype)
+        if fb != ff:
+            kind_bad.append(f"{k} ({_dt(mb.dtype)} vs {_dt(mf.dtype)})")
+        elif mb.shape != mf.shape:
+            shape_bad.append(f"{k} ({list(mb.shape)} vs {list(mf.shape)})")
+        elif not fb:
+            skipped.append(k)
+        else:
+            specs.append(TensorSpec(k, mb.shape, torch.float32))
+    problems = []
+    if only_base:
+        problems.append(f"{len(only_base)} key(s) only in the base: {_names(only_base)}")
+    if only_ft:
+        problems.append(f"{len(only_ft)} key(s) only in the fine-tuned model: {_names(only_ft)}")
+    if shape_bad:
+        problems.append(f"{len(shape_bad)} shape mismatch(es): {_names(shape_bad)}")
+    if kind_bad:
+        problems.append(f"{len(kind_bad)} float/non-float mismatch(es): {_names(kind_bad)}")
+    if problems:
+        raise TvtoolError("checkpoints do not match: " + "; ".join(problems))
+    if not specs:
+        raise TvtoolError(f"no floating-point tensors selected ({len(skipped)} non-float skipped)")
+    return specs, skipped, filtered_out
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _source(reader: CheckpointReader) -> dict[str, str]:
+    return {
+        "path": str(Path(reader.path).resolve()),
+        "fingerprint": reader.fingerprint(),
+        "format": reader.format,
+    }
+
+
+def extract_vector(
+    store: Store,
+    base_path: str | Path,
+    finetuned_path: str | Path,
+    *,
+    keep: TensorFilter | None = None,
+    dtype: torch.dtype = torch.float32,
+    allow_nonfinite: bool = False,
+    name: str | None = None,
+    force: bool = False,
+    on_start: Callable[[int], None] | None = None,
+    on_tensor: Callable[[str], None] | None = None,
+) -> ExtractResult:
+    """Store `finetuned - base` as a `vector` object (tagged `name` if given)."""
+    if dtype not in STORAGE_NAMES:
+        raise TvtoolError(f"cannot store task vectors as {dtype}: use fp32, fp16 or bf16")
+    if name is not None:
+        check_ref_name(name)
+    keep = keep or TensorFilter()
+    with open_checkpoint(base_path) as base, open_checkpoint(finetuned_path) as ft:
+        fp32_specs, skipped, filtered_out = plan_keys(base, ft, keep)
+        specs = [TensorSpec(s.name, s.shape, dtype) for s in fp32_specs]
+        created = datetime.now(timezone.utc).isoformat()
+        params: dict = {
+            "base": _source(base),
+            "finetuned": _source(ft),
+            "filters": keep.describe(),
+            "skipped_non_float": skipped,
+            "filtered_out": filtered_out,
+            "storage_dtype": STORAGE_NAMES[dtype],
+        }
+        skipped_objects = sorted(
+            {*getattr(base, "skipped_non_tensor", []), *getattr(ft, "skipped_non_tensor", [])}
+        )
+        if skipped_objects:
+            params["skipped_non_tensor"] = skipped_objects
+        acc = _Accum()
+        if on_start:
+            on_start(len(specs))
+
+        def produce(spec: TensorSpec) -> torch.Tensor:
+            d = ft.get(spec.name).to(torch.float32) - base.get(spec.name).to(torch.float32)
+            out = d if dtype == torch.float32 else d.to(dtype)
+            stored = d if dtype == torch.float32 else out.to(torch.float32)
+            clean = bool(torch.isfinite(stored).all())
+            if not clean:
+                _count_nonfinite(stored, d, spec.name, dtype, allow_nonfinite, acc)
+                stored = torch.nan_to_num(stored, nan=0.0, posinf=0.0, neginf=0.0)
+            if dtype != torch.float32 and stored.numel():
+                err = (stored - d).abs_()
+                if not clean:  # entries that are not finite are counted, not rounding errors
+                    err = torch.nan_to_num(err, nan=0.0, posinf=0.0).masked_fill_(
+                        ~torch.isfinite(out), 0.0)
+                acc.max_round = max(acc.max_round, float(err.max()))
+            acc.sumsq += float(torch.linalg.vector_norm(stored)) ** 2
+            # the manifest is committed after the last tensor: keep its params current
+            params.update(max_rounding_error=acc.max_round, nonfinite=acc.nonfinite,
+                          l2=math.sqrt(acc.sumsq))
+            if on_tensor:
+                on_tensor(spec.name)
+            return out
+
+        manifest = write_tensor_object(
+            store, "vector", specs, produce, params=params, created=created
+        )
+    deduplicated = manifest.created != created
+    if name is not None:
+        store.set_ref(name, manifest.digest, force=force)
+    return ExtractResult(manifest, name, deduplicated, skipped, filtered_out)
+
+
+def _count_nonfinite(
+    stored: torch.Tensor,
+    diff: torch.Tensor,
+    key: str,
+    dtype: torch.dtype,
+    allow: bool,
+    acc: _Accum,
+) -> None:
+    bad = stored.numel() - int(torch.isfinite(stored).sum())
+    if not bad:
+        return
+    if not allow:
+        if bool(torch.isfinite(diff).all()):
+            what = f"does not fit in {STORAGE_NAMES[dtype]}: {bad} value(s) overflow"
+        else:
+            what = f"has {bad} NaN/Inf value(s)"
+        raise TvtoolError(
+            f"the difference of tensor {key!r} {what}; nothing was stored "
+            "(use --allow-nonfinite to store it anyway)"
+        )
+    acc.nonfinite += bad

@@ -1,0 +1,374 @@
+"""`merge`: plan (validate, resolve, lay out the output), then stream the merged checkpoint.
+
+Planning reads only headers (plus the base's sha256). Execution walks the base's keys in order:
+an untouched tensor is copied as read; a touched one loads the base tensor and, per term, that
+term's tensor for this key only. Global top-k trims (ties/magnitude) first run `KthLargest` over
+each vector (two extra streamed reads). Files go through `atomic_output`; shards are renamed
+into place together, then the index is written; last, the recipe is stored as a `merge` object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tvtool.checkpoints.readers import TensorMeta, open_checkpoint
+from tvtool.checkpoints.writer import (
+    SafetensorsStreamWriter,
+    TensorSpec,
+    atomic_output,
+    build_header,
+    parse_dtype,
+)
+from tvtool.errors import TvtoolError
+from tvtool.store.manifest import canonical_json
+from tvtool.store.store import Store
+from tvtool.vectors.blocks import CoefsLayout, coef_for_key
+from tvtool.vectors.filters import TensorFilter
+from tvtool.vectors.methods import (
+    KthLargest,
+    MergeParams,
+    TermState,
+    apply_steps,
+    combine,
+    topk_count,
+)
+from tvtool.vectors.recipe import (
+    MergeRequest,
+    build_recipe,
+    index_document,
+    output_files,
+    provenance_metadata,
+)
+from tvtool.vectors.stored import open_tensor_object
+from tvtool.vectors.terms import Term, default_scale
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass
+class PlannedTerm:
+    label: str  # as written (or the digest)
+    digest: str
+    weight: float
+    mask: str | None = None
+    keys: list[str] = field(default_factory=list)  # tensors it changes, in base order
+    numel: int = 0
+
+
+@dataclass
+class MergePlan:
+    request: MergeRequest
+    params: MergeParams
+    terms: list[PlannedTerm]
+    coefs: str | None
+    specs: list[TensorSpec]  # the output, in base key order
+    touched: dict[str, list[int]]  # key -> indices of the terms that change it
+    skipped: list[str]  # offenders skipped under --allow-missing
+    files: list[tuple[Path, list[TensorSpec]]]
+    index: Path | None
+    recipe: dict
+    digest: str  # sha256 of the canonical recipe = the merge object's digest
+    metadata: dict[str, str]
+
+    @property
+    def total_size(self) -> int:
+        return sum(
+            len(build_header(s, self.metadata)) + sum(x.nbytes for x in s) for _, s in self.files
+        )
+
+
+def _few(items: list[str], n: int = 3) -> str:
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def _attach_masks(store: Store, req: MergeRequest, terms: list[PlannedTerm]) -> None:
+    if req.method != "mask":
+        if req.masks:
+            raise TvtoolError("--mask is only used with --method mask")
+        return
+    by_vector: dict[str, str] = {}
+    for ref in req.masks:
+        digest = store.resolve(ref, kind="mask")
+        target = store.manifest(digest).params.get("vector")
+        if not isinstance(target, str):
+            raise TvtoolError(f"mask {ref!r} does not name its vector (params.vector)")
+        try:
+            target = store.resolve(target)
+        except TvtoolError:
+            pass  # a vector not in this store: no term will match it
+        if by_vector.setdefault(target, digest) != digest:
+            raise TvtoolError(f"two masks given for vector {target[:12]}")
+    unused = [d[:12] for d in by_vector if d not in {t.digest for t in terms}]
+    if unused:
+        raise TvtoolError(f"--mask for a vector that is not a term: {', '.join(unused)}")
+    for t in terms:
+        if t.digest not in by_vector:
+            raise TvtoolError(f"no --mask for term {t.label!r} (masks name it in params.vector)")
+        t.mask = by_vector[t.digest]
+
+
+def _load_coefs(store: Store, ref: str) -> tuple[str, torch.Tensor, CoefsLayout]:
+    manifest, reader = open_tensor_object(store, ref, "coefs")
+    with reader:
+        if "coefs" not in reader:
+            raise TvtoolError(f"coefs object {ref!r} has no 'coefs' tensor")
+        coefs = reader.get("coefs").to(torch.float32)
+    try:
+        layout = CoefsLayout.model_validate(manifest.params["layout"])
+    except (KeyError, ValueError) as e:
+        raise TvtoolError(f"coefs {ref!r} has no valid layout ({type(e).__name__})") from None
+    if tuple(coefs.shape) != (len(layout.vectors), layout.n_groups):
+        raise TvtoolError(
+            f"coefs {ref!r}: tensor {tuple(coefs.shape)} does not match its layout "
+            f"({len(layout.vectors)} vectors x {layout.n_groups} groups)"
+        )
+    return manifest.digest, coefs, layout
+
+
+def _match_keys(store, t: PlannedTerm, metas: dict[str, TensorMeta], keep) -> list[str]:
+    """Fill `t.keys` with the tensors it changes; return offender descriptions."""
+    missing, bad = [], []
+    with ExitStack() as stack:
+        reader = stack.enter_context(open_tensor_object(store, t.digest, "vector")[1])
+        mask = stack.enter_context(open_tensor_object(store, t.mask, "mask")[1]) if t.mask else None
+        for k in reader.keys():
+            if not keep(k):
+                continue
+            shape, base = reader.meta(k).shape, metas.get(k)
+            if base is None:
+                missing.append(k)
+            elif base.shape != shape or not base.dtype.is_floating_point:
+                bad.append(f"{k} {list(shape)} vs base {list(base.shape)} {base.dtype}")
+            else:
+                if mask is not None and k in mask and mask.meta(k).shape != shape:
+                    raise TvtoolError(
+                        f"mask {t.mask[:12]}: {k} has shape "
+                        f"{list(mask.meta(k).shape)}, the vector {list(shape)}"
+                    )
+                t.keys.append(k)
+                t.numel += base.numel
+    out = []
+    if missing:
+        out.append(f"{t.label}: {len(missing)} tensor(s) not in the base ({_few(missing)})")
+    if bad:
+        out.append(f"{t.label}: {len(bad)} shape/dtype mismatch(es) ({_few(bad, 2)})")
+    return out
+
+
+def plan_merge(store: Store, req: MergeRequest) -> MergePlan:
+    """Validate everything and lay out the output; reads headers and the base's hash only."""
+    out_dtype = parse_dtype(req.dtype)
+    tfilter = TensorFilter(req.include, req.exclude)
+    coefs_digest, layout = None, None
+    if req.coefs:
+        if req.terms:
+            raise TvtoolError("with --coefs the vectors come from the coefficients: drop the TERMs")
+        if req.method != "sum" or req.masks:
+            raise TvtoolError("--coefs applies learned coefficients: use --method sum, no --mask")
+        coefs_digest, _, layout = _load_coefs(store, req.coefs)
+        req.terms = [Term(ref=d, weight=1.0) for d in layout.vectors]
+    if not req.terms:
+        raise TvtoolError("nothing to merge: give at least one TERM (VECTOR[:WEIGHT]) or --coefs")
+    scale = req.scale
+    if scale is None:
+        scale = 1.0 if req.coefs else default_scale(req.method, req.then, req.terms)
+    params = MergeParams(req.method, scale, req.density, req.scope, req.drop, req.then, req.seed)
+    params.validate()
+    default_weight = scale if params.combiner == "sum" else 1.0
+    terms = [
+        PlannedTerm(str(t), store.resolve(t.ref, kind="vector"), t.resolved_weight(default_weight))
+        for t in req.terms
+    ]
+    if req.coefs:
+        for t in terms:
+            t.weight = scale
+    _attach_masks(store, req, terms)
+
+    with open_checkpoint(req.base) as base:
+        metas = {k: base.meta(k) for k in base.keys()}
+        fingerprint = base.fingerprint()
+    if req.expect_base and fingerprint != req.expect_base:
+        raise TvtoolError(
+            f"{req.base} is not the recipe's base (sha256 {fingerprint[:12]}, "
+            f"the recipe needs {req.expect_base[:12]})"
+        )
+    index = layout.key_index() if layout else None
+    keep = (lambda k: tfilter(k) and k in index) if index is not None else tfilter
+    order = {k: i for i, k in enumerate(metas)}
+    offenders: list[str] = []
+    touched: dict[str, list[int]] = {}
+    for i, t in enumerate(terms):
+        offenders += _match_keys(store, t, metas, keep)
+        t.keys.sort(key=order.__getitem__)
+        for k in t.keys:
+            touched.setdefault(k, []).append(i)
+    if offenders and not req.allow_missing:
+        raise TvtoolError("; ".join(offenders) + " (use --allow-missing to skip them)")
+
+    def out_type(m: TensorMeta) -> torch.dtype:
+        return out_dtype if out_dtype is not None and m.dtype.is_floating_point else m.dtype
+
+    specs = [TensorSpec(k, m.shape, out_type(m)) for k, m in metas.items()]
+    recipe = build_recipe(
+        req,
+        fingerprint,
+        params.recorded(),
+        [(t.digest, t.weight, t.mask) for t in terms],
+        coefs_digest,
+    )
+    digest = hashlib.sha256(canonical_json(recipe)).hexdigest()
+    metadata = provenance_metadata(recipe, digest)
+    out = req.out / "model.safetensors" if req.out.is_dir() else req.out
+    files, index_path = output_files(out, specs, req.shard_size)
+    exists = [str(p) for p in [*(f for f, _ in files), index_path] if p is not None and p.exists()]
+    if exists and not req.force:
+        raise TvtoolError(f"{_few(exists, 2)} exists; use --force to overwrite")
+    return MergePlan(
+        req,
+        params,
+        terms,
+        coefs_digest,
+        specs,
+        touched,
+        offenders,
+        files,
+        index_path,
+        recipe,
+        digest,
+        metadata,
+    )
+
+
+@dataclass
+class MergeResult:
+    digest: str
+    files: list[Path]
+    index: Path | None
+    size: int
+    seconds: float
+
+
+def _noop(stage: str, done: int, total: int) -> None:
+    pass
+
+
+class _Inputs:
+    """The open readers of one merge and the per-term tensor pipeline."""
+
+    def __init__(self, stack: ExitStack, store: Store, plan: MergePlan):
+        self.plan, self.p = plan, plan.params
+        self.base = stack.enter_context(open_checkpoint(plan.request.base))
+        self.vecs = [
+            stack.enter_context(open_tensor_object(store, t.digest, "vector")[1])
+            for t in plan.terms
+        ]
+        self.masks = [
+            stack.enter_context(open_tensor_object(store, t.mask, "mask")[1]) if t.mask else None
+            for t in plan.terms
+        ]
+        self.states = [TermState(vector=t.digest, weight=t.weight) for t in plan.terms]
+        self.coefs, self.layout = None, None
+        if plan.coefs:
+            _, self.coefs, self.layout = _load_coefs(store, plan.coefs)
+        self.key_index = self.layout.key_index() if self.layout else None
+
+    def cdtype(self, key: str) -> torch.dtype:
+        return torch.float64 if self.base.meta(key).dtype == torch.float64 else torch.float32
+
+    def term(self, i: int, key: str, steps: tuple[str, ...]) -> torch.Tensor:
+        x = self.vecs[i].get(key).to(self.cdtype(key))
+        m = self.masks[i]
+        mask = m.get(key) if m is not None and key in m else None
+        return apply_steps(x, key, self.states[i], steps, self.p, mask)
+
+    def thresholds(self, progress: Progress) -> None:
+        """The global top-k pre-pass: two streamed histogram passes per vector."""
+        pre = self.p.steps[: self.p.steps.index("trim")]
+        for i, t in enumerate(self.plan.terms):
+            kth = KthLargest(topk_count(t.numel, self.p.density), t.numel)
+            if kth.needs_passes:
+                for n, add in enumerate((kth.add_pass1, kth.add_pass2)):
+                    for j, key in enumerate(t.keys):
+                        add(self.term(i, key, pre).abs().to(torch.float32))
+                        progress(
+                            f"top-k {i + 1}/{len(self.states)}, pass {n + 1}", j + 1, len(t.keys)
+                        )
+                    if n == 0:
+                        kth.end_pass1()
+            self.states[i].topk = kth.result()
+
+    def merged(self, spec: TensorSpec) -> torch.Tensor:
+        tensor = self.base.get(spec.name)
+        ids = self.plan.touched.get(spec.name)
+        if not ids:
+            return tensor  # copied as read (bit for bit unless --dtype casts it)
+        cdt = self.cdtype(spec.name)
+        acc = tensor.to(cdt, copy=True)
+        p = self.p
+        if self.coefs is not None:
+            for i in ids:
+                c = coef_for_key(self.coefs[i], spec.name, spec.shape, self.layout, self.key_index)
+                x = self.vecs[i].get(spec.name).to(cdt)
+                if c.dim() == 0:
+                    acc.add_(x, alpha=float(c) * p.scale)
+                else:
+                    acc.add_(x * (c.to(cdt) * p.scale))
+        elif p.combiner == "sum":
+            for i in ids:
+                acc.add_(self.term(i, spec.name, p.steps), alpha=self.states[i].weight)
+        else:
+            xs = [self.term(i, spec.name, p.steps) for i in ids]
+            acc = combine(acc, xs, [self.states[i].weight for i in ids], p.combiner, p.scale)
+        return acc
+
+
+def execute_merge(store: Store, plan: MergePlan, progress: Progress = _noop) -> MergeResult:
+    """Stream the merged checkpoint to disk, then record the recipe in the store."""
+    t0 = time.perf_counter()
+    force = plan.request.force
+    with ExitStack() as stack:
+        inputs = _Inputs(stack, store, plan)
+        if "trim" in plan.params.steps and plan.params.scope == "global":
+            inputs.thresholds(progress)
+        writers: list[SafetensorsStreamWriter] = []
+        for path, specs in plan.files:
+            f = stack.enter_context(atomic_output(path, force=force))
+            writers += [SafetensorsStreamWriter(f, specs, plan.metadata)] * len(specs)
+        for n, (spec, writer) in enumerate(zip(plan.specs, writers, strict=True)):
+            writer.write(spec.name, inputs.merged(spec))
+            progress("merge", n + 1, len(plan.specs))
+        for w in dict.fromkeys(writers):
+            w.finish()
+    if plan.index is not None:
+        with atomic_output(plan.index, force=force) as f:
+            f.write(index_document(plan.files, plan.metadata))
+    inputs_digests = {t.digest for t in plan.terms} | {t.mask for t in plan.terms if t.mask}
+    files = [f.name for f, _ in plan.files] + ([plan.index.name] if plan.index else [])
+    manifest = store.put_json(
+        plan.recipe,
+        kind="merge",
+        inputs=sorted(inputs_digests | ({plan.coefs} if plan.coefs else set())),
+        params={
+            "files": files,
+            "tensors": len(plan.specs),
+            "touched": len(plan.touched),
+            "size": plan.total_size,
+        },
+    )
+    if manifest.digest != plan.digest:  # pragma: no cover - canonical JSON is deterministic
+        raise TvtoolError("internal error: the stored recipe's digest differs from the plan's")
+    return MergeResult(
+        plan.digest,
+        [f for f, _ in plan.files],
+        plan.index,
+        plan.total_size,
+        time.perf_counter() - t0,
+    )
