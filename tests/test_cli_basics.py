@@ -92,7 +92,7 @@ def test_version() -> None:
 
 def test_usage_errors_exit_2(invoke) -> None:
     for args in (["no-such-command"], ["store", "tag", "onlyone"], ["store", "ls", "--bogus"],
-                 ["store", "gc", "--grace", "later"]):
+                 ["store", "gc", "--grace", "later"], ["store", "ls", "--kind", "vectors"]):
         r = invoke(*args)
         assert r.exit_code == 2, (args, r.exit_code)
         assert "Usage:" in r.stderr and r.stdout == ""

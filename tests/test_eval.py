@@ -104,7 +104,9 @@ def plain_predictions(
 
     from tvtool.models.heads import DEFAULT_TEMPLATES
 
-    net = open_clip.create_model(env["name"], pretrained=None)
+    if "plain_net" not in env:  # one plain model per module, reloaded with each state
+        env["plain_net"] = open_clip.create_model(env["name"], pretrained=None)
+    net = env["plain_net"]
     net.load_state_dict(state)
     net.eval()
     mean = torch.tensor(net.visual.preprocess_cfg["mean"]).view(3, 1, 1)
@@ -384,3 +386,19 @@ def test_finetuned_acc_file_errors(env, invoke, vecs, tmp_path):
     f.write_text("[1, 2]")
     with pytest.raises(Exception, match="expected"):
         load_finetuned_acc(f)
+
+
+def test_worker_processes_give_the_same_batches(env):
+    from tvtool.models import evaluate as ev
+    from tvtool.models.build import load_clip
+    from tvtool.models.data import ImageFolder
+
+    clip = load_clip(model_config=env["cfg"], base=env["dir"] / "base.safetensors")
+    folder = ImageFolder(env["dir"] / "one", "test")
+    inline, pooled = (
+        ev.prepare(clip, [folder], ev_templates(), batch_size=5, workers=w)[0] for w in (0, 1)
+    )
+    a, b = list(inline.iterate(clip)), list(pooled.iterate(clip))
+    assert [x.shape[0] for x, _ in a] == [x.shape[0] for x, _ in b] == [5, 5, 2]
+    for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)

@@ -235,3 +235,23 @@ def test_import_rejects_corrupt_bundles(invoke, populated, tmp_path: Path) -> No
     r = invoke("store", "import", junk, "--store", other)
     assert r.exit_code == 1 and "not a tvtool bundle" in r.stderr
     assert invoke("store", "import", tmp_path / "missing.tar").exit_code == 1
+
+
+def test_corrupt_manifest_and_dangling_ref(invoke, populated) -> None:
+    store = Store()
+    mpath = store.manifest_path(populated["cars"])
+    os.chmod(mpath, 0o644)
+    mpath.write_text("{not json")
+    (store.refs_dir / "ghost").write_text("f" * 64 + "\n")
+    r = invoke("store", "show", "cars")
+    assert r.exit_code == 3 and "corrupt" in r.stderr
+    rows = {o["digest"]: o for o in json.loads(invoke("store", "ls", "--json").stdout)["objects"]}
+    assert rows[populated["cars"]]["kind"] == "corrupt"
+    assert "ghost" in invoke("store", "ls").stderr
+    r = invoke("store", "verify", "--json")
+    assert r.exit_code == 3
+    problems = {p["digest"]: p for p in json.loads(r.stdout)["problems"]}
+    assert set(problems) == {populated["cars"], "f" * 64}
+    assert problems["f" * 64]["dangling_ref"] == "ghost"
+    assert "1 of 4 objects" in r.stderr and "1 ref(s)" in r.stderr
+

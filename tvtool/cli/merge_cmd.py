@@ -6,7 +6,6 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from typer.core import TyperCommand
 
@@ -70,10 +69,10 @@ def split_terms(args: list[str], arity: dict[str, int]) -> list[str]:
 class TermsCommand(TyperCommand):
     """A command whose positional TERMs may start with `-` (negation)."""
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
         arity: dict[str, int] = {}
         for p in self.get_params(ctx):
-            if isinstance(p, click.Option):
+            if getattr(p, "param_type_name", "") == "option":
                 n = 0 if p.is_flag or p.count else p.nargs
                 for opt in [*p.opts, *p.secondary_opts]:
                     arity[opt] = n
@@ -192,7 +191,7 @@ def merge(
         if json_out:
             emit_json({"dry_run": True, **doc})
         elif not quiet:
-            _render(doc, "Would write")
+            _render(doc)
         return
     with progress() as bar:
         task = bar.add_task("merge", total=None)
@@ -205,7 +204,7 @@ def merge(
         emit_json({"dry_run": False, **doc})
         return
     if not quiet:
-        _render(doc, "Wrote")
+        _render(doc)
     emit_line(result.digest)
 
 
@@ -230,7 +229,8 @@ def _plan_doc(st: Any, plan: Any) -> dict[str, Any]:
     }
 
 
-def _render(doc: dict[str, Any], verb: str) -> None:
+def _render(doc: dict[str, Any]) -> None:
+    from rich.padding import Padding
     from rich.table import Table
 
     from tvtool.cli.output import err, human_bytes
@@ -246,17 +246,17 @@ def _render(doc: dict[str, Any], verb: str) -> None:
     for t in doc["terms"]:
         table.add_row(t["term"], t["name"], f"{t['weight']:g}", (t["mask"] or "-")[:12],
                       str(t["tensors"]))
-    err.print(table)
+    err.print(Padding(table, (0, 0, 0, 2), expand=False))
     n = doc["tensors"]
     rows = [("base", f"{doc['base']['path']}  sha256 {doc['base']['fingerprint'][:12]}"),
             ("tensors", f"{n['total']} ({n['touched']} changed, {n['copied']} copied)")]
     if doc["coefs"]:
         rows.append(("coefs", doc["coefs"][:12]))
     files = doc["files"] + ([doc["index"]] if doc["index"] else [])
-    rows.append((verb.lower(), f"{', '.join(files)} ({human_bytes(doc['size'])})"
-                 + (f" in {doc['seconds']:.1f} s" if "seconds" in doc else "")))
+    done = f"written in {doc['seconds']:.1f} s" if "seconds" in doc else "dry run: not written"
+    rows.append(("output", f"{', '.join(files)} ({human_bytes(doc['size'])}), {done}"))
     for label, text in rows:
-        err.print(f"  {label:<10} {text}", soft_wrap=True, markup=False, highlight=False)
+        err.print(f"  {label:<8} {text}", soft_wrap=True, markup=False, highlight=False)
 
 
 def provenance(

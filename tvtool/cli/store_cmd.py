@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import typer
 
 from tvtool.cli.group import TvtoolGroup
 from tvtool.cli.options import DryRunOpt, ForceOpt, JsonOpt, QuietOpt, StoreOpt, YesOpt
 from tvtool.errors import IntegrityError, TvtoolError
+from tvtool.store.manifest import ObjectKind
 
 store_app = typer.Typer(
     cls=TvtoolGroup,
@@ -63,6 +64,15 @@ def _duration(value: str) -> str:
     return value
 
 
+_KINDS: tuple[str, ...] = get_args(ObjectKind)
+
+
+def _kind(value: str | None) -> str | None:
+    if value is not None and value not in _KINDS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(_KINDS)}")
+    return value
+
+
 def _when(iso: str) -> str:
     try:
         return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M")
@@ -86,35 +96,25 @@ def _short_dtype(dtype: str | None) -> str:
     return ",".join(names.get(d, d) for d in dtype.split(",")) if dtype else ""
 
 
-def _row(store: Any, digest: str, names: list[str]) -> dict[str, Any]:
-    try:
-        m = store.manifest(digest)
-    except TvtoolError:
-        return {"names": names, "digest": digest, "kind": "corrupt", "numel": None,
-                "size": None, "dtype": None, "created": None, "tensors": None}
-    return {"names": names, "digest": digest, "kind": m.kind, "numel": m.numel, "size": m.size,
-            "dtype": m.dtype, "created": m.created, "tensors": len(m.tensors)}
-
-
 @store_app.command("ls")
 def ls_cmd(
-    kind: Annotated[str | None, typer.Option("--kind", help="Only objects of this kind.",
-                                                show_default=False)] = None,
+    kind: Annotated[str | None, typer.Option(
+        "--kind", help="Only objects of this kind (vector, coefs, merge, ...).",
+        callback=_kind, autocompletion=lambda incomplete: [k for k in _KINDS if
+                                                           k.startswith(incomplete)],
+        show_default=False)] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     store: StoreOpt = None,
 ) -> None:
     """List named and untagged objects (names, digest, kind, numel, size, dtype, created)."""
     from tvtool.cli.output import emit_json, emit_line, err, human_bytes
+    from tvtool.store.maintenance import dangling_refs, list_objects
     from tvtool.store.store import Store
 
     st = Store(store)
-    by_digest = st.names_by_digest()
-    rows = [_row(st, d, by_digest.get(d, [])) for d in st.iter_digests()]
-    if kind is not None:
-        rows = [r for r in rows if r["kind"] == kind]
-    rows.sort(key=lambda r: (not r["names"], r["names"][:1], r["created"] or "", r["digest"]))
-    dangling = {n: d for d, ns in by_digest.items() if not st.has(d) for n in ns}
+    rows = list_objects(st, kind)
+    dangling = dangling_refs(st)
     if as_json:
         emit_json({"store": str(st.root), "objects": rows, "dangling_refs": dangling})
         return
@@ -210,32 +210,21 @@ def _render_coefs(st: Any, m: Any, max_rows: int = 40) -> None:
     from rich.table import Table
 
     from tvtool.cli.output import err, warn
-    from tvtool.store.peek import read_small_tensor
+    from tvtool.store.peek import coefs_by_block
 
-    layout = m.params.get("layout") or {}
-    vectors, blocks = layout.get("vectors", []), layout.get("blocks", [])
+    vectors = (m.params.get("layout") or {}).get("vectors", [])
     try:
-        shape, values = read_small_tensor(st.blob_path(m.digest), "coefs")
-    except TvtoolError as e:
+        blocks = coefs_by_block(st.blob_path(m.digest), m.params.get("layout") or {})
+    except (TvtoolError, KeyError, TypeError, ValueError) as e:
         warn(f"cannot show coefficients: {e}")
-        return
-    n_groups = sum(int(b.get("groups", 1)) for b in blocks)
-    if len(shape) != 2 or shape != [len(vectors), n_groups]:
-        warn(f"coefs tensor has shape {shape}; the layout needs [{len(vectors)}, {n_groups}]")
         return
     table = Table(title="coefficients (block x vector)", title_justify="left", box=None)
     table.add_column("block")
     for d in vectors:
         table.add_column(st.display_name(d) if st.has(d) else d[:12], justify="right")
-    col = 0
-    for i, b in enumerate(blocks):
-        g = int(b.get("groups", 1))
-        if i < max_rows:
-            cells = [sum(values[t * n_groups + col: t * n_groups + col + g]) / g
-                     for t in range(len(vectors))]
-            label = b["name"] + (f" (mean of {g})" if g > 1 else "")
-            table.add_row(label, *(f"{c:.4f}" for c in cells))
-        col += g
+    for name, groups, cells in blocks[:max_rows]:
+        label = name + (f" (mean of {groups})" if groups > 1 else "")
+        table.add_row(label, *(f"{c:.4f}" for c in cells))
     err.print(table)
     if len(blocks) > max_rows:
         err.print(f"... {len(blocks) - max_rows} more blocks (see --json / the coefs tensor)")

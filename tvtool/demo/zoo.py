@@ -123,9 +123,12 @@ def _no_progress(desc: str, total: int) -> Callable[[int], None]:
 
 def build_zoo(
     out_dir: Path | str, seed: int = 0, size: Size = "full", *, force: bool = False,
-    progress: Progress | None = None,
+    progress: Progress | None = None, recipe: ZooRecipe | None = None,
 ) -> ZooPaths:
-    """Build the zoo under `out_dir` (reusing every stage already built with the same recipe)."""
+    """Build the zoo under `out_dir` (reusing every stage already built with the same recipe).
+
+    `recipe` replaces the calibrated one for (`size`, `seed`) — for experiments.
+    """
     import torch
 
     from tvtool.checkpoints.writer import save_safetensors
@@ -133,7 +136,7 @@ def build_zoo(
     from tvtool.demo import train
 
     progress = progress or _no_progress
-    recipe = recipe_for(size, seed)
+    recipe = recipe or recipe_for(size, seed)
     root = Path(out_dir)
     _check_out_dir(root, recipe, force)
     root.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ or are measured from fine-tuned checkpoints, one per data set in order, on the s
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,7 +138,8 @@ def run_eval(
     templates = load_templates(o.templates)
     folders = open_folders(o.data, o.split, o.classnames)
     cached = o.grid is not None or mode == "disentanglement"
-    sets = ev.prepare(clip, folders, templates, store, o.batch_size, keep_in_memory=cached)
+    workers = min(8, os.cpu_count() or 1) if clip.device.type == "cuda" else 0
+    sets = ev.prepare(clip, folders, templates, store, o.batch_size, cached, workers)
     names = [s.name for s in sets]
     if len(set(names)) != len(names):
         on_note("several --data sets share a name; reports key them by position")
@@ -201,9 +203,7 @@ def run_eval(
                 f"give one --val directory per --data set ({len(o.data)}), not {len(val_dirs)}"
             )
         val_folders = open_folders(val_dirs, "val", o.classnames)
-        val_sets = ev.prepare(
-            clip, val_folders, templates, store, o.batch_size, keep_in_memory=True
-        )
+        val_sets = ev.prepare(clip, val_folders, templates, store, o.batch_size, True, workers)
         for vs, ts in zip(val_sets, sets, strict=True):
             vs.folder.name = ts.name  # a validation set reports under its test set's name
         ft_val = _finetuned_accs(clip, o, val_sets, store, on_note)

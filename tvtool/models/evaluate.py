@@ -35,6 +35,7 @@ class EvalSet:
     head: torch.Tensor
     batch_size: int
     batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    workers: int = 0  # DataLoader worker processes decoding images (0: in this process)
 
     @property
     def name(self) -> str:
@@ -43,6 +44,15 @@ class EvalSet:
     def iterate(self, clip: LoadedClip):
         if self.batches is not None:
             yield from self.batches
+            return
+        if self.workers > 0:
+            subset = self.folder.subset(range(len(self.folder)), eval_transform(clip))
+            yield from torch.utils.data.DataLoader(
+                subset,
+                batch_size=self.batch_size,
+                num_workers=self.workers,
+                pin_memory=clip.device.type == "cuda",
+            )
             return
         yield from iter_batches(self.folder, None, eval_transform(clip), self.batch_size)
 
@@ -54,6 +64,7 @@ def prepare(
     store=None,
     batch_size: int = 128,
     keep_in_memory: bool = False,
+    workers: int = 0,
 ) -> list[EvalSet]:
     """One EvalSet per folder (head cached in `store` when given)."""
     from tvtool.models.heads import zeroshot_head
@@ -63,7 +74,7 @@ def prepare(
         if not f.labelled:
             raise TvtoolError(f"{f.root}: evaluation needs labelled data (class folders)")
         head = zeroshot_head(clip, f.classnames, templates, store=store)
-        es = EvalSet(f, head, batch_size)
+        es = EvalSet(f, head, batch_size, workers=workers)
         h, w = clip.image_size
         if keep_in_memory and len(f) * 3 * h * w * 4 <= CACHE_BYTES:
             es.batches = list(es.iterate(clip))

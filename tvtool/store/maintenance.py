@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tvtool.errors import TvtoolError
+from tvtool.store.files import lock_file
 from tvtool.store.manifest import Manifest
-from tvtool.store.store import Store, lock_file
+from tvtool.store.store import Store
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -230,3 +231,30 @@ def _sweep_file(path: Path, dry_run: bool) -> bool:
         if not dry_run:
             path.unlink(missing_ok=True)
     return True
+
+
+def list_objects(store: Store, kind: str | None = None) -> list[dict]:
+    """One summary per object (names, digest, kind, numel, size, dtype, created, tensors):
+    named objects first by name, then untagged ones by creation time. A corrupt manifest
+    lists as kind 'corrupt'."""
+    by_digest = store.names_by_digest()
+    rows = []
+    for digest in store.iter_digests():
+        row: dict = {"names": by_digest.get(digest, []), "digest": digest, "kind": "corrupt",
+                     "numel": None, "size": None, "dtype": None, "created": None,
+                     "tensors": None}
+        try:
+            m = store.manifest(digest)
+            row.update(kind=m.kind, numel=m.numel, size=m.size, dtype=m.dtype,
+                       created=m.created, tensors=len(m.tensors))
+        except TvtoolError:
+            pass
+        if kind is None or row["kind"] == kind:
+            rows.append(row)
+    rows.sort(key=lambda r: (not r["names"], r["names"][:1], r["created"] or "", r["digest"]))
+    return rows
+
+
+def dangling_refs(store: Store) -> dict[str, str]:
+    """Refs that point at objects the store does not hold."""
+    return {n: d for n, d in store.refs().items() if not store.has(d)}

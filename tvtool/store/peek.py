@@ -55,3 +55,22 @@ def read_small_tensor(
     if dtype == "BF16":  # the upper half of a float32
         return shape, [struct.unpack("<f", struct.pack("<I", v << 16))[0] for v in values]
     return shape, list(values)
+
+
+def coefs_by_block(blob: Path, layout: dict) -> list[tuple[str, int, list[float]]]:
+    """(block name, groups, one value per vector) from a `coefs` object's [T, G] tensor and
+    its layout; a block's groups are averaged."""
+    vectors, blocks = layout.get("vectors", []), layout.get("blocks", [])
+    shape, values = read_small_tensor(blob, "coefs")
+    n_groups = sum(int(b.get("groups", 1)) for b in blocks)
+    if shape != [len(vectors), n_groups]:
+        raise TvtoolError(
+            f"coefs tensor has shape {shape}; its layout needs [{len(vectors)}, {n_groups}]"
+        )
+    out, col = [], 0
+    for b in blocks:
+        g = int(b.get("groups", 1))
+        rows = [values[t * n_groups + col : t * n_groups + col + g] for t in range(len(vectors))]
+        out.append((b["name"], g, [sum(r) / g for r in rows]))
+        col += g
+    return out

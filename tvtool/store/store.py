@@ -22,13 +22,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX
-    fcntl = None  # type: ignore[assignment]
-
 from tvtool.errors import IntegrityError, TvtoolError
+from tvtool.store.files import create_locked, fsync_dir, lock_file, open_whole_blob, touch
 from tvtool.store.manifest import Manifest, ObjectKind, canonical_json
+
+__all__ = ["ObjectWriter", "Store", "check_ref_name", "default_root", "is_valid_ref_name",
+           "lock_file"]
 
 STORE_FORMAT = 1
 MIN_PREFIX = 8
@@ -43,47 +42,6 @@ def default_root() -> Path:
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "tvtool"
     return Path.home() / ".cache" / "tvtool"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def create_locked(path: Path) -> IO[bytes]:
-    """Create `path` exclusively and hold an advisory lock on it while it is open.
-
-    gc skips temp files and blobs it cannot lock, so it never sweeps a write in flight; the
-    lock goes with the open file, so a killed writer leaves nothing locked.
-    """
-    while True:
-        f = open(path, "xb")  # noqa: SIM115
-        lock_file(f, exclusive=True)
-        if os.fstat(f.fileno()).st_nlink > 0:
-            return f
-        f.close()  # gc swept it between create and lock: the name is free again
-
-
-def lock_file(f: IO[bytes], *, exclusive: bool, blocking: bool = True) -> bool:
-    """An flock on an open file; False when `blocking` is off and someone else holds it."""
-    if fcntl is None:  # pragma: no cover - not POSIX
-        return True
-    flags = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
-    if not blocking:
-        flags |= fcntl.LOCK_NB
-    try:
-        fcntl.flock(f.fileno(), flags)
-    except BlockingIOError:
-        return False
-    return True
 
 
 def is_valid_ref_name(name: str) -> bool:
@@ -148,15 +106,15 @@ class ObjectWriter:
         blob = self.store.blob_path(digest)
         blob.parent.mkdir(parents=True, exist_ok=True)
         try:
-            existing = _open_whole_blob(blob, self.size)
+            existing = open_whole_blob(blob, self.size)
             if existing is not None:  # dedup: keep the blob that is there, refresh it for gc
                 with existing:
-                    _touch(blob)
+                    touch(blob)
                     self.path.unlink()
                     return self.store._write_manifest(manifest)
             os.chmod(self.path, 0o444)
             os.replace(self.path, blob)
-            _fsync_dir(blob.parent)
+            fsync_dir(blob.parent)
             return self.store._write_manifest(manifest)
         finally:
             self._file.close()
@@ -172,28 +130,6 @@ class ObjectWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
-
-
-def _open_whole_blob(blob: Path, size: int) -> IO[bytes] | None:
-    """Open and share-lock an existing blob of the expected size; None if absent (or swept
-    by gc meanwhile) or of the wrong size (then the caller's copy replaces it)."""
-    try:
-        f = open(blob, "rb")  # noqa: SIM115
-    except FileNotFoundError:
-        return None
-    lock_file(f, exclusive=False)
-    st = os.fstat(f.fileno())
-    if st.st_nlink == 0 or st.st_size != size:
-        f.close()
-        return None
-    return f
-
-
-def _touch(path: Path) -> None:
-    try:
-        os.utime(path)
-    except OSError:
-        pass
 
 
 class Store:
@@ -261,7 +197,7 @@ class Store:
     def _write_manifest(self, manifest: Manifest) -> Manifest:
         path = self.manifest_path(manifest.digest)
         if path.exists():
-            _touch(path)
+            touch(path)
             return self.manifest(manifest.digest)
         tmp = self.tmp_dir / f"{uuid.uuid4().hex}.manifest"
         with create_locked(tmp) as f:
@@ -273,10 +209,10 @@ class Store:
                 os.link(tmp, path)  # atomic create-if-absent: the first writer's manifest wins
             except FileExistsError:
                 tmp.unlink()
-                _touch(path)
+                touch(path)
                 return self.manifest(manifest.digest)
             tmp.unlink()
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return manifest
 
     # -- reading ------------------------------------------------------------------------------
@@ -407,7 +343,7 @@ class Store:
             tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
             tmp.write_text(digest + "\n")
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         return old
 
     def remove_ref(self, name: str) -> str:

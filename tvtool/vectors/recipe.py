@@ -50,6 +50,9 @@ class MergeRequest:
     force: bool = False
     expect_base: str | None = None  # sha256 the base must have (rebuilding from a recipe)
 
+    def __post_init__(self) -> None:
+        self.base, self.out = Path(self.base).expanduser(), Path(self.out).expanduser()
+
 
 def build_recipe(
     req: MergeRequest,

@@ -1,0 +1,285 @@
+"""`tvtool extract`: round trips against plain torch, dedup, filters, dtypes and bad inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from tvtool.store.store import Store
+from tvtool.vectors.stored import load_tensor_object
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def model(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sd = {
+        "visual.conv1.weight": torch.randn(4, 3, 2, 2, generator=g),
+        "visual.transformer.resblocks.0.attn.in_proj_weight": torch.randn(6, 2, generator=g),
+        "visual.transformer.resblocks.0.attn.out_proj.weight": torch.randn(2, 2, generator=g),
+        "visual.transformer.resblocks.0.mlp.c_fc.weight": torch.randn(8, 2, generator=g),
+        "visual.ln_post.bias": torch.randn(2, generator=g),
+        "transformer.resblocks.0.attn.in_proj_weight": torch.randn(6, 2, generator=g),
+        "token_embedding.weight": torch.randn(5, 2, generator=g).half(),
+        "text.position_ids": torch.arange(5),
+    }
+    return sd
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> tuple[Path, Path, dict[str, torch.Tensor]]:
+    base, ft = model(0), model(0)
+    g = torch.Generator().manual_seed(7)
+    for k, v in ft.items():
+        if v.is_floating_point():
+            ft[k] = (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(v.dtype)
+    bp, fp = tmp_path / "base.safetensors", tmp_path / "ft.safetensors"
+    safetensors.torch.save_file(base, bp)
+    safetensors.torch.save_file(ft, fp)
+    expected = {k: ft[k].float() - base[k].float() for k in base if base[k].is_floating_point()}
+    return bp, fp, expected
+
+
+def stored(name: str) -> tuple[object, dict[str, torch.Tensor]]:
+    return load_tensor_object(Store(), name, "vector")
+
+
+def test_round_trip_matches_plain_torch(invoke, pair) -> None:
+    bp, fp, expected = pair
+    r = invoke("extract", bp, fp, "--name", "tiny/a")
+    assert r.exit_code == 0, r.stderr
+    digest = r.stdout.strip()
+    assert len(digest) == 64 and r.stdout == digest + "\n"
+    assert "stored" in r.stderr and "non-float" in r.stderr and "text.position_ids" in r.stderr
+    manifest, tensors = stored("tiny/a")
+    assert manifest.digest == digest and manifest.kind == "vector"
+    assert sorted(tensors) == sorted(expected)
+    for k, v in expected.items():
+        assert tensors[k].dtype == torch.float32
+        torch.testing.assert_close(tensors[k], v, rtol=0, atol=0)
+    p = manifest.params
+    assert p["base"]["fingerprint"] == hashlib.sha256(bp.read_bytes()).hexdigest()
+    assert p["finetuned"]["fingerprint"] == hashlib.sha256(fp.read_bytes()).hexdigest()
+    assert p["base"]["path"] == str(bp.resolve())
+    assert p["skipped_non_float"] == ["text.position_ids"]
+    assert p["storage_dtype"] == "fp32" and p["max_rounding_error"] == 0.0
+    assert manifest.numel == sum(v.numel() for v in expected.values())
+    flat = torch.cat([v.reshape(-1) for v in expected.values()])
+    assert p["l2"] == pytest.approx(float(torch.linalg.norm(flat.double())), rel=1e-6)
+    assert [t.name for t in manifest.tensors] == sorted(expected)
+
+
+def test_quiet_json_and_dedup(invoke, pair) -> None:
+    bp, fp, _ = pair
+    q = invoke("extract", bp, fp, "-q")
+    assert q.exit_code == 0 and q.stderr == ""
+    digest = q.stdout.strip()
+    j = invoke("extract", bp, fp, "--json")
+    doc = json.loads(j.stdout)
+    assert doc["digest"] == digest and doc["deduplicated"] is True
+    assert doc["kind"] == "vector" and doc["params"]["skipped_non_float"] == ["text.position_ids"]
+    assert len(list(Store().iter_digests())) == 1
+
+
+def test_formats_give_the_same_vector(invoke, pair, tmp_path: Path) -> None:
+    """A .pt state dict with a DDP prefix and a safetensors file hold the same weights."""
+    bp, fp, _ = pair
+    d1 = invoke("extract", bp, fp, "-q").stdout.strip()
+    ft = safetensors.torch.load_file(fp)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in ft.items()}}, tmp_path / "ft.pt")
+    d2 = invoke("extract", bp, tmp_path / "ft.pt", "-q").stdout.strip()
+    assert d1 == d2
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_storage_dtype_and_rounding_error(invoke, pair, dtype: str) -> None:
+    bp, fp, expected = pair
+    r = invoke("extract", bp, fp, "--dtype", dtype, "--json")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    worst = max(float((v.to(torch_dtype).float() - v).abs().max()) for v in expected.values())
+    assert doc["params"]["max_rounding_error"] == pytest.approx(worst, rel=1e-6)
+    assert worst > 0
+    assert doc["dtype"] == {"fp16": "F16", "bf16": "BF16"}[dtype]
+    _, tensors = stored(doc["digest"])
+    for k, v in expected.items():
+        assert torch.equal(tensors[k], v.to(torch_dtype)), k
+
+
+def test_fp16_overflow_refused(invoke, tmp_path: Path) -> None:
+    safetensors.torch.save_file({"w": torch.zeros(3)}, tmp_path / "b.safetensors")
+    safetensors.torch.save_file({"w": torch.tensor([1.0, 1e6, 2.0])}, tmp_path / "f.safetensors")
+    r = invoke("extract", tmp_path / "b.safetensors", tmp_path / "f.safetensors", "--dtype", "fp16")
+    assert r.exit_code == 1 and "does not fit in fp16" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "kept"),
+    [
+        (
+            ["--preset", "attn"],
+            {
+                "visual.transformer.resblocks.0.attn.in_proj_weight",
+                "visual.transformer.resblocks.0.attn.out_proj.weight",
+                "transformer.resblocks.0.attn.in_proj_weight",
+            },
+        ),
+        (
+            ["--preset", "visual", "--preset", "attn"],
+            {
+                "visual.transformer.resblocks.0.attn.in_proj_weight",
+                "visual.transformer.resblocks.0.attn.out_proj.weight",
+            },
+        ),
+        (
+            ["--include", "^visual", "--exclude", "attn", "--exclude", "conv"],
+            {"visual.transformer.resblocks.0.mlp.c_fc.weight", "visual.ln_post.bias"},
+        ),
+    ],
+)
+def test_filters(invoke, pair, args: list[str], kept: set[str]) -> None:
+    bp, fp, _ = pair
+    r = invoke("extract", bp, fp, *args, "--json")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert {t["name"] for t in doc["tensors"]} == kept
+    assert doc["params"]["filters"]["presets"] == [
+        a for i, a in enumerate(args) if i % 2 and args[i - 1] == "--preset"
+    ]
+
+
+def test_nothing_selected(invoke, pair) -> None:
+    bp, fp, _ = pair
+    r = invoke("extract", bp, fp, "--include", "^nomatch")
+    assert r.exit_code == 1 and "no tensors selected" in r.stderr
+
+
+def test_bad_options(invoke, pair) -> None:
+    bp, fp, _ = pair
+    assert "unknown preset" in invoke("extract", bp, fp, "--preset", "vision").stderr
+    assert "unknown dtype" in invoke("extract", bp, fp, "--dtype", "fp64").stderr
+    assert "invalid --include regex" in invoke("extract", bp, fp, "--include", "(").stderr
+    assert "invalid name" in invoke("extract", bp, fp, "--name", "../x").stderr
+
+
+def test_name_not_moved_without_force(invoke, pair, tmp_path: Path) -> None:
+    bp, fp, _ = pair
+    first = invoke("extract", bp, fp, "-q", "--name", "v").stdout.strip()
+    r = invoke("extract", fp, bp, "-q", "--name", "v")  # the negated vector
+    assert r.exit_code == 1 and "--force" in r.stderr
+    assert Store().get_ref("v") == first
+    r = invoke("extract", fp, bp, "-q", "--name", "v", "--force")
+    assert r.exit_code == 0 and Store().get_ref("v") == r.stdout.strip() != first
+
+
+def _no_objects() -> bool:
+    s = Store()
+    leftovers = list(s.tmp_dir.iterdir()) if s.tmp_dir.exists() else []
+    return not list(s.iter_digests()) and not leftovers
+
+
+def test_key_mismatch_names_keys_and_counts(invoke, tmp_path: Path) -> None:
+    base = {f"layer{i}.w": torch.zeros(2) for i in range(10)}
+    ft = {f"layer{i}.w": torch.zeros(2) for i in range(3)} | {"extra.w": torch.zeros(2)}
+    ft["layer0.w"] = torch.zeros(3)
+    safetensors.torch.save_file(base, tmp_path / "b.safetensors")
+    safetensors.torch.save_file(ft, tmp_path / "f.safetensors")
+    r = invoke("extract", tmp_path / "b.safetensors", tmp_path / "f.safetensors")
+    assert r.exit_code == 1
+    msg = r.stderr
+    assert "7 key(s) only in the base" in msg and "and 2 more" in msg
+    assert "1 key(s) only in the fine-tuned model: extra.w" in msg
+    assert "shape mismatch" in msg and "layer0.w ([2] vs [3])" in msg
+    assert "Traceback" not in msg
+    assert _no_objects()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_refused_unless_allowed(invoke, tmp_path: Path, bad: float) -> None:
+    safetensors.torch.save_file(
+        {"a": torch.zeros(4), "z": torch.zeros(2)}, tmp_path / "b.safetensors"
+    )
+    safetensors.torch.save_file(
+        {"a": torch.ones(4), "z": torch.tensor([bad, 1.0])}, tmp_path / "f.safetensors"
+    )
+    args = ("extract", tmp_path / "b.safetensors", tmp_path / "f.safetensors")
+    r = invoke(*args)
+    assert r.exit_code == 1 and "NaN/Inf" in r.stderr and "'z'" in r.stderr
+    assert "nothing was stored" in r.stderr
+    assert _no_objects()
+    r = invoke(*args, "--allow-nonfinite", "--json")
+    assert r.exit_code == 0
+    doc = json.loads(r.stdout)
+    assert doc["params"]["nonfinite"] == 1
+    assert doc["params"]["l2"] == pytest.approx(5**0.5)  # finite entries only
+
+
+def test_missing_and_truncated_inputs(invoke, pair, tmp_path: Path) -> None:
+    bp, fp, _ = pair
+    r = invoke("extract", bp, tmp_path / "nope.safetensors")
+    assert r.exit_code == 1 and "not found" in r.stderr
+    bad = tmp_path / "trunc.safetensors"
+    bad.write_bytes(fp.read_bytes()[:-7])
+    r = invoke("extract", bp, bad)
+    assert r.exit_code == 1 and "truncated" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_pickled_module_checkpoints(invoke, tmp_path: Path) -> None:
+    """Two whole pickled modules (keys under `model.`) give the vector of their state dicts."""
+    from test_readers import ImageEncoder, save_under_fake_module
+
+    torch.manual_seed(0)
+    base = ImageEncoder()
+    ft = ImageEncoder()
+    ft.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(0.5)
+    save_under_fake_module(base, tmp_path / "zeroshot.pt")
+    save_under_fake_module(ft, tmp_path / "finetuned.pt")
+    r = invoke("extract", tmp_path / "zeroshot.pt", tmp_path / "finetuned.pt", "--json")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["params"]["base"]["format"] == "torch-module"
+    assert doc["params"]["skipped_non_float"] == ["position_ids"]
+    _, tensors = stored(doc["digest"])
+    for k, v in base.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(tensors[k.removeprefix("model.")], torch.full_like(v, 0.5))
+
+
+def test_subprocess_quiet_composes(pair, tmp_path: Path) -> None:
+    bp, fp, _ = pair
+    env = {**os.environ, "TVTOOL_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "tvtool", "extract", str(bp), str(fp), "-q", "--name", "sub/v"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+    digest = out.stdout.strip()
+    assert len(digest) == 64
+    assert Store(tmp_path / "home").get_ref("sub/v") == digest
+    bad = subprocess.run(
+        [sys.executable, "-m", "tvtool", "extract", str(bp), str(tmp_path / "missing.pt")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        check=False,
+    )
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert "Error:" in bad.stderr and "Traceback" not in bad.stderr
