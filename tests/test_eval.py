@@ -120,7 +120,9 @@ def plain_predictions(
             )
             xs.append((x - mean) / std)
             ys.append(label)
-    tok = open_clip.get_tokenizer(env["name"])
+    if "plain_tok" not in env:
+        env["plain_tok"] = open_clip.get_tokenizer(env["name"])
+    tok = env["plain_tok"]
     with torch.no_grad():
         rows = []
         for c in CLASSES:

@@ -213,3 +213,22 @@ def stored_bytes(plan: BankPlan, dtype: torch.dtype, keep: Callable[[int, str], 
             n *= s
         total += n * size * sum(1 for t in k.rows if keep is None or keep(t, k.key))
     return total
+
+
+def plan_from_vectors(store: Store, names: list[str]) -> BankPlan:
+    """A bank over the vectors' own keys, for data-free scores (no model): every float tensor is
+    in scope; vectors must agree on the shapes of the keys they share."""
+    vectors: list[BankVector] = []
+    shapes: dict[str, tuple[int, ...]] = {}
+    rows: dict[str, list[int]] = {}
+    for t, (digest, label, manifest) in enumerate(resolve_vectors(store, names)):
+        bv = BankVector(digest, label, manifest)
+        for ti in manifest.tensors:
+            shape = tuple(ti.shape)
+            if shapes.setdefault(ti.name, shape) != shape:
+                raise TvtoolError(f"vector {label}: {ti.name} has shape {list(shape)}, another vector's is "
+                                  f"{list(shapes[ti.name])} (vectors of different architectures?)")
+            rows.setdefault(ti.name, []).append(t)
+            bv.keys.append(ti.name)
+        vectors.append(bv)
+    return BankPlan(vectors, [BankKey(k, k, shapes[k], rows[k]) for k in shapes])

@@ -28,6 +28,7 @@ from tvtool.errors import TvtoolError
 from tvtool.store.store import Store, check_ref_name
 from tvtool.vectors.stored import save_tensor_object
 
+MIN_STEPS = 50  # fewer optimisation steps than this rarely move Lambda far from 0
 VECTOR_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -142,6 +143,9 @@ def compose(
     attach_partitions(layout, stacks)
     coefs = Coefs(learnable_mask(layout, stacks))
     trainer = Trainer(clip, stacks, layout, coefs, tasks, objective, settings, dist, run_dir)
+    total_steps = trainer.steps * settings.epochs
+    if warn and total_steps < MIN_STEPS:
+        warn(f"only {total_steps} optimisation steps ({trainer.steps} per epoch): consider more --epochs")
     result = trainer.fit(resume=opts.resume, reporter=reporter, on_epoch=on_epoch)
 
     chosen = result.history[result.epoch]
@@ -158,7 +162,7 @@ def compose(
     report: dict[str, Any] = {
         "digest": None, "name": opts.name, "vectors": [{"digest": v.digest, "label": v.label} for v in plan.vectors],
         "blocks": len(layout.blocks), "groups": layout.n_groups, "learnable": coefs.n_learnable,
-        "vector_bytes": n_bytes, "device": str(clip.device), "resumed_from": result.resumed_from,
+        "vector_bytes": n_bytes, "steps": total_steps, "device": str(clip.device), "resumed_from": result.resumed_from,
         **{k: params[k] for k in ("objective", "shots", "seed", "lr", "epoch", "select_by", "val_acc",
                                   "base_val_acc", "history", "data", "selection", "world_size")},
         "coefs": result.coefs.tolist(), "block_names": [b.name for b in layout.blocks],

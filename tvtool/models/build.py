@@ -231,7 +231,7 @@ def load_clip(
             fingerprint = load_state(net, Path(base), strict=True)  # type: ignore[arg-type]
             source = str(base)
     try:
-        tokenizer = open_clip.get_tokenizer(name)
+        tokenizer = _tokenizer(name)
     except Exception as e:
         raise TvtoolError(f"cannot build the tokenizer of {name} offline: {_first(e)}") from None
     net = net.to(dev).eval()
@@ -252,6 +252,22 @@ def load_clip(
         device=dev,
         source=source,
     )
+
+
+_TOKENIZERS: dict[tuple[str, str], Any] = {}
+
+
+def _tokenizer(name: str) -> Any:
+    """open_clip's tokenizer for `name`, built once per (name, text config) in a process."""
+    import open_clip
+
+    key = (
+        name,
+        json.dumps((open_clip.get_model_config(name) or {}).get("text_cfg"), sort_keys=True),
+    )
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = open_clip.get_tokenizer(name)
+    return _TOKENIZERS[key]
 
 
 def load_state(net: torch.nn.Module, path: Path, strict: bool = True) -> str:

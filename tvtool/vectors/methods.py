@@ -118,16 +118,14 @@ def _take_first_ties(mask: torch.Tensor, equal: torch.Tensor, budget: int) -> in
 
 
 def topk_mask(a: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of exactly the k largest entries of `a` (>= 0); ties: lower index first."""
-    n = a.numel()
-    if k <= 0:
-        return torch.zeros(a.shape, dtype=torch.bool)
-    if k >= n:
-        return torch.ones(a.shape, dtype=torch.bool)
-    thr = torch.kthvalue(a.reshape(-1), n - k + 1).values
-    mask = a > thr
-    _take_first_ties(mask, a == thr, k - int(mask.sum()))
-    return mask
+    """Bool mask of exactly the k largest entries of `a` (float32, >= 0); ties: lower index
+    first. The same two-level histogram as the global rule, on one tensor in memory."""
+    kth = KthLargest(k, a.numel())
+    if kth.needs_passes:
+        kth.add_pass1(a)
+        kth.end_pass1()
+        kth.add_pass2(a)
+    return kth.result().mask(a)
 
 
 @dataclass
@@ -146,7 +144,8 @@ class GlobalTopK:
             return torch.ones(a.shape, dtype=torch.bool)
         thr = torch.tensor(self.value, dtype=torch.float32)
         mask = a > thr
-        self.ties -= _take_first_ties(mask, a == thr, self.ties)
+        if self.ties > 0:
+            self.ties -= _take_first_ties(mask, a == thr, self.ties)
         return mask
 
 
@@ -183,9 +182,9 @@ class KthLargest:
 
     def add_pass2(self, a: torch.Tensor) -> None:
         bits = self._bits(a)
-        inside = bits[(bits >> 15) == self.bucket] & 0x7FFF
+        inside = bits[(bits >> 15) == self.bucket]
         if inside.numel():
-            self.lo += torch.bincount(inside, minlength=1 << 15)
+            self.lo += torch.bincount(inside & 0x7FFF, minlength=1 << 15)
 
     def result(self) -> GlobalTopK:
         if self.k <= 0:
@@ -262,10 +261,10 @@ def ties_combine(xs: list[torch.Tensor]) -> torch.Tensor:
     total = torch.zeros_like(xs[0])
     count = torch.zeros_like(xs[0])
     for x in xs:
-        agree = (x * elected) > 0
-        total += torch.where(agree, x, torch.zeros((), dtype=x.dtype))
+        agree = torch.sign(x) == elected  # a zero x never agrees with a non-zero sign; where
+        total += x * agree  # the elected sign is 0 the total is 0 whatever the count
         count += agree
-    return total / count.clamp(min=1)
+    return total.div_(count.clamp_(min=1))
 
 
 def combine(

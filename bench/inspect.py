@@ -1,0 +1,148 @@
+"""Peak memory of `tvtool inspect` on eight ViT-B/32-sized task vectors (about 88M float32
+parameters, 351 MB each) vs a naive cosine matrix that holds every vector in memory.
+
+Each measurement runs in a fresh subprocess and reads its peak resident set size (VmHWM);
+"import only" is the interpreter with torch and tvtool imported.
+
+    .venv/bin/python bench/inspect.py [--vectors 8] [--scale 1.0] [--dir /tmp/somewhere]
+
+Writes bench/results/inspect.json. Needs about vectors x 351 MB of disk at scale 1.0.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# run as `python bench/inspect.py`, bench/ is sys.path[0] and this file would shadow the
+# standard library's `inspect` (which torch imports): move bench/ to the end of the path
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+CHILD = r"""
+import sys, time
+mode, root, names = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+import torch
+from tvtool.store.store import Store
+from tvtool.vectors.stats import inspect_store
+from tvtool.vectors.stored import open_tensor_object
+store = Store(root)
+t0 = time.perf_counter()
+if mode == "tvtool":
+    report = inspect_store(store, names)
+elif mode == "tvtool-per-block":
+    report = inspect_store(store, names, per_block=True)
+elif mode == "naive":
+    rows = None
+    for i, n in enumerate(names):
+        _, r = open_tensor_object(store, n)
+        with r:
+            flat = torch.cat([r.get(k).reshape(-1) for k in r.keys()])
+        if rows is None:
+            rows = torch.empty(len(names), flat.numel())
+        rows[i] = flat
+        del flat
+    norms = rows.norm(dim=1, keepdim=True)
+    cos = (rows @ rows.T) / (norms * norms.T)
+elif mode != "import":
+    raise SystemExit(f"unknown mode {mode}")
+wall = time.perf_counter() - t0
+hwm = 0
+for line in open("/proc/self/status"):
+    if line.startswith("VmHWM:"):
+        hwm = int(line.split()[1]) * 1024
+print(hwm, wall)
+"""
+
+MODES = [
+    ("import", "import only (python + torch + tvtool)"),
+    ("tvtool", "tvtool inspect"),
+    ("tvtool-per-block", "tvtool inspect --per-block"),
+    ("naive", "naive: every vector in memory"),
+]
+
+
+def make_vectors(root: Path, count: int, scale: float) -> list[str]:
+    """`count` random vectors sharing a common component (so cosines are not all zero)."""
+    import torch
+    from synthetic import _gen, vit_b32_shapes
+
+    from tvtool.checkpoints.writer import TensorSpec
+    from tvtool.store.store import Store
+    from tvtool.vectors.stored import write_tensor_object
+
+    store = Store(root)
+    specs = [TensorSpec(k, s, torch.float32) for k, s in vit_b32_shapes(scale).items()]
+    names = []
+    for i in range(count):
+        def produce(spec: TensorSpec, i: int = i) -> "torch.Tensor":
+            shared = torch.randn(spec.shape, generator=_gen(999, spec.name))
+            own = torch.randn(spec.shape, generator=_gen(i, spec.name))
+            return 1e-3 * (0.5 * shared + own)
+
+        m = write_tensor_object(store, "vector", specs, produce)
+        store.set_ref(f"bench/v{i}", m.digest)
+        names.append(f"bench/v{i}")
+    return names
+
+
+def measure(mode: str, root: Path, names: list[str]) -> tuple[int, float]:
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, mode, str(root), ",".join(names)],
+        check=True, capture_output=True, text=True,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    ).stdout.split()
+    return int(out[0]), float(out[1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--vectors", type=int, default=8)
+    ap.add_argument("--scale", type=float, default=1.0, help="width factor (1.0 = ViT-B/32)")
+    ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp dir)")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "inspect.json")
+    args = ap.parse_args()
+
+    from synthetic import n_params, vit_b32_shapes
+
+    shapes = vit_b32_shapes(args.scale)
+    params = n_params(shapes)
+    largest = max(n_params({k: s}) for k, s in shapes.items())
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        root = Path(tmp) / "store"
+        t0 = time.perf_counter()
+        names = make_vectors(root, args.vectors, args.scale)
+        print(f"wrote {args.vectors} vectors in {time.perf_counter() - t0:.1f} s")
+        rows = []
+        for mode, label in MODES:
+            hwm, wall = measure(mode, root, names)
+            rows.append({"mode": mode, "label": label, "peak_rss_mb": hwm / 1e6, "wall_s": wall})
+    floor = rows[0]["peak_rss_mb"]
+    for r in rows:
+        r["over_import_mb"] = r["peak_rss_mb"] - floor
+    info = {
+        "vectors": args.vectors,
+        "parameters_per_vector": params,
+        "vector_mb": params * 4 / 1e6,
+        "largest_tensor_mb": largest * 4 / 1e6,
+        "rows": rows,
+    }
+    print(f"{args.vectors} vectors of {params / 1e6:.1f}M params ({params * 4 / 1e6:.0f} MB each), "
+          f"largest tensor {largest * 4 / 1e6:.1f} MB")
+    print(f"{'mode':<40} {'peak RSS MB':>12} {'over import':>12} {'wall s':>8}")
+    for r in rows:
+        print(f"{r['label']:<40} {r['peak_rss_mb']:>12.0f} {r['over_import_mb']:>12.0f} "
+              f"{r['wall_s']:>8.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(info, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
