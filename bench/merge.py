@@ -19,6 +19,7 @@ Prints a table and writes bench/results/merge.json (merge-small.json with --smal
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -27,7 +28,15 @@ import zlib
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+# bench/ holds scripts named like stdlib modules (inspect.py): keep it off the import path
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+
+
+def _synthetic():
+    spec = importlib.util.spec_from_file_location("bench_synthetic", HERE / "synthetic.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 CHILD = r"""
 import json, os, sys, time
@@ -171,9 +180,11 @@ def main() -> None:
     scale = 0.25 if args.small else 1.0
     out_json = args.out or HERE / "results" / ("merge-small.json" if args.small else "merge.json")
 
-    from synthetic import make_vit_b32_like, n_params, vit_b32_shapes
-
     from tvtool.store.store import Store
+
+    syn = _synthetic()
+    make_vit_b32_like, n_params, vit_b32_shapes = (
+        syn.make_vit_b32_like, syn.n_params, syn.vit_b32_shapes)
 
     shapes = vit_b32_shapes(scale)
     params = n_params(shapes)

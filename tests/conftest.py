@@ -13,7 +13,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 TINY_CLIP = {
     "embed_dim": 32,
-    "vision_cfg": {"image_size": 16, "patch_size": 4, "width": 64, "layers": 2, "head_width": 32, "mlp_ratio": 2.0},
+    "vision_cfg": {
+        "image_size": 16,
+        "patch_size": 4,
+        "width": 64,
+        "layers": 2,
+        "head_width": 32,
+        "mlp_ratio": 2.0,
+    },
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
 

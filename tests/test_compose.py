@@ -7,24 +7,20 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from test_compose_support import assets, clip, extract, load_bank, model_args  # noqa: F401
 
-from test_compose_support import accuracy, assets, clip, extract, model_args  # noqa: F401
-from tvtool.compose.bank import load_stacks, plan_bank
-from tvtool.compose.coefs import Coefs, _PartitionedMix, attach_partitions, build_layout, compose_params, learnable_mask
+from tvtool.compose.coefs import (
+    Coefs,
+    _PartitionedMix,
+    compose_params,
+    learnable_mask,
+)
 from tvtool.models.functional import encode_images, visual_params
 from tvtool.store.store import Store
 from tvtool.vectors.blocks import partition_ids
 from tvtool.vectors.stored import load_tensor_object
 
 CPU = torch.device("cpu")
-
-
-def _bank(clip, store, names, granularity="tensor", partitions=1, seed=5, dtype=torch.float32, keep=None):  # noqa: F811
-    plan = plan_bank(store, names, visual_params(clip), set(clip.model.state_dict()), clip.base_fingerprint)
-    layout = build_layout(plan, granularity, partitions, seed)
-    stacks = load_stacks(store, plan, CPU, dtype, keep)
-    attach_partitions(layout, stacks)
-    return plan, layout, stacks
 
 
 def _by_hand(clip, store, digests, layout, lam):  # noqa: F811
@@ -39,17 +35,21 @@ def _by_hand(clip, store, digests, layout, lam):  # noqa: F811
                 if blk.groups == 1:
                     c = lam[t, off]
                 else:
-                    ids = partition_ids(key, tuple(tau[key].shape), blk.groups, layout.partition_seed)
+                    ids = partition_ids(
+                        key, tuple(tau[key].shape), blk.groups, layout.partition_seed
+                    )
                     c = lam[t, off + ids]
                 state[key] = state[key] + c * tau[key].float()
     return state
 
 
-@pytest.mark.parametrize("granularity,partitions", [("tensor", 1), ("tensor", 3), ("layer", 1), ("task", 1)])
+@pytest.mark.parametrize(
+    "granularity,partitions", [("tensor", 1), ("tensor", 3), ("layer", 1), ("task", 1)]
+)
 def test_composition_equals_plain_formula(assets, clip, granularity, partitions):  # noqa: F811
     store = Store()
     digests = [extract(assets, assets.ft_colors, "c"), extract(assets, assets.ft_stripes, "s")]
-    plan, layout, stacks = _bank(clip, store, digests, granularity, partitions)
+    plan, layout, stacks = load_bank(clip, store, digests, granularity, partitions)
     torch.manual_seed(0)
     lam = torch.randn(2, layout.n_groups)
     params = compose_params(lam, stacks, layout, visual_params(clip))
@@ -71,8 +71,8 @@ def test_composition_equals_plain_formula(assets, clip, granularity, partitions)
 def test_half_precision_vectors_compose_close_to_fp32(assets, clip):  # noqa: F811
     store = Store()
     digests = [extract(assets, assets.ft_colors, "c")]
-    _, layout, full = _bank(clip, store, digests, partitions=2)
-    _, _, half = _bank(clip, store, digests, partitions=2, dtype=torch.float16)
+    _, layout, full = load_bank(clip, store, digests, partitions=2)
+    _, _, half = load_bank(clip, store, digests, partitions=2, dtype=torch.float16)
     assert all(s.tensor.dtype == torch.float16 for s in half)
     assert sum(s.nbytes for s in half) * 2 == sum(s.nbytes for s in full)
     lam = torch.randn(1, layout.n_groups)
@@ -85,13 +85,16 @@ def test_half_precision_vectors_compose_close_to_fp32(assets, clip):  # noqa: F8
 def test_gradients_reach_only_lambda_and_match_plain_autograd(assets, clip):  # noqa: F811
     store = Store()
     digests = [extract(assets, assets.ft_colors, "c"), extract(assets, assets.ft_stripes, "s")]
-    plan, layout, stacks = _bank(clip, store, digests, partitions=2)
+    plan, layout, stacks = load_bank(clip, store, digests, partitions=2)
     coefs = Coefs(learnable_mask(layout, stacks))
     with torch.no_grad():
         coefs.values.normal_(0, 0.3)
     images = torch.randn(3, 3, 16, 16)
     target = torch.randn(3, 32)
-    loss = (encode_images(clip, compose_params(coefs(), stacks, layout, visual_params(clip)), images) * target).sum()
+    loss = (
+        encode_images(clip, compose_params(coefs(), stacks, layout, visual_params(clip)), images)
+        * target
+    ).sum()
     loss.backward()
     assert coefs.values.grad is not None and float(coefs.values.grad.abs().sum()) > 0
     assert all(p.grad is None and not p.requires_grad for p in clip.model.parameters())
@@ -123,12 +126,12 @@ def test_partitions_and_granularity_change_the_number_of_coefficients(assets, cl
     digests = [extract(assets, assets.ft_colors, "c"), extract(assets, assets.ft_stripes, "s")]
     counts = {}
     for g, k in [("tensor", 1), ("tensor", 4), ("layer", 1), ("task", 1)]:
-        plan, layout, stacks = _bank(clip, store, digests, g, k)
+        plan, layout, stacks = load_bank(clip, store, digests, g, k)
         counts[(g, k)] = Coefs(learnable_mask(layout, stacks)).n_learnable
     n_keys = len(plan.keys)
     assert counts[("tensor", 1)] == 2 * n_keys
     assert counts[("tensor", 4)] == 2 * _shapes_count(plan, 4) > counts[("tensor", 1)]
-    plan, layout, _ = _bank(clip, store, digests, "layer", 1)
+    plan, layout, _ = load_bank(clip, store, digests, "layer", 1)
     assert counts[("layer", 1)] == 2 * len(layout.blocks) < counts[("tensor", 1)]
     assert counts[("task", 1)] == 2
 
@@ -138,13 +141,31 @@ def test_selection_limits_learned_pairs_and_loaded_tensors(assets, clip, invoke)
 
     store = Store()
     digests = [extract(assets, assets.ft_colors, "c"), extract(assets, assets.ft_stripes, "s")]
-    plan, layout, _ = _bank(clip, store, digests)
+    plan, layout, _ = load_bank(clip, store, digests)
     keep = [(0, 0), (0, 3), (1, 3), (1, 7)]
-    doc = SelectionDoc(vectors=digests, blocks=layout.blocks, keep=keep,
-                       scores=[[0.0] * len(layout.blocks)] * 2, score="grad")
+    doc = SelectionDoc(
+        vectors=digests,
+        blocks=layout.blocks,
+        keep=keep,
+        scores=[[0.0] * len(layout.blocks)] * 2,
+        score="grad",
+    )
     sel = store.put_json(doc.model_dump(mode="json"), kind="selection", inputs=digests).digest
-    r = invoke("compose", *model_args(assets), "--data", assets.colors, "--selection", sel,
-               "--epochs", "1", "--shots", "2", "--partitions", "2", "--json")
+    r = invoke(
+        "compose",
+        *model_args(assets),
+        "--data",
+        assets.colors,
+        "--selection",
+        sel,
+        "--epochs",
+        "1",
+        "--shots",
+        "2",
+        "--partitions",
+        "2",
+        "--json",
+    )
     assert r.exit_code == 0, r.stderr
     rep = json.loads(r.stdout)
     by_key = {k.key: k for k in plan.keys}
@@ -156,100 +177,21 @@ def test_selection_limits_learned_pairs_and_loaded_tensors(assets, clip, invoke)
     assert int((coefs != 0).sum()) <= expected and rep["selection"] == sel
 
 
-def test_compose_recovers_accuracy_on_its_task(assets, clip, invoke):  # noqa: F811
-    extract(assets, assets.ft_colors, "vec/colors")
-    extract(assets, assets.ft_stripes, "vec/stripes")
-    base_acc = accuracy(clip, assets.colors_val)
-    r = invoke("compose", "vec/colors", "vec/stripes", *model_args(assets), "--data", assets.colors,
-               "--val", assets.colors_val, "--shots", "4", "--epochs", "4", "--name", "learned", "--json")
-    assert r.exit_code == 0, r.stderr
-    rep = json.loads(r.stdout)
-    assert rep["history"][0]["val_acc"]["colors"] == pytest.approx(base_acc)
-    assert rep["val_acc"]["colors"] >= base_acc + 0.4
-    store = Store()
-    assert store.resolve("learned") == rep["digest"]
-    m = store.manifest(rep["digest"])
-    assert m.kind == "coefs" and m.inputs == [v["digest"] for v in rep["vectors"]]
-    assert m.params["base_fingerprint"] == clip.base_fingerprint and m.params["objective"] == "ce"
-    assert m.params["shots"] == 4 and len(m.params["history"]) == 5
-    assert m.params["layout"]["vectors"] == m.inputs and m.tensors[0].shape == [2, rep["groups"]]
-    # apply the stored coefficients independently and measure
-    _, t = load_tensor_object(store, rep["digest"], "coefs")
-    _, layout, stacks = _bank(clip, store, m.inputs)
-    with torch.no_grad():
-        override = compose_params(t["coefs"], stacks, layout, visual_params(clip))
-    assert accuracy(clip, assets.colors_val, override) == pytest.approx(rep["val_acc"]["colors"])
-    q = invoke("compose", "vec/colors", *model_args(assets), "--data", assets.colors, "--shots", "2",
-               "--epochs", "1", "-q")
-    assert q.exit_code == 0 and len(q.stdout.strip()) == 64 and "loss" not in q.stderr
-
-
-@pytest.mark.parametrize("objective", ["entropy", "pseudo"])
-def test_unsupervised_objectives_reduce_their_loss(assets, clip, invoke, objective, tmp_path):  # noqa: F811
-    extract(assets, assets.ft_colors, "c")
-    extract(assets, assets.ft_stripes, "s")
-    # unlabelled images: loose files + a class-names file
-    loose = tmp_path / "loose"
-    loose.mkdir()
-    for p in sorted(assets.colors.rglob("*.png"))[::2]:
-        (loose / f"{p.parent.name}-{p.name}").write_bytes(p.read_bytes())
-    names = tmp_path / "classes.txt"
-    names.write_text("red\ngreen\nblue\n")
-    r = invoke("compose", "c", "s", *model_args(assets), "--data", loose, "--classnames", names,
-               "--objective", objective, "--threshold", "0.0", "--epochs", "4", "--batch-size", "6",
-               "--lr", "0.05", "--json")
-    assert r.exit_code == 0, r.stderr
-    rep = json.loads(r.stdout)
-    losses = [h["train_loss"] for h in rep["history"][1:]]
-    assert losses[-1] < losses[0]
-    assert rep["select_by"] == "last" and rep["epoch"] == 4
-    if objective == "pseudo":
-        assert rep["data"][0]["pseudo_kept"] == 18
-
-
-def test_negation_forgets_the_target_and_keeps_the_control(assets, clip, invoke):  # noqa: F811
-    # the model to edit is the colour-fine-tuned one: it knows the target task
-    extract(assets, assets.ft_colors, "c")
-    model = ["--model-config", assets.cfg, "--base", assets.ft_colors, "--device", "cpu", "--allow-other-base"]
-    r = invoke("compose", "c", *model, "--negate", assets.colors, "--control", assets.stripes,
-               "--shots", "4", "--epochs", "10", "--granularity", "task", "--lr", "0.2", "--json")
-    assert r.exit_code == 0, r.stderr
-    rep = json.loads(r.stdout)
-    assert rep["select_by"] == "negation"
-    base, chosen = rep["base_val_acc"], rep["val_acc"]
-    assert base["colors (target)"] == 1.0
-    assert chosen["colors (target)"] <= base["colors (target)"] - 0.3
-    assert chosen["stripes (control)"] >= 0.95 * base["stripes (control)"]
-    for h in rep["history"][1:]:  # a chosen epoch never breaks the constraint; others may
-        if h["epoch"] == rep["epoch"]:
-            assert h["val_acc"] == chosen
-    assert float(torch.tensor(rep["coefs"]).mean()) < 0  # the vector is subtracted
-    bad = invoke("compose", "c", *model, "--negate", assets.colors)
-    assert bad.exit_code == 1 and "--control" in bad.stderr
-
-
-def test_task_addition_sums_losses_over_data_sets(assets, clip, invoke):  # noqa: F811
-    extract(assets, assets.ft_colors, "c")
-    extract(assets, assets.ft_stripes, "s")
-    r = invoke("compose", "c", "s", *model_args(assets), "--data", assets.colors, "--data", assets.stripes,
-               "--val-split", "0.25", "--epochs", "3", "--batch-size", "8", "--json")
-    assert r.exit_code == 0, r.stderr
-    rep = json.loads(r.stdout)
-    h = rep["history"]
-    assert set(h[0]["val_acc"]) == {"colors", "stripes"}
-    assert h[1]["train_loss"] == pytest.approx(sum(h[1]["task_losses"].values()))
-    assert [d["name"] for d in rep["data"]] == ["colors", "stripes"]
-    assert rep["data"][0]["val"] == 3 * 3 and rep["data"][0]["train"] == 3 * 9
-
-
 def test_resume_continues_bit_for_bit(assets, clip):  # noqa: F811
     from tvtool.compose.runner import ComposeOptions, compose
     from tvtool.compose.tasks import DataSpec
 
     store = Store()
     d = extract(assets, assets.ft_colors, "c")
-    opts = ComposeOptions(vectors=[d], data=[DataSpec(assets.colors)], shots=4, epochs=4, batch_size=4,
-                          grad_accum=2, partitions=2)
+    opts = ComposeOptions(
+        vectors=[d],
+        data=[DataSpec(assets.colors)],
+        shots=4,
+        epochs=4,
+        batch_size=4,
+        grad_accum=2,
+        partitions=2,
+    )
     full = compose(store, clip, opts)
 
     class Stop(Exception):
@@ -287,9 +229,15 @@ def test_bad_inputs_fail_clearly(assets, clip, invoke, tmp_path):  # noqa: F811
         (["--data", one], "at least 2 classes"),
         (["--data", assets.colors, "--shots", "50"], "larger than class"),
         (["--data", assets.colors, "--objective", "nope"], "unknown objective"),
-        (["--data", assets.colors, "--objective", "pseudo", "--threshold", "0.9999"], "--threshold"),
+        (
+            ["--data", assets.colors, "--objective", "pseudo", "--threshold", "0.9999"],
+            "--threshold",
+        ),
         (["--data", assets.colors, "--granularity", "layer", "--partitions", "2"], "partitions"),
-        (["--data", assets.colors, "--val", assets.colors_val, "--val", assets.colors_val], "one --val"),
+        (
+            ["--data", assets.colors, "--val", assets.colors_val, "--val", assets.colors_val],
+            "one --val",
+        ),
     ]
     for extra, message in cases:
         r = invoke(*args, *extra)
@@ -304,15 +252,29 @@ def test_vectors_from_another_base_or_architecture_are_refused(assets, clip, inv
     extract(assets, assets.ft_colors, "foreign", base=assets.other_base)
     r = invoke("compose", "foreign", *model_args(assets), "--data", assets.colors, "--epochs", "1")
     assert r.exit_code == 1 and "another base" in r.stderr and "--allow-other-base" in r.stderr
-    ok = invoke("compose", "foreign", *model_args(assets), "--data", assets.colors, "--epochs", "1",
-                "--shots", "1", "--allow-other-base", "-q")
+    ok = invoke(
+        "compose",
+        "foreign",
+        *model_args(assets),
+        "--data",
+        assets.colors,
+        "--epochs",
+        "1",
+        "--shots",
+        "1",
+        "--allow-other-base",
+        "-q",
+    )
     assert ok.exit_code == 0, ok.stderr
     # a vector whose tensors do not fit (another architecture), no fingerprint recorded
     store = Store()
     state = {k: torch.zeros(3, 3) for k in visual_params(clip)}
     save_tensor_object(store, "vector", state, params={})
-    digest = next(d for d in store.iter_digests() if store.manifest(d).kind == "vector"
-                  and store.manifest(d).params == {})
+    digest = next(
+        d
+        for d in store.iter_digests()
+        if store.manifest(d).kind == "vector" and store.manifest(d).params == {}
+    )
     store.set_ref("wide", digest)
     r = invoke("compose", "wide", *model_args(assets), "--data", assets.colors, "--epochs", "1")
     assert r.exit_code == 1 and "shape" in r.stderr and "another base or architecture" in r.stderr

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_compose_support import assets, clip, extract, model_args  # noqa: F401
+
 from tvtool.store.store import Store
 from tvtool.vectors.stored import load_tensor_object
 
@@ -26,21 +26,47 @@ def _free_port() -> int:
 
 def _rank_main(rank: int, world: int, port: int, args: list[str], out: str) -> None:
     """One torchrun-like rank: the environment torchrun would set, then the CLI in-process."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     from typer.testing import CliRunner
 
     from tvtool.cli.app import app
 
     r = CliRunner().invoke(app, args, catch_exceptions=True)
-    Path(out).write_text(json.dumps({"code": r.exit_code, "stdout": r.stdout, "stderr": r.stderr,
-                                     "exc": repr(r.exception)}))
+    Path(out).write_text(
+        json.dumps(
+            {"code": r.exit_code, "stdout": r.stdout, "stderr": r.stderr, "exc": repr(r.exception)}
+        )
+    )
 
 
 def _args(a, extra: list[str]) -> list[str]:  # noqa: F811
-    return ["compose", "c", "s", *model_args(a), "--data", str(a.colors), "--val", str(a.colors_val),
-            "--shots", "5", "--epochs", "2", "--batch-size", "5", "--grad-accum", "2", "--partitions", "2",
-            *extra]
+    return [
+        "compose",
+        "c",
+        "s",
+        *model_args(a),
+        "--data",
+        str(a.colors),
+        "--val",
+        str(a.colors_val),
+        "--shots",
+        "5",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "5",
+        "--grad-accum",
+        "2",
+        "--partitions",
+        "2",
+        *extra,
+    ]
 
 
 def test_two_gloo_processes_match_one(assets, clip, invoke, tmp_path):  # noqa: F811
@@ -54,7 +80,10 @@ def test_two_gloo_processes_match_one(assets, clip, invoke, tmp_path):  # noqa: 
     ctx = multiprocessing.get_context("fork")
     port = _free_port()
     outs = [str(tmp_path / f"rank{r}.json") for r in range(2)]
-    procs = [ctx.Process(target=_rank_main, args=(r, 2, port, _args(assets, ["--json"]), outs[r])) for r in range(2)]
+    procs = [
+        ctx.Process(target=_rank_main, args=(r, 2, port, _args(assets, ["--json"]), outs[r]))
+        for r in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -65,7 +94,9 @@ def test_two_gloo_processes_match_one(assets, clip, invoke, tmp_path):  # noqa: 
     assert res[1]["stdout"] == ""  # only rank 0 reports and writes
     two = json.loads(res[0]["stdout"])
     assert two["world_size"] == 2
-    torch.testing.assert_close(torch.tensor(two["coefs"]), torch.tensor(one["coefs"]), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(two["coefs"]), torch.tensor(one["coefs"]), rtol=1e-4, atol=1e-6
+    )
     for a, b in zip(one["history"], two["history"], strict=True):
         assert a["val_acc"] == b["val_acc"]
         if a["train_loss"] is not None:
@@ -81,8 +112,21 @@ def test_torchrun_launches_the_same_command(assets, clip, invoke):  # noqa: F811
     single = json.loads(invoke(*_args(assets, ["--json"])).stdout)
     torchrun = Path(sys.executable).parent / "torchrun"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "tvtool",
-                        *_args(assets, ["-q"])], capture_output=True, text=True, env=env, timeout=300)
+    p = subprocess.run(
+        [
+            str(torchrun),
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "tvtool",
+            *_args(assets, ["-q"]),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     digest = p.stdout.strip()
     assert len(digest) == 64  # one line: rank 1 prints nothing

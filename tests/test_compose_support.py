@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY_CLIP
 
 CLASSES = {
@@ -47,7 +46,9 @@ def write_task(root: Path, task: str, per_class: int, seed: int) -> Path:
     return root
 
 
-def finetune(cfg: Path, base: Path, data: Path, out: Path, steps: int = 40, lr: float = 2e-3) -> Path:
+def finetune(
+    cfg: Path, base: Path, data: Path, out: Path, steps: int = 40, lr: float = 2e-3
+) -> Path:
     """Fine-tune the image tower on a folder (frozen zero-shot head) and save the whole model."""
     from tvtool.checkpoints.writer import save_safetensors
     from tvtool.models import data as mdata
@@ -58,7 +59,9 @@ def finetune(cfg: Path, base: Path, data: Path, out: Path, steps: int = 40, lr: 
     clip = load_clip(model_config=cfg, base=base)
     folder = mdata.ImageFolder(data)
     head = compute_head(clip, folder.classnames, ["a photo of {}."])
-    images, labels = mdata.load_tensors(folder, list(range(len(folder))), mdata.eval_transform(clip))
+    images, labels = mdata.load_tensors(
+        folder, list(range(len(folder))), mdata.eval_transform(clip)
+    )
     params = [p for p in clip.model.visual.parameters()]
     for p in params:
         p.requires_grad_(True)
@@ -66,7 +69,9 @@ def finetune(cfg: Path, base: Path, data: Path, out: Path, steps: int = 40, lr: 
     torch.manual_seed(0)
     for _ in range(steps):
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(clip.logit_scale * encode_images(clip, None, images) @ head.T, labels)
+        loss = torch.nn.functional.cross_entropy(
+            clip.logit_scale * encode_images(clip, None, images) @ head.T, labels
+        )
         loss.backward()
         opt.step()
     state = {k: v.detach().clone().contiguous() for k, v in clip.model.state_dict().items()}
@@ -100,14 +105,27 @@ def extract(a: Assets, ft: Path, name: str, base: Path | None = None, visual: bo
     return extract_vector(Store(), base or a.base, ft, keep=keep, name=name).digest
 
 
-@pytest.fixture(scope="session")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
+def load_bank(model, store, names, granularity="tensor", partitions=1, seed=5, dtype=torch.float32):
+    """(plan, layout, stacks on the CPU) for stored vectors `names`."""
+    from tvtool.compose.bank import load_stacks, plan_bank
+    from tvtool.compose.coefs import attach_partitions, build_layout
+    from tvtool.models.functional import visual_params
+
+    tower, keys = visual_params(model), set(model.model.state_dict())
+    plan = plan_bank(store, names, tower, keys, model.base_fingerprint)
+    layout = build_layout(plan, granularity, partitions, seed)
+    stacks = load_stacks(store, plan, torch.device("cpu"), dtype)
+    attach_partitions(layout, stacks)
+    return plan, layout, stacks
+
+
+def build_assets(root: Path) -> Assets:
+    """Write everything into `root` (an empty directory)."""
     import open_clip
 
     from tvtool.checkpoints.writer import save_safetensors
     from tvtool.models.build import register_config
 
-    root = tmp_path_factory.mktemp("compose-assets")
     cfg = root / "tvtool-tiny.json"
     cfg.write_text(json.dumps(TINY_CLIP))
     name, _ = register_config(cfg)
@@ -116,13 +134,32 @@ def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
         torch.manual_seed(seed)
         net = open_clip.create_model(name, pretrained=None)
         paths[tag] = root / f"{tag}.safetensors"
-        save_safetensors(paths[tag], {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}, {})
+        save_safetensors(
+            paths[tag],
+            {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()},
+            {},
+        )
     colors = write_task(root / "colors", "colors", 12, seed=1)
     colors_val = write_task(root / "colors_val", "colors", 8, seed=2)
     stripes = write_task(root / "stripes", "stripes", 12, seed=3)
     ft_colors = finetune(cfg, paths["base"], colors, root / "ft_colors.safetensors")
     ft_stripes = finetune(cfg, paths["base"], stripes, root / "ft_stripes.safetensors")
-    return Assets(root, cfg, paths["base"], paths["other_base"], colors, colors_val, stripes, ft_colors, ft_stripes)
+    return Assets(
+        root,
+        cfg,
+        paths["base"],
+        paths["other_base"],
+        colors,
+        colors_val,
+        stripes,
+        ft_colors,
+        ft_stripes,
+    )
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
+    return build_assets(tmp_path_factory.mktemp("compose-assets"))
 
 
 @pytest.fixture(scope="session")
@@ -139,7 +176,9 @@ def accuracy(clip, data: Path, override=None) -> float:
 
     folder = mdata.ImageFolder(data)
     head = zeroshot_head(clip, folder.classnames)
-    images, labels = mdata.load_tensors(folder, list(range(len(folder))), mdata.eval_transform(clip))
+    images, labels = mdata.load_tensors(
+        folder, list(range(len(folder))), mdata.eval_transform(clip)
+    )
     with torch.no_grad():
         pred = (encode_images(clip, override, images) @ head.T).argmax(-1)
     return float((pred == labels).float().mean())

@@ -255,6 +255,18 @@ def test_shards_index_and_merge_object(world):
     assert store.read_json(r2.digest)["terms"][0]["vector"] == store.resolve("t0")
 
 
+def test_base_hashed_while_merging_gives_the_same_bytes(world):
+    tmp, store, base, taus = world
+    _, plan1, r1 = run(store, tmp, ["t0", "-t1"], method="ties")
+    req = MergeRequest(base=tmp / "base.safetensors", out=tmp / "late.safetensors",
+                       terms=parse_terms(["t0", "-t1"]), method="ties")
+    plan = plan_merge(store, req, hash_base=False)
+    assert plan.fingerprint is None and plan.digest == "0" * 64
+    r2 = execute_merge(store, plan)
+    assert plan.fingerprint == plan1.fingerprint and r2.digest == r1.digest
+    assert r2.files[0].read_bytes() == r1.files[0].read_bytes()
+
+
 def test_rebuild_from_recipe_is_byte_identical(world):
     tmp, store, base, taus = world
     _, _, r1 = run(store, tmp, ["t0:0.4", "-t1"], method="ties", scope="tensor")
@@ -267,6 +279,10 @@ def test_rebuild_from_recipe_is_byte_identical(world):
     req = request_from_recipe(store, r1.digest, tmp / "other.safetensors", tmp / "z.safetensors")
     with pytest.raises(TvtoolError, match="not the recipe's base"):
         plan_merge(store, req)
+    plan = plan_merge(store, req, hash_base=False)  # found out at the end: nothing is left
+    with pytest.raises(TvtoolError, match="not the recipe's base"):
+        execute_merge(store, plan)
+    assert sorted(p.name for p in tmp.iterdir() if p.name.startswith((".z", "z"))) == []
 
 
 def test_bad_inputs(world):

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tvtool.errors import TvtoolError
+from tvtool.vectors import methods
 from tvtool.vectors.methods import (
     METHODS,
     KthLargest,
@@ -41,8 +42,11 @@ def test_topk_count_rounds_half_up_and_clamps():
     assert topk_count(1000, 0.2) == 200
 
 
+@pytest.mark.parametrize("histogram", [False, True])
 @pytest.mark.parametrize("k", [0, 1, 5, 17, 40])
-def test_topk_mask_exact_k_with_ties_lower_index_first(k):
+def test_topk_mask_exact_k_with_ties_lower_index_first(k, histogram, monkeypatch):
+    if histogram:  # large tensors take the histogram path: force it on a small one
+        monkeypatch.setattr(methods, "_KTHVALUE_MAX", 0)
     g = torch.Generator().manual_seed(k)
     a = torch.randint(0, 4, (5, 8), generator=g).float()  # many equal magnitudes
     got = topk_mask(a, k)

@@ -327,3 +327,36 @@ def test_safetensors_reader_reads_tensor_by_tensor_without_mmap(tmp_path: Path) 
         a1.add_(1)  # writable, and does not alias the file
         assert torch.equal(a2, sd["a"])
     assert_same(read_all(path), sd)
+
+
+def test_pickled_open_clip_image_encoder(tmp_path: Path, tiny_clip_config: Path) -> None:
+    """As the task-vector code bases save it: an ImageEncoder holding an open_clip model (text
+    tower deleted) and its torchvision preprocessing, pickled whole from a module `src.modeling`
+    that does not exist when loading."""
+    import open_clip
+
+    open_clip.add_model_config(tiny_clip_config)
+    clip, train_pre, val_pre = open_clip.create_model_and_transforms("tvtool-tiny")
+
+    class OpenClipEncoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = clip
+            self.train_preprocess, self.val_preprocess = train_pre, val_pre
+            delattr(self.model, "transformer")
+
+    enc = OpenClipEncoder()
+    fake_pkg, fake = types.ModuleType("src"), types.ModuleType("src.modeling")
+    fake.OpenClipEncoder = OpenClipEncoder
+    OpenClipEncoder.__module__, OpenClipEncoder.__qualname__ = "src.modeling", "OpenClipEncoder"
+    sys.modules.update({"src": fake_pkg, "src.modeling": fake})
+    try:
+        torch.save(enc, tmp_path / "zeroshot.pt")
+    finally:
+        del sys.modules["src"], sys.modules["src.modeling"]
+    expected = {k.removeprefix("model."): v for k, v in enc.state_dict().items()}
+    got = read_all(tmp_path / "zeroshot.pt")
+    assert sorted(got) == sorted(expected)
+    assert any(k.startswith("visual.") for k in got) and "logit_scale" in got
+    for k, v in expected.items():
+        assert torch.equal(got[k], v), k

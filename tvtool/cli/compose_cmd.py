@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -17,33 +17,148 @@ from tvtool.cli.model_options import (
     SplitOpt,
     TemplatesOpt,
 )
-from tvtool.cli.options import DeviceOpt, ForceOpt, JsonOpt, NameOpt, QuietOpt, SeedOpt, StoreOpt, complete_names
+from tvtool.cli.options import (
+    DeviceOpt,
+    ForceOpt,
+    JsonOpt,
+    NameOpt,
+    QuietOpt,
+    SeedOpt,
+    StoreOpt,
+    complete_names,
+)
 
 OptVectors = Annotated[
-    Optional[list[str]],
-    typer.Argument(help="Task vectors (names or digests); optional with --selection.", autocompletion=complete_names,
-                   show_default=False),
+    list[str] | None,
+    typer.Argument(
+        help="Task vectors (names or digests); optional with --selection.",
+        autocompletion=complete_names,
+        show_default=False,
+    ),
 ]
-ObjectiveOpt = Annotated[str, typer.Option("--objective", help="ce (few-shot labels), entropy (unlabelled) or pseudo (confident zero-shot labels).")]
-ShotsOpt = Annotated[Optional[int], typer.Option("--shots", "-k", help="Images per class, sampled with --seed (default: all).", min=1, show_default=False)]
-ThresholdOpt = Annotated[float, typer.Option("--threshold", help="pseudo: minimum zero-shot confidence of a pseudo-label.")]
-GranularityOpt = Annotated[str, typer.Option("--granularity", help="One coefficient per tensor, per layer or per whole vector (task).")]
-PartitionsOpt = Annotated[int, typer.Option("--partitions", help="Split each 2-D weight's elements into K seeded random groups (aTLAS xK).", min=1)]
+ObjectiveOpt = Annotated[
+    str,
+    typer.Option(
+        "--objective",
+        help="ce (few-shot labels), entropy (unlabelled) or pseudo (confident zero-shot labels).",
+    ),
+]
+ShotsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--shots",
+        "-k",
+        help="Images per class, sampled with --seed (default: all).",
+        min=1,
+        show_default=False,
+    ),
+]
+ThresholdOpt = Annotated[
+    float,
+    typer.Option("--threshold", help="pseudo: minimum zero-shot confidence of a pseudo-label."),
+]
+GranularityOpt = Annotated[
+    str,
+    typer.Option(
+        "--granularity", help="One coefficient per tensor, per layer or per whole vector (task)."
+    ),
+]
+PartitionsOpt = Annotated[
+    int,
+    typer.Option(
+        "--partitions",
+        help="Split each 2-D weight's elements into K seeded random groups (aTLAS xK).",
+        min=1,
+    ),
+]
 EpochsOpt = Annotated[int, typer.Option("--epochs", help="Passes over the training images.", min=1)]
-LrOpt = Annotated[Optional[float], typer.Option("--lr", help="Learning rate (default 1e-1 for ce/pseudo, 1e-2 for entropy and --negate).", show_default=False)]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per micro-batch and data set.", min=1)]
-AccumOpt = Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimisation step.", min=1)]
-WdOpt = Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay on the coefficients (pulls them to 0).")]
-ValOpt = Annotated[Optional[list[Path]], typer.Option("--val", help="Validation folder, one per --data (model selection by accuracy).", file_okay=False, show_default=False)]
-ValSplitOpt = Annotated[Optional[float], typer.Option("--val-split", help="Hold out this fraction of each class for validation.", show_default=False)]
-NegateOpt = Annotated[Optional[Path], typer.Option("--negate", help="Forget this data set (maximise its loss)...", file_okay=False, show_default=False)]
-ControlOpt = Annotated[Optional[Path], typer.Option("--control", help="...while keeping >= 95% of the base accuracy on this one.", file_okay=False, show_default=False)]
-SelectionOpt = Annotated[Optional[str], typer.Option("--selection", help="Learn (and load) only the pairs this `tvtool select` result keeps.", show_default=False)]
-VecDtypeOpt = Annotated[str, typer.Option("--vector-dtype", help="Vectors on the device: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16.")]
+LrOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--lr",
+        help="Learning rate (default 1e-1 for ce/pseudo, 1e-2 for entropy and --negate).",
+        show_default=False,
+    ),
+]
+BatchOpt = Annotated[
+    int, typer.Option("--batch-size", help="Images per micro-batch and data set.", min=1)
+]
+AccumOpt = Annotated[
+    int, typer.Option("--grad-accum", help="Micro-batches per optimisation step.", min=1)
+]
+WdOpt = Annotated[
+    float,
+    typer.Option(
+        "--weight-decay", help="AdamW weight decay on the coefficients (pulls them to 0)."
+    ),
+]
+ValOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--val",
+        help="Validation folder, one per --data (model selection by accuracy).",
+        file_okay=False,
+        show_default=False,
+    ),
+]
+ValSplitOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--val-split",
+        help="Hold out this fraction of each class for validation.",
+        show_default=False,
+    ),
+]
+NegateOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--negate",
+        help="Forget this data set (maximise its loss)...",
+        file_okay=False,
+        show_default=False,
+    ),
+]
+ControlOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--control",
+        help="...while keeping >= 95% of the base accuracy on this one.",
+        file_okay=False,
+        show_default=False,
+    ),
+]
+SelectionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--selection",
+        help="Learn (and load) only the pairs this `tvtool select` result keeps.",
+        show_default=False,
+    ),
+]
+VecDtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--vector-dtype",
+        help="Vectors on the device: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16.",
+    ),
+]
 WorkersOpt = Annotated[int, typer.Option("--workers", help="Data-loading worker processes.", min=0)]
-FlipOpt = Annotated[bool, typer.Option("--flip", help="Add random horizontal flips to the few-shot augmentation.")]
-ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same configuration from its last epoch.")]
-OtherBaseOpt = Annotated[bool, typer.Option("--allow-other-base", help="Accept vectors recorded as extracted from another base file.")]
+FlipOpt = Annotated[
+    bool, typer.Option("--flip", help="Add random horizontal flips to the few-shot augmentation.")
+]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue an interrupted run of the same configuration from its last epoch.",
+    ),
+]
+OtherBaseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-other-base", help="Accept vectors recorded as extracted from another base file."
+    ),
+]
 
 
 class RichReporter:
@@ -82,8 +197,11 @@ class RichReporter:
 
         acc = "  ".join(f"{k} {100 * v:.1f}%" for k, v in record["val_acc"].items())
         loss = record["train_loss"]
-        info(f"epoch {record['epoch']:>3}  loss {loss:.4f}" + (f"  val {acc}" if acc else "") if loss is not None
-             else f"epoch {record['epoch']}  loss nan")
+        info(
+            f"epoch {record['epoch']:>3}  loss {loss:.4f}" + (f"  val {acc}" if acc else "")
+            if loss is not None
+            else f"epoch {record['epoch']}  loss nan"
+        )
 
 
 def render(report: dict[str, Any]) -> None:
@@ -101,14 +219,24 @@ def render(report: dict[str, Any]) -> None:
     for r in h:
         mark = " *" if r["epoch"] == report["epoch"] else ""
         loss = "-" if r["train_loss"] is None else f"{r['train_loss']:.4f}"
-        table.add_row(f"{r['epoch']}{mark}", loss, *(f"{100 * r['val_acc'][n]:.1f}%" for n in names))
+        table.add_row(
+            f"{r['epoch']}{mark}", loss, *(f"{100 * r['val_acc'][n]:.1f}%" for n in names)
+        )
     err.print(table)
-    info(f"{len(report['vectors'])} vectors x {report['groups']} groups ({report['blocks']} blocks), "
-         f"{report['learnable']} learned; vectors on {report['device']}: {report['vector_bytes'] / 1e6:.1f} MB")
-    which = {"val": "best validation accuracy", "negation": "most forgetting within the control constraint",
-             "last": "last epoch"}[report["select_by"]]
+    info(
+        f"{len(report['vectors'])} vectors x {report['groups']} groups "
+        f"({report['blocks']} blocks), {report['learnable']} learned; vectors on "
+        f"{report['device']}: {report['vector_bytes'] / 1e6:.1f} MB"
+    )
+    which = {
+        "val": "best validation accuracy",
+        "negation": "most forgetting within the control constraint",
+        "last": "last epoch",
+    }[report["select_by"]]
     info(f"kept epoch {report['epoch']} ({which})")
-    info(f"coefs {report['digest'][:12]}" + (f"  tagged {report['name']}" if report["name"] else ""))
+    info(
+        f"coefs {report['digest'][:12]}" + (f"  tagged {report['name']}" if report["name"] else "")
+    )
 
 
 def compose_command(
@@ -170,18 +298,38 @@ def compose_command(
     try:
         clip = load_model(model, model_config, base, pretrained, device)
         opts = ComposeOptions(
-            vectors=list(vectors or []), data=specs, objective=objective, shots=shots, threshold=threshold,
-            val_split=val_split, granularity=granularity, partitions=partitions, epochs=epochs, lr=lr,
-            batch_size=batch_size, grad_accum=grad_accum, seed=seed, weight_decay=weight_decay,
-            selection=selection, vector_dtype=vector_dtype,
-            templates=load_templates(templates) if templates else None, flip=flip, workers=workers,
-            split=split, allow_other_base=allow_other_base, resume=resume, name=name, force=force,
+            vectors=list(vectors or []),
+            data=specs,
+            objective=objective,
+            shots=shots,
+            threshold=threshold,
+            val_split=val_split,
+            granularity=granularity,
+            partitions=partitions,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            seed=seed,
+            weight_decay=weight_decay,
+            selection=selection,
+            vector_dtype=vector_dtype,
+            templates=load_templates(templates) if templates else None,
+            flip=flip,
+            workers=workers,
+            split=split,
+            allow_other_base=allow_other_base,
+            resume=resume,
+            name=name,
+            force=force,
         )
         if not opts.vectors and not selection:
             raise TvtoolError("give task VECTORS (or --selection REF)")
         show = dist.main and not quiet and not json_out
         with RichReporter(show) as rep:
-            report = compose(open_store(store), clip, opts, dist, reporter=rep, warn=warn if dist.main else None)
+            report = compose(
+                open_store(store), clip, opts, dist, reporter=rep, warn=warn if dist.main else None
+            )
     finally:
         dist.close()
     if not dist.main:

@@ -137,7 +137,7 @@ def render(report, top: int = 10) -> None:
         err.print("[bold]cosine similarity[/bold]")
         err.print(_matrix_table("", report.cosine))
         err.print()
-        err.print("[bold]sign agreement[/bold] (fraction of entries where both are nonzero)")
+        err.print("[bold]sign agreement[/bold] (same sign, among entries where both are nonzero)")
         err.print(_matrix_table("", report.sign_agreement))
         err.print()
     if report.per_block_cosine is not None and report.per_block_cosine.pairs:

@@ -183,11 +183,11 @@ def merge(
             exclude=exclude or [], allow_missing=allow_missing, force=force,
             shard_size=parse_size(shard_size) if shard_size else None,
         )
-    plan = plan_merge(st, req)
+    plan = plan_merge(st, req, hash_base=dry_run)  # a real run hashes the base while merging
     for s in plan.skipped:
         warn(f"skipped {s}")
-    doc = _plan_doc(st, plan)
     if dry_run:
+        doc = _plan_doc(st, plan)
         if json_out:
             emit_json({"dry_run": True, **doc})
         elif not quiet:
@@ -199,7 +199,7 @@ def merge(
             st, plan, lambda stage, done, total: bar.update(
                 task, description=stage, completed=done, total=total),
         )
-    doc["seconds"] = round(result.seconds, 3)
+    doc = {**_plan_doc(st, plan), "seconds": round(result.seconds, 3)}
     if json_out:
         emit_json({"dry_run": False, **doc})
         return

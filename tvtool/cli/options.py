@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -20,12 +20,12 @@ def complete_names(ctx: typer.Context, incomplete: str) -> list[str]:
     return [n for n in names if n.startswith(incomplete)]
 
 
-def open_store(path: Optional[Path]) -> Store:
+def open_store(path: Path | None) -> Store:
     return Store(path)
 
 
 StoreOpt = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option(
         "--store",
         help="Store root. Default: $TVTOOL_HOME, else $XDG_CACHE_HOME/tvtool, else ~/.cache/tvtool.",
@@ -38,21 +38,33 @@ QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="Print only the resulting digest or name on stdout.")
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite an existing output.")]
-DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Say what would happen; change nothing.")]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="Say what would happen; change nothing.")
+]
 YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
 NameOpt = Annotated[
-    Optional[str], typer.Option("--name", "-n", help="Tag the result with this ref name (e.g. vit-b-32/cars).")
+    str | None,
+    typer.Option("--name", "-n", help="Tag the result with this ref name (e.g. vit-b-32/cars)."),
 ]
 DtypeOpt = Annotated[
-    Optional[str], typer.Option("--dtype", help="Precision: fp32, fp16 or bf16.", show_default=False)
+    str | None,
+    typer.Option("--dtype", help="Precision: fp32, fp16 or bf16.", show_default=False),
 ]
 IncludeOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--include", help="Only tensors whose name matches this regex (repeatable).", show_default=False),
+    list[str] | None,
+    typer.Option(
+        "--include",
+        help="Only tensors whose name matches this regex (repeatable).",
+        show_default=False,
+    ),
 ]
 ExcludeOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--exclude", help="Skip tensors whose name matches this regex (repeatable).", show_default=False),
+    list[str] | None,
+    typer.Option(
+        "--exclude",
+        help="Skip tensors whose name matches this regex (repeatable).",
+        show_default=False,
+    ),
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 DeviceOpt = Annotated[
@@ -60,5 +72,9 @@ DeviceOpt = Annotated[
 ]
 VectorsArg = Annotated[
     list[str],
-    typer.Argument(help="Task vectors: ref names, digests or unique digest prefixes.", autocompletion=complete_names, show_default=False),
+    typer.Argument(
+        help="Task vectors: ref names, digests or unique digest prefixes.",
+        autocompletion=complete_names,
+        show_default=False,
+    ),
 ]

@@ -1,9 +1,256 @@
-"""`tvtool select` (being built)."""
+"""`tvtool select`: which task vectors matter in which blocks (torch imported lazily)."""
 
 from __future__ import annotations
 
+from typing import Annotated, Any
+
 import typer
+
+from tvtool.cli.model_options import (
+    BaseOpt,
+    ClassnamesOpt,
+    DataOpt,
+    ModelConfigOpt,
+    ModelOpt,
+    PretrainedOpt,
+    SplitOpt,
+    TemplatesOpt,
+)
+from tvtool.cli.options import (
+    DeviceOpt,
+    ForceOpt,
+    JsonOpt,
+    NameOpt,
+    QuietOpt,
+    SeedOpt,
+    StoreOpt,
+    VectorsArg,
+)
+
+ScoreOpt = Annotated[
+    str,
+    typer.Option(
+        "--score",
+        help="grad: |dL/dLambda| per (vector, block); importance: |tau * grad| per element "
+        "(masks); norm: data-free |tau|.",
+    ),
+]
+TopOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--top", help="Keep the N best vectors of every block.", min=1, show_default=False
+    ),
+]
+BudgetOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--budget-mb",
+        help="Keep the best pairs whose device bytes fit M megabytes.",
+        show_default=False,
+    ),
+]
+DensityOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--density",
+        help="Fraction of each vector's elements a mask keeps (importance default 0.2).",
+        show_default=False,
+    ),
+]
+GranularityOpt = Annotated[
+    str, typer.Option("--granularity", help="Blocks of a selection: tensor, layer or task.")
+]
+ObjectiveOpt = Annotated[
+    str, typer.Option("--objective", help="Loss whose gradient scores: ce, entropy or pseudo.")
+]
+ShotsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--shots",
+        "-k",
+        help="Images per class, sampled with --seed (default: all).",
+        min=1,
+        show_default=False,
+    ),
+]
+ThresholdOpt = Annotated[
+    float, typer.Option("--threshold", help="pseudo: minimum zero-shot confidence.")
+]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per forward pass.", min=1)]
+VecDtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--vector-dtype", help="Device dtype the --budget-mb counts bytes in (fp32, fp16, bf16)."
+    ),
+]
+OtherBaseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-other-base", help="Accept vectors recorded as extracted from another base file."
+    ),
+]
+
+
+def _layer_rows(blocks: list[str]) -> dict[str, list[int]]:
+    from tvtool.vectors.blocks import layer_of
+
+    rows: dict[str, list[int]] = {}
+    for b, name in enumerate(blocks):
+        rows.setdefault(layer_of(name), []).append(b)
+    return rows
+
+
+def render_selection(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from tvtool.cli.output import err, human_bytes, info
+
+    scores, keep = report["scores"], {tuple(p) for p in report["keep"]}
+    top = max((max(r) for r in scores), default=0.0) or 1.0
+    table = Table(
+        title=f"select --score {report['score']}: share of the top score (kept/blocks)",
+        title_justify="left",
+    )
+    table.add_column("layer")
+    for v in report["vectors"]:
+        table.add_column(v["label"], justify="right")
+    for layer, bs in _layer_rows(report["blocks"]).items():
+        cells = []
+        for t in range(len(report["vectors"])):
+            s = sum(scores[t][b] for b in bs) / top
+            k = sum((t, b) in keep for b in bs)
+            style = "bold green" if k else "dim"
+            cells.append(f"[{style}]{s:.2f} ({k}/{len(bs)})[/{style}]")
+        table.add_row(layer, *cells)
+    err.print(table)
+    info(
+        f"kept {len(keep)} of {sum(1 for r in scores for _ in r)} (vector, block) pairs, "
+        f"{human_bytes(report['bytes'])} of {human_bytes(report['total_bytes'])} on the device"
+    )
+    info(
+        f"selection {report['digest'][:12]}"
+        + (f"  tagged {report['name']}" if report["name"] else "")
+    )
+
+
+def render_masks(report: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from tvtool.cli.output import err
+
+    masks = report["masks"]
+    table = Table(
+        title=f"select --score {report['score']}: elements kept per layer "
+        f"(density {report['density']})",
+        title_justify="left",
+    )
+    table.add_column("layer")
+    for m in masks:
+        table.add_column(m["label"], justify="right")
+    layers = list(dict.fromkeys(layer for m in masks for layer in m["kept_by_layer"]))
+    for layer in layers:
+        table.add_row(
+            layer,
+            *(
+                f"{100 * m['kept_by_layer'][layer]:.1f}%" if layer in m["kept_by_layer"] else "-"
+                for m in masks
+            ),
+        )
+    err.print(table)
+    for m in masks:
+        err.print(
+            f"mask {m['digest'][:12]} for {m['label']}: {m['kept']:,} of {m['scored']:,} elements"
+            + (f"  tagged {m['name']}" if m["name"] else ""),
+            soft_wrap=True,
+        )
+
+
+def select_command(
+    vectors: VectorsArg,
+    model: ModelOpt = None,
+    model_config: ModelConfigOpt = None,
+    base: BaseOpt = None,
+    pretrained: PretrainedOpt = None,
+    data: DataOpt = None,  # type: ignore[assignment]
+    classnames: ClassnamesOpt = None,
+    templates: TemplatesOpt = None,
+    split: SplitOpt = "train",
+    score: ScoreOpt = "grad",
+    top: TopOpt = None,
+    budget_mb: BudgetOpt = None,
+    density: DensityOpt = None,
+    granularity: GranularityOpt = "tensor",
+    objective: ObjectiveOpt = "ce",
+    shots: ShotsOpt = None,
+    threshold: ThresholdOpt = 0.99,
+    batch_size: BatchOpt = 32,
+    seed: SeedOpt = 0,
+    vector_dtype: VecDtypeOpt = "fp16",
+    device: DeviceOpt = "auto",
+    allow_other_base: OtherBaseOpt = False,
+    name: NameOpt = None,
+    force: ForceOpt = False,
+    store: StoreOpt = None,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Score which task VECTORS matter in which blocks for the --data, and keep the best.
+
+    grad (default): s[t, block] = |dL/dLambda| at Lambda = 0 -> a `selection` for
+    `compose --selection` (--top N per block, or --budget-mb M). importance: |tau * dL/dtheta|
+    per element -> one `mask` per vector for `merge --method mask` (--density d). norm: data-free
+    |tau| (selection with --top/--budget-mb, masks with --density; no model needed).
+    """
+    from tvtool.cli.model_options import load_model
+    from tvtool.cli.options import open_store
+    from tvtool.cli.output import emit_json, emit_line, progress, warn
+    from tvtool.compose.select_run import SelectOptions, data_specs, output_kind, run_select
+    from tvtool.errors import TvtoolError
+    from tvtool.models.heads import load_templates
+
+    if granularity not in ("tensor", "layer", "task"):
+        raise TvtoolError(f"unknown --granularity {granularity!r}: use tensor, layer or task")
+    opts = SelectOptions(
+        vectors=list(vectors),
+        data=data_specs(list(data or []), classnames),
+        score=score,
+        top=top,
+        budget_mb=budget_mb,
+        density=density,
+        granularity=granularity,
+        objective=objective,
+        shots=shots,
+        seed=seed,
+        threshold=threshold,
+        batch_size=batch_size,
+        vector_dtype=vector_dtype,
+        templates=load_templates(templates) if templates else None,
+        split=split,
+        allow_other_base=allow_other_base,
+        name=name,
+        force=force,
+    )
+    output_kind(opts)  # option errors before loading anything
+    has_model = model is not None or model_config is not None
+    clip = load_model(model, model_config, base, pretrained, device) if has_model else None
+    with progress() as bar:
+        task = bar.add_task("scoring", total=None)
+        report = run_select(
+            open_store(store), clip, opts, on_batch=lambda: bar.advance(task), warn=warn
+        )
+    if json_out:
+        emit_json(report)
+        return
+    digests = (
+        [report["digest"]]
+        if report["kind"] == "selection"
+        else [m["digest"] for m in report["masks"]]
+    )
+    if not quiet:
+        (render_selection if report["kind"] == "selection" else render_masks)(report)
+    for d in digests:
+        emit_line(d)
 
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("select")(select_command)

@@ -140,11 +140,13 @@ def plan_bank(
             want = tuple(params[param].shape)
             if shape != want:
                 raise TvtoolError(
-                    f"vector {label}: tensor {key} has shape {list(shape)} but the model's {param} is "
-                    f"{list(want)} (vector from another base or architecture?)"
+                    f"vector {label}: tensor {key} has shape {list(shape)} but the model's "
+                    f"{param} is {list(want)} (vector from another base or architecture?)"
                 )
             if key in param_of and param_of[key] != param:
-                raise TvtoolError(f"vector {label}: {key} maps to {param}, another vector's to {param_of[key]}")
+                raise TvtoolError(
+                    f"vector {label}: {key} maps to {param}, another vector's to {param_of[key]}"
+                )
             param_of[key] = param
             shapes[key] = shape
             covered.setdefault(key, []).append(t)
@@ -157,7 +159,10 @@ def plan_bank(
 
 
 def _map_keys(
-    label: str, vshapes: Mapping[str, tuple[int, ...]], params: Mapping[str, torch.Tensor], model_keys: set[str]
+    label: str,
+    vshapes: Mapping[str, tuple[int, ...]],
+    params: Mapping[str, torch.Tensor],
+    model_keys: set[str],
 ) -> dict[str, str]:
     """vector key -> image-tower parameter; keys of the model outside the tower are left out."""
     keys = list(vshapes)
@@ -203,7 +208,9 @@ def load_stacks(
     return stacks
 
 
-def stored_bytes(plan: BankPlan, dtype: torch.dtype, keep: Callable[[int, str], bool] | None = None) -> int:
+def stored_bytes(
+    plan: BankPlan, dtype: torch.dtype, keep: Callable[[int, str], bool] | None = None
+) -> int:
     """Device bytes `load_stacks` would allocate."""
     size = torch.empty((), dtype=dtype).element_size()
     total = 0
@@ -226,8 +233,10 @@ def plan_from_vectors(store: Store, names: list[str]) -> BankPlan:
         for ti in manifest.tensors:
             shape = tuple(ti.shape)
             if shapes.setdefault(ti.name, shape) != shape:
-                raise TvtoolError(f"vector {label}: {ti.name} has shape {list(shape)}, another vector's is "
-                                  f"{list(shapes[ti.name])} (vectors of different architectures?)")
+                raise TvtoolError(
+                    f"vector {label}: {ti.name} has shape {list(shape)}, another vector's is "
+                    f"{list(shapes[ti.name])} (vectors of different architectures?)"
+                )
             rows.setdefault(ti.name, []).append(t)
             bv.keys.append(ti.name)
         vectors.append(bv)

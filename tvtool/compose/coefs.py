@@ -28,8 +28,11 @@ def build_layout(
     """The layout of a coefs object over the bank's vectors and the keys they cover."""
     blocks = make_blocks(plan.shapes(), granularity, partitions)
     return CoefsLayout(
-        vectors=plan.digests, blocks=blocks, granularity=granularity,
-        partitions=partitions, partition_seed=seed,
+        vectors=plan.digests,
+        blocks=blocks,
+        granularity=granularity,
+        partitions=partitions,
+        partition_seed=seed,
     )
 
 
@@ -70,7 +73,9 @@ class Coefs(torch.nn.Module):
         return int(self.values.numel())
 
     def forward(self) -> torch.Tensor:
-        flat = torch.zeros(self.shape[0] * self.shape[1], dtype=self.values.dtype, device=self.values.device)
+        flat = torch.zeros(
+            self.shape[0] * self.shape[1], dtype=self.values.dtype, device=self.values.device
+        )
         return flat.index_put((self.index,), self.values).view(self.shape)
 
     @torch.no_grad()

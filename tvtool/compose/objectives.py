@@ -53,9 +53,33 @@ def _entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 OBJECTIVES: dict[str, Objective] = {
     o.name: o
     for o in (
-        Objective("ce", "few-shot cross-entropy with the zero-shot head", True, False, "fewshot", 1e-1, _ce),
-        Objective("entropy", "entropy minimisation on unlabelled images", False, False, "fewshot", 1e-2, _entropy),
-        Objective("pseudo", "confident zero-shot pseudo-labels on strongly augmented views", False, True, "strong", 1e-1, _ce),
+        Objective(
+            "ce",
+            "few-shot cross-entropy with the zero-shot head",
+            True,
+            False,
+            "fewshot",
+            1e-1,
+            _ce,
+        ),
+        Objective(
+            "entropy",
+            "entropy minimisation on unlabelled images",
+            False,
+            False,
+            "fewshot",
+            1e-2,
+            _entropy,
+        ),
+        Objective(
+            "pseudo",
+            "confident zero-shot pseudo-labels on strongly augmented views",
+            False,
+            True,
+            "strong",
+            1e-1,
+            _ce,
+        ),
     )
 }
 NEGATION_LR = 1e-2
@@ -65,7 +89,9 @@ def get_objective(name: str) -> Objective:
     try:
         return OBJECTIVES[name]
     except KeyError:
-        raise TvtoolError(f"unknown objective {name!r}: choose from {', '.join(OBJECTIVES)}") from None
+        raise TvtoolError(
+            f"unknown objective {name!r}: choose from {', '.join(OBJECTIVES)}"
+        ) from None
 
 
 def default_lr(objective: Objective, negation: bool) -> float:

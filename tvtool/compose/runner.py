@@ -70,7 +70,9 @@ def vector_dtype(spec: str, device: torch.device, stored: list[str]) -> torch.dt
     try:
         return VECTOR_DTYPES[spec]
     except KeyError:
-        raise TvtoolError(f"unknown --vector-dtype {spec!r}: use auto, fp32, fp16 or bf16") from None
+        raise TvtoolError(
+            f"unknown --vector-dtype {spec!r}: use auto, fp32, fp16 or bf16"
+        ) from None
 
 
 def run_hash(doc: dict[str, Any]) -> str:
@@ -78,8 +80,12 @@ def run_hash(doc: dict[str, Any]) -> str:
 
 
 def compose(
-    store: Store, clip: Any, opts: ComposeOptions, dist: Dist | None = None,
-    reporter: Reporter | None = None, on_epoch: Callable[[int], None] | None = None,
+    store: Store,
+    clip: Any,
+    opts: ComposeOptions,
+    dist: Dist | None = None,
+    reporter: Reporter | None = None,
+    on_epoch: Callable[[int], None] | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Learn the coefficients and (rank 0) store them; returns the report."""
@@ -105,37 +111,79 @@ def compose(
         sel_digest, sel = load_selection(store, opts.selection)
         vectors = vectors or list(sel.vectors)
     tower = visual_params(clip)
-    plan = plan_bank(store, vectors, tower, set(clip.model.state_dict()), clip.base_fingerprint,
-                     opts.allow_other_base, warn)
+    plan = plan_bank(
+        store,
+        vectors,
+        tower,
+        set(clip.model.state_dict()),
+        clip.base_fingerprint,
+        opts.allow_other_base,
+        warn,
+    )
     if opts.selection:
         keep = selection_keep(sel, plan)
     try:
         layout = build_layout(plan, opts.granularity, opts.partitions, opts.seed)  # type: ignore[arg-type]
     except ValueError as e:
         raise TvtoolError(f"{e}") from None
-    dtype = vector_dtype(opts.vector_dtype, clip.device, [v.manifest.dtype or "" for v in plan.vectors])
+    dtype = vector_dtype(
+        opts.vector_dtype, clip.device, [v.manifest.dtype or "" for v in plan.vectors]
+    )
     n_bytes = stored_bytes(plan, dtype, keep)
     if n_bytes == 0:
         raise TvtoolError("the selection keeps no (vector, block) pair of these vectors")
 
     tasks = [
-        prepare_task(clip, spec, objective, shots=opts.shots, val_split=opts.val_split, seed=opts.seed,
-                     templates=opts.templates, store=store, threshold=opts.threshold,
-                     batch_size=max(opts.batch_size, 64), dist=dist, split=opts.split)
+        prepare_task(
+            clip,
+            spec,
+            objective,
+            shots=opts.shots,
+            val_split=opts.val_split,
+            seed=opts.seed,
+            templates=opts.templates,
+            store=store,
+            threshold=opts.threshold,
+            batch_size=max(opts.batch_size, 64),
+            dist=dist,
+            split=opts.split,
+        )
         for spec in opts.data
     ]
     _unique_names(tasks)
     lr = opts.lr if opts.lr is not None else default_lr(objective, negation)
-    settings = Settings(epochs=opts.epochs, lr=lr, batch_size=opts.batch_size, grad_accum=opts.grad_accum,
-                        seed=opts.seed, weight_decay=opts.weight_decay, workers=opts.workers,
-                        augment=objective.augment, flip=opts.flip)
+    settings = Settings(
+        epochs=opts.epochs,
+        lr=lr,
+        batch_size=opts.batch_size,
+        grad_accum=opts.grad_accum,
+        seed=opts.seed,
+        weight_decay=opts.weight_decay,
+        workers=opts.workers,
+        augment=objective.augment,
+        flip=opts.flip,
+    )
     config = {
-        "vectors": plan.digests, "base": clip.base_fingerprint, "model": clip.name,
-        "data": [{"path": t.info["path"], "role": t.role, "train": t.train_idx, "labels": t.labels,
-                  "val": str(t.eval_folder.root) if t.eval_folder is not None else None,
-                  "val_idx": t.eval_idx} for t in tasks],
-        "objective": objective.name, "threshold": opts.threshold, "layout": layout.model_dump(),
-        "selection": sel_digest, "vector_dtype": str(dtype), "templates": opts.templates,
+        "vectors": plan.digests,
+        "base": clip.base_fingerprint,
+        "model": clip.name,
+        "data": [
+            {
+                "path": t.info["path"],
+                "role": t.role,
+                "train": t.train_idx,
+                "labels": t.labels,
+                "val": str(t.eval_folder.root) if t.eval_folder is not None else None,
+                "val_idx": t.eval_idx,
+            }
+            for t in tasks
+        ],
+        "objective": objective.name,
+        "threshold": opts.threshold,
+        "layout": layout.model_dump(),
+        "selection": sel_digest,
+        "vector_dtype": str(dtype),
+        "templates": opts.templates,
         "settings": asdict(settings),
     }
     run_dir = store.tmp_dir / "compose-runs" / run_hash(config)[:24]
@@ -145,31 +193,76 @@ def compose(
     trainer = Trainer(clip, stacks, layout, coefs, tasks, objective, settings, dist, run_dir)
     total_steps = trainer.steps * settings.epochs
     if warn and total_steps < MIN_STEPS:
-        warn(f"only {total_steps} optimisation steps ({trainer.steps} per epoch): consider more --epochs")
+        warn(
+            f"only {total_steps} optimisation steps ({trainer.steps} per epoch): "
+            "consider more --epochs"
+        )
     result = trainer.fit(resume=opts.resume, reporter=reporter, on_epoch=on_epoch)
 
     chosen = result.history[result.epoch]
     params = {
-        "layout": layout.model_dump(), "base_fingerprint": clip.base_fingerprint, "model": clip.name,
-        "objective": objective.name, "shots": opts.shots, "seed": opts.seed, "lr": lr,
-        "epochs": opts.epochs, "batch_size": opts.batch_size, "grad_accum": opts.grad_accum,
-        "weight_decay": opts.weight_decay, "threshold": opts.threshold if objective.pseudo_labels else None,
+        "layout": layout.model_dump(),
+        "base_fingerprint": clip.base_fingerprint,
+        "model": clip.name,
+        "objective": objective.name,
+        "shots": opts.shots,
+        "seed": opts.seed,
+        "lr": lr,
+        "epochs": opts.epochs,
+        "batch_size": opts.batch_size,
+        "grad_accum": opts.grad_accum,
+        "weight_decay": opts.weight_decay,
+        "threshold": opts.threshold if objective.pseudo_labels else None,
         "data": [{"name": t.name, "role": t.role, **t.info} for t in tasks],
-        "selection": sel_digest, "learnable": coefs.n_learnable, "vector_dtype": _dtype_name(dtype),
-        "select_by": result.select_by, "epoch": result.epoch, "val_acc": chosen["val_acc"],
-        "base_val_acc": result.base_acc, "history": result.history, "world_size": dist.world,
+        "selection": sel_digest,
+        "learnable": coefs.n_learnable,
+        "vector_dtype": _dtype_name(dtype),
+        "select_by": result.select_by,
+        "epoch": result.epoch,
+        "val_acc": chosen["val_acc"],
+        "base_val_acc": result.base_acc,
+        "history": result.history,
+        "world_size": dist.world,
     }
     report: dict[str, Any] = {
-        "digest": None, "name": opts.name, "vectors": [{"digest": v.digest, "label": v.label} for v in plan.vectors],
-        "blocks": len(layout.blocks), "groups": layout.n_groups, "learnable": coefs.n_learnable,
-        "vector_bytes": n_bytes, "steps": total_steps, "device": str(clip.device), "resumed_from": result.resumed_from,
-        **{k: params[k] for k in ("objective", "shots", "seed", "lr", "epoch", "select_by", "val_acc",
-                                  "base_val_acc", "history", "data", "selection", "world_size")},
-        "coefs": result.coefs.tolist(), "block_names": [b.name for b in layout.blocks],
+        "digest": None,
+        "name": opts.name,
+        "vectors": [{"digest": v.digest, "label": v.label} for v in plan.vectors],
+        "blocks": len(layout.blocks),
+        "groups": layout.n_groups,
+        "learnable": coefs.n_learnable,
+        "vector_bytes": n_bytes,
+        "steps": total_steps,
+        "device": str(clip.device),
+        "resumed_from": result.resumed_from,
+        **{
+            k: params[k]
+            for k in (
+                "objective",
+                "shots",
+                "seed",
+                "lr",
+                "epoch",
+                "select_by",
+                "val_acc",
+                "base_val_acc",
+                "history",
+                "data",
+                "selection",
+                "world_size",
+            )
+        },
+        "coefs": result.coefs.tolist(),
+        "block_names": [b.name for b in layout.blocks],
     }
     if dist.main:
-        manifest = save_tensor_object(store, "coefs", {"coefs": result.coefs.float().contiguous()},
-                                      inputs=plan.digests, params=params)
+        manifest = save_tensor_object(
+            store,
+            "coefs",
+            {"coefs": result.coefs.float().contiguous()},
+            inputs=plan.digests,
+            params=params,
+        )
         report["digest"] = manifest.digest
         if opts.name:
             store.set_ref(opts.name, manifest.digest, force=opts.force)
@@ -191,8 +284,13 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in VECTOR_DTYPES.items()}[dtype]
 
 
-def data_specs(data: list[Path], val: list[Path] | None, classnames: list[Path] | None,
-               negate: Path | None, control: Path | None) -> list[DataSpec]:
+def data_specs(
+    data: list[Path],
+    val: list[Path] | None,
+    classnames: list[Path] | None,
+    negate: Path | None,
+    control: Path | None,
+) -> list[DataSpec]:
     """--data/--val/--classnames/--negate/--control -> DataSpecs (val and class names paired)."""
     val, names = list(val or []), list(classnames or [])
     if val and len(val) != len(data):

@@ -38,8 +38,13 @@ def steps_per_epoch(sizes: list[int], batch_size: int, grad_accum: int) -> int:
 
 
 def epoch_plan(
-    sizes: list[int], batch_size: int, grad_accum: int, seed: int, epoch: int,
-    rank: int = 0, world: int = 1,
+    sizes: list[int],
+    batch_size: int,
+    grad_accum: int,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world: int = 1,
 ) -> list[list[Micro]]:
     """steps -> micro-batches of this rank, for data sets of `sizes` samples."""
     per_step = batch_size * grad_accum

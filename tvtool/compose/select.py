@@ -72,8 +72,12 @@ def selection_keep(doc: SelectionDoc, plan: BankPlan) -> Callable[[int, str], bo
 
 # -- the gradient at the base -------------------------------------------------------------------
 def base_gradient(
-    clip: Any, plan: BankPlan, objective: Objective, datasets: Sequence[tuple[Any, list[int], list[int], torch.Tensor]],
-    batch_size: int, on_batch: Callable[[], None] | None = None,
+    clip: Any,
+    plan: BankPlan,
+    objective: Objective,
+    datasets: Sequence[tuple[Any, list[int], list[int], torch.Tensor]],
+    batch_size: int,
+    on_batch: Callable[[], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Mean gradient of the objective over all images (eval preprocessing), per covered param.
 
@@ -108,7 +112,9 @@ def _vector_tensors(store: Store, plan: BankPlan, t: int):
             yield key, param.get(key), reader.get(key)
 
 
-def grad_scores(store: Store, plan: BankPlan, blocks: list[BlockInfo], grads: dict[str, torch.Tensor]) -> torch.Tensor:
+def grad_scores(
+    store: Store, plan: BankPlan, blocks: list[BlockInfo], grads: dict[str, torch.Tensor]
+) -> torch.Tensor:
     """[T, B] |dL/dLambda[t, b]| at Lambda = 0."""
     block_of = {k: b for b, blk in enumerate(blocks) for k in blk.keys}
     out = torch.zeros(len(plan.vectors), len(blocks), dtype=torch.float64)
@@ -155,9 +161,13 @@ def keep_top(scores: torch.Tensor, covered: torch.Tensor, top: int) -> list[tupl
     return sorted(keep, key=lambda p: (p[1], p[0]))
 
 
-def keep_budget(scores: torch.Tensor, covered: torch.Tensor, nbytes: torch.Tensor, budget: int) -> list[tuple[int, int]]:
+def keep_budget(
+    scores: torch.Tensor, covered: torch.Tensor, nbytes: torch.Tensor, budget: int
+) -> list[tuple[int, int]]:
     """Best pairs first (greedy by score) while their bytes fit `budget`."""
-    pairs = [(t, b) for t in range(scores.shape[0]) for b in range(scores.shape[1]) if covered[t, b]]
+    pairs = [
+        (t, b) for t in range(scores.shape[0]) for b in range(scores.shape[1]) if covered[t, b]
+    ]
     pairs.sort(key=lambda p: (-float(scores[p]), p))
     keep, used = [], 0
     for p in pairs:
@@ -166,13 +176,19 @@ def keep_budget(scores: torch.Tensor, covered: torch.Tensor, nbytes: torch.Tenso
             used += int(nbytes[p])
     if not keep:
         smallest = min(int(nbytes[p]) for p in pairs) if pairs else 0
-        raise TvtoolError(f"--budget-mb is too small: the smallest pair needs {smallest / 1e6:.3f} MB")
+        raise TvtoolError(
+            f"--budget-mb is too small: the smallest pair needs {smallest / 1e6:.3f} MB"
+        )
     return sorted(keep, key=lambda p: (p[1], p[0]))
 
 
 # -- element masks ------------------------------------------------------------------------------
 def element_masks(
-    store: Store, plan: BankPlan, t: int, density: float, grads: dict[str, torch.Tensor] | None,
+    store: Store,
+    plan: BankPlan,
+    t: int,
+    density: float,
+    grads: dict[str, torch.Tensor] | None,
 ) -> tuple[dict[str, torch.Tensor], int, int]:
     """Masks (bool, keyed like vector t) keeping its top `density` elements by |tau ⊙ G| (or by
     |tau| when `grads` is None). With gradients, tensors outside the image tower score 0 and are

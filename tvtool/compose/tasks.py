@@ -80,8 +80,14 @@ def prepare_task(
     needs_labels = objective.labelled or spec.role != "task"
     what = {"task": "--data", "target": "--negate", "control": "--control"}[spec.role]
     if needs_labels and not folder.labelled:
-        why = "negation needs labels to measure forgetting" if spec.role != "task" else f"objective {objective.name} needs labels"
-        raise TvtoolError(f"{what} {spec.path}: no class folders ({why}; expected DIR/<class>/*.png)")
+        why = (
+            "negation needs labels to measure forgetting"
+            if spec.role != "task"
+            else f"objective {objective.name} needs labels"
+        )
+        raise TvtoolError(
+            f"{what} {spec.path}: no class folders ({why}; expected DIR/<class>/*.png)"
+        )
     labels = folder.labels
     indices = list(range(len(folder)))
     eval_folder, eval_idx = None, []
@@ -108,23 +114,30 @@ def prepare_task(
     targets = [labels[i] for i in indices]
     info: dict[str, Any] = {"path": str(Path(spec.path).resolve()), "classes": folder.num_classes}
     if objective.pseudo_labels:
-        indices, targets, kept = _pseudo_labels(clip, folder, indices, head, threshold, batch_size, dist)
+        indices, targets, kept = _pseudo_labels(
+            clip, folder, indices, head, threshold, batch_size, dist
+        )
         info["pseudo_kept"] = kept
         if not indices:
             raise TvtoolError(
-                f"{spec.path}: no image's zero-shot confidence reaches --threshold {threshold}; lower it"
+                f"{spec.path}: no image's zero-shot confidence reaches --threshold "
+                f"{threshold}; lower it"
             )
     if not indices:
         raise TvtoolError(f"{spec.path}: no training images")
     info.update(train=len(indices), val=len(eval_idx))
-    task = TaskData(folder.name, spec.role, folder, indices, targets, head, eval_folder, eval_idx, info=info)
+    task = TaskData(
+        folder.name, spec.role, folder, indices, targets, head, eval_folder, eval_idx, info=info
+    )
     if eval_folder is None and spec.role != "task":  # negation must measure accuracy somewhere
         task.eval_folder, task.eval_idx, task.eval_is_train = folder, list(indices), True
     return task
 
 
 @torch.no_grad()
-def zero_shot_logits(clip: Any, folder: Any, indices: list[int], head: torch.Tensor, batch_size: int, dist: Dist):
+def zero_shot_logits(
+    clip: Any, folder: Any, indices: list[int], head: torch.Tensor, batch_size: int, dist: Dist
+):
     """Logits of the base model for `indices` (eval preprocessing), computed sharded by rank and
     summed across ranks, so every process gets identical values."""
     tf = mdata.eval_transform(clip)

@@ -67,8 +67,15 @@ class FitResult:
 
 class Trainer:
     def __init__(
-        self, clip: Any, stacks: Sequence[Stack], layout: CoefsLayout, coefs: Coefs,
-        tasks: Sequence[TaskData], objective: Objective, settings: Settings, dist: Dist,
+        self,
+        clip: Any,
+        stacks: Sequence[Stack],
+        layout: CoefsLayout,
+        coefs: Coefs,
+        tasks: Sequence[TaskData],
+        objective: Objective,
+        settings: Settings,
+        dist: Dist,
         run_dir: Path | None = None,
     ):
         if settings.epochs < 1 or settings.batch_size < 1 or settings.grad_accum < 1:
@@ -83,24 +90,35 @@ class Trainer:
         self.base = {s.param: tower[s.param] for s in self.stacks}
         self.scale = clip.logit_scale
         self.run_dir = run_dir
-        self.opt = torch.optim.AdamW(self.coefs.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-        self.steps = steps_per_epoch([len(t.train_idx) for t in self.tasks], settings.batch_size, settings.grad_accum)
-        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=max(1, self.steps * settings.epochs))
+        self.opt = torch.optim.AdamW(
+            self.coefs.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
+        )
+        self.steps = steps_per_epoch(
+            [len(t.train_idx) for t in self.tasks], settings.batch_size, settings.grad_accum
+        )
+        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.opt, T_max=max(1, self.steps * settings.epochs)
+        )
         tf = mdata.train_transform(clip, flip=settings.flip, strong=settings.augment == "strong")
         self.views = [
             SeededView(LabelledSubset(t.folder, t.train_idx, t.labels, tf), settings.seed, k)
             for k, t in enumerate(self.tasks)
         ]
         self.select_by: SelectBy = (
-            "negation" if any(t.role == "target" for t in self.tasks)
-            else "val" if any(t.eval_folder is not None for t in self.tasks) else "last"
+            "negation"
+            if any(t.role == "target" for t in self.tasks)
+            else "val"
+            if any(t.eval_folder is not None for t in self.tasks)
+            else "last"
         )
 
     # -- forward --------------------------------------------------------------------------
     def params(self, lam: torch.Tensor) -> dict[str, torch.Tensor]:
         return compose_params(lam, self.stacks, self.layout, self.base, self.index)
 
-    def logits(self, params: dict[str, torch.Tensor], images: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    def logits(
+        self, params: dict[str, torch.Tensor], images: torch.Tensor, head: torch.Tensor
+    ) -> torch.Tensor:
         with autocast(self.device):
             feats = encode_images(self.clip, params, images.to(self.device, non_blocking=True))
         return self.scale * feats.float() @ head.T
@@ -111,22 +129,40 @@ class Trainer:
         for k, view in enumerate(self.views):
             view.epoch = epoch
             batches = [micro.items[k] for step in plan for micro in step]
-            loaders.append(iter(torch.utils.data.DataLoader(
-                view, batch_sampler=batches, collate_fn=collate, num_workers=self.s.workers,
-                pin_memory=self.device.type == "cuda",
-            )))
+            loaders.append(
+                iter(
+                    torch.utils.data.DataLoader(
+                        view,
+                        batch_sampler=batches,
+                        collate_fn=collate,
+                        num_workers=self.s.workers,
+                        pin_memory=self.device.type == "cuda",
+                    )
+                )
+            )
         return loaders
 
     def train_epoch(self, epoch: int, reporter: Reporter | None) -> tuple[float, list[float]]:
-        plan = epoch_plan([len(t.train_idx) for t in self.tasks], self.s.batch_size, self.s.grad_accum,
-                          self.s.seed, epoch, self.dist.rank, self.dist.world)
+        plan = epoch_plan(
+            [len(t.train_idx) for t in self.tasks],
+            self.s.batch_size,
+            self.s.grad_accum,
+            self.s.seed,
+            epoch,
+            self.dist.rank,
+            self.dist.world,
+        )
         loaders = self._loaders(epoch, plan)
         task_loss = torch.zeros(len(self.tasks), dtype=torch.float64)
         for step in plan:
             self.opt.zero_grad(set_to_none=True)
             for m, micro in enumerate(step):
                 sync = m == len(step) - 1
-                ctx = contextlib.nullcontext() if sync or not self.dist.active else self.module.no_sync()
+                ctx = (
+                    contextlib.nullcontext()
+                    if sync or not self.dist.active
+                    else self.module.no_sync()
+                )
                 with ctx:
                     lam = self.module()
                     params = self.params(lam)
@@ -136,7 +172,9 @@ class Trainer:
                         if batch is None:
                             continue
                         images, labels = batch
-                        per = self.objective.loss(self.logits(params, images, task.head), labels.to(self.device))
+                        per = self.objective.loss(
+                            self.logits(params, images, task.head), labels.to(self.device)
+                        )
                         part = per.sum() / micro.step_counts[k]
                         task_loss[k] += float(part.detach())
                         loss = loss + SIGN[task.role] * part * self.dist.world
@@ -162,15 +200,22 @@ class Trainer:
         for k, t in todo:
             idx = shard(t.eval_idx, self.dist.rank, self.dist.world)
             ds = LabelledSubset(t.eval_folder, idx, [t.eval_folder.samples[i][1] for i in idx], tf)
-            loader = torch.utils.data.DataLoader(ds, batch_size=max(self.s.batch_size, 64), collate_fn=collate,
-                                                 num_workers=self.s.workers)
+            loader = torch.utils.data.DataLoader(
+                ds,
+                batch_size=max(self.s.batch_size, 64),
+                collate_fn=collate,
+                num_workers=self.s.workers,
+            )
             for batch in loader:
                 images, labels = batch
                 pred = self.logits(params, images, t.head).argmax(dim=-1).cpu()
                 counts[k, 0] += float((pred == labels).sum())
                 counts[k, 1] += len(labels)
         counts = self.dist.all_reduce_sum(counts.to(self.device)).cpu()
-        return {self.tasks[k].name + _role_tag(self.tasks[k].role): float(counts[k, 0] / counts[k, 1]) for k, _ in todo}
+        return {
+            self.tasks[k].name + _role_tag(self.tasks[k].role): float(counts[k, 0] / counts[k, 1])
+            for k, _ in todo
+        }
 
     def score(self, acc: dict[str, float], base: dict[str, float]) -> float | None:
         """Higher is better; None: not eligible (negation breaking the control constraint)."""
@@ -187,20 +232,30 @@ class Trainer:
         return 0.0
 
     # -- the whole run --------------------------------------------------------------------
-    def fit(self, resume: bool = False, reporter: Reporter | None = None,
-            on_epoch: Callable[[int], None] | None = None) -> FitResult:
+    def fit(
+        self,
+        resume: bool = False,
+        reporter: Reporter | None = None,
+        on_epoch: Callable[[int], None] | None = None,
+    ) -> FitResult:
         state = self._load() if resume else None
         if state is not None:
             start, history = int(state["epoch"]), list(state["history"])
             self.coefs.values.data.copy_(state["values"].to(self.device))
             self.opt.load_state_dict(state["opt"])
             self.sched.load_state_dict(state["sched"])
-            best_epoch, best_values, best_score = state["best_epoch"], state["best_values"], state["best_score"]
+            best_epoch, best_values, best_score = (
+                state["best_epoch"],
+                state["best_values"],
+                state["best_score"],
+            )
         else:
             start = 0
             zero = self.coefs.values.detach().cpu().clone()
             acc = self.evaluate(self.coefs.matrix())
-            history = [{"epoch": 0, "train_loss": None, "task_losses": None, "val_acc": acc, "lr": None}]
+            history = [
+                {"epoch": 0, "train_loss": None, "task_losses": None, "val_acc": acc, "lr": None}
+            ]
             best_epoch, best_values, best_score = 0, zero, self.score(acc, acc)
         base_acc = history[0]["val_acc"]
         for epoch in range(start + 1, self.s.epochs + 1):
@@ -209,13 +264,26 @@ class Trainer:
             lr = self.opt.param_groups[0]["lr"]
             total, per_task = self.train_epoch(epoch, reporter)
             acc = self.evaluate(self.coefs.matrix())
-            record = {"epoch": epoch, "train_loss": _finite(total), "lr": lr,
-                      "task_losses": {t.name + _role_tag(t.role): _finite(x) for t, x in zip(self.tasks, per_task, strict=True)},
-                      "val_acc": acc}
+            record = {
+                "epoch": epoch,
+                "train_loss": _finite(total),
+                "lr": lr,
+                "task_losses": {
+                    t.name + _role_tag(t.role): _finite(x)
+                    for t, x in zip(self.tasks, per_task, strict=True)
+                },
+                "val_acc": acc,
+            }
             history.append(record)
             sc = self.score(acc, base_acc)
-            if self.select_by == "last" or (sc is not None and (best_score is None or sc > best_score)):
-                best_epoch, best_values, best_score = epoch, self.coefs.values.detach().cpu().clone(), sc
+            if self.select_by == "last" or (
+                sc is not None and (best_score is None or sc > best_score)
+            ):
+                best_epoch, best_values, best_score = (
+                    epoch,
+                    self.coefs.values.detach().cpu().clone(),
+                    sc,
+                )
             self._save(epoch, history, best_epoch, best_values, best_score)
             if reporter:
                 reporter.end_epoch(record)
@@ -223,8 +291,14 @@ class Trainer:
                 on_epoch(epoch)
         chosen = torch.zeros(self.coefs.shape).flatten()
         chosen[self.coefs.index.cpu()] = best_values.float()
-        return FitResult(chosen.view(self.coefs.shape), best_epoch, history, self.select_by,
-                         resumed_from=start if state is not None else None, base_acc=base_acc)
+        return FitResult(
+            chosen.view(self.coefs.shape),
+            best_epoch,
+            history,
+            self.select_by,
+            resumed_from=start if state is not None else None,
+            base_acc=base_acc,
+        )
 
     # -- checkpoints ------------------------------------------------------------------------
     def _save(self, epoch: int, history, best_epoch: int, best_values, best_score) -> None:
@@ -232,9 +306,16 @@ class Trainer:
             return
         if self.dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            state = {"epoch": epoch, "values": self.coefs.values.detach().cpu(), "opt": self.opt.state_dict(),
-                     "sched": self.sched.state_dict(), "history": history, "best_epoch": best_epoch,
-                     "best_values": best_values, "best_score": best_score}
+            state = {
+                "epoch": epoch,
+                "values": self.coefs.values.detach().cpu(),
+                "opt": self.opt.state_dict(),
+                "sched": self.sched.state_dict(),
+                "history": history,
+                "best_epoch": best_epoch,
+                "best_values": best_values,
+                "best_score": best_score,
+            }
             tmp = self.run_dir / f".{CHECKPOINT}.{os.getpid()}.tmp"
             torch.save(state, tmp)
             os.replace(tmp, self.run_dir / CHECKPOINT)
@@ -247,7 +328,9 @@ class Trainer:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - a torn or foreign file: say so, start afresh
-            raise TvtoolError(f"cannot read checkpoint {path} ({e}); delete it to start afresh") from None
+            raise TvtoolError(
+                f"cannot read checkpoint {path} ({e}); delete it to start afresh"
+            ) from None
         if state["values"].numel() != self.coefs.n_learnable:
             raise TvtoolError(f"checkpoint {path} does not fit this run; delete it to start afresh")
         return state

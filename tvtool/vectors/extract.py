@@ -188,7 +188,12 @@ def extract_vector(
         )
     deduplicated = manifest.created != created
     if name is not None:
-        store.set_ref(name, manifest.digest, force=force)
+        try:
+            store.set_ref(name, manifest.digest, force=force)
+        except TvtoolError as e:
+            raise TvtoolError(
+                f"vector stored as {manifest.digest[:12]}, but not named: {e}"
+            ) from None
     return ExtractResult(manifest, name, deduplicated, skipped, filtered_out)
 
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from tvtool.checkpoints.readers import TensorMeta, open_checkpoint
+from tvtool.checkpoints.readers import SafetensorsReader, TensorMeta, open_checkpoint
 from tvtool.checkpoints.writer import (
     SafetensorsStreamWriter,
     TensorSpec,
@@ -50,6 +51,7 @@ from tvtool.vectors.stored import open_tensor_object
 from tvtool.vectors.terms import Term, default_scale
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
+PENDING = "0" * 64  # same length as a sha256: headers keep their size once it is known
 
 
 @dataclass
@@ -73,9 +75,29 @@ class MergePlan:
     skipped: list[str]  # offenders skipped under --allow-missing
     files: list[tuple[Path, list[TensorSpec]]]
     index: Path | None
-    recipe: dict
-    digest: str  # sha256 of the canonical recipe = the merge object's digest
-    metadata: dict[str, str]
+    fingerprint: str | None = None  # the base's sha256 (None: hashed while merging)
+    recipe: dict = field(default_factory=dict)
+    digest: str = PENDING  # sha256 of the canonical recipe = the merge object's digest
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def finalize(self, fingerprint: str | None) -> None:
+        """Fill in what depends on the base's sha256: recipe, digest and metadata (None:
+        placeholders of the same length, so that a header written early keeps its size)."""
+        expect = self.request.expect_base
+        if fingerprint and expect and fingerprint != expect:
+            raise TvtoolError(
+                f"{self.request.base} is not the recipe's base (sha256 "
+                f"{fingerprint[:12]}, the recipe needs {expect[:12]})"
+            )
+        self.fingerprint = fingerprint
+        terms = [(t.digest, t.weight, t.mask) for t in self.terms]
+        self.recipe = build_recipe(
+            self.request, fingerprint or PENDING, self.params.recorded(), terms, self.coefs
+        )
+        self.digest = (
+            hashlib.sha256(canonical_json(self.recipe)).hexdigest() if fingerprint else PENDING
+        )
+        self.metadata = provenance_metadata(self.recipe, self.digest)
 
     @property
     def total_size(self) -> int:
@@ -163,8 +185,9 @@ def _match_keys(store, t: PlannedTerm, metas: dict[str, TensorMeta], keep) -> li
     return out
 
 
-def plan_merge(store: Store, req: MergeRequest) -> MergePlan:
-    """Validate everything and lay out the output; reads headers and the base's hash only."""
+def plan_merge(store: Store, req: MergeRequest, *, hash_base: bool = True) -> MergePlan:
+    """Validate everything and lay out the output; reads headers and (with `hash_base`) the
+    base's sha256. Without it, `execute_merge` hashes the base while it merges."""
     out_dtype = parse_dtype(req.dtype)
     tfilter = TensorFilter(req.include, req.exclude)
     coefs_digest, layout = None, None
@@ -194,12 +217,7 @@ def plan_merge(store: Store, req: MergeRequest) -> MergePlan:
 
     with open_checkpoint(req.base) as base:
         metas = {k: base.meta(k) for k in base.keys()}
-        fingerprint = base.fingerprint()
-    if req.expect_base and fingerprint != req.expect_base:
-        raise TvtoolError(
-            f"{req.base} is not the recipe's base (sha256 {fingerprint[:12]}, "
-            f"the recipe needs {req.expect_base[:12]})"
-        )
+        fingerprint = base.fingerprint() if hash_base else None
     index = layout.key_index() if layout else None
     keep = (lambda k: tfilter(k) and k in index) if index is not None else tfilter
     order = {k: i for i, k in enumerate(metas)}
@@ -217,34 +235,14 @@ def plan_merge(store: Store, req: MergeRequest) -> MergePlan:
         return out_dtype if out_dtype is not None and m.dtype.is_floating_point else m.dtype
 
     specs = [TensorSpec(k, m.shape, out_type(m)) for k, m in metas.items()]
-    recipe = build_recipe(
-        req,
-        fingerprint,
-        params.recorded(),
-        [(t.digest, t.weight, t.mask) for t in terms],
-        coefs_digest,
-    )
-    digest = hashlib.sha256(canonical_json(recipe)).hexdigest()
-    metadata = provenance_metadata(recipe, digest)
     out = req.out / "model.safetensors" if req.out.is_dir() else req.out
     files, index_path = output_files(out, specs, req.shard_size)
     exists = [str(p) for p in [*(f for f, _ in files), index_path] if p is not None and p.exists()]
     if exists and not req.force:
         raise TvtoolError(f"{_few(exists, 2)} exists; use --force to overwrite")
-    return MergePlan(
-        req,
-        params,
-        terms,
-        coefs_digest,
-        specs,
-        touched,
-        offenders,
-        files,
-        index_path,
-        recipe,
-        digest,
-        metadata,
-    )
+    plan = MergePlan(req, params, terms, coefs_digest, specs, touched, offenders, files, index_path)
+    plan.finalize(fingerprint)
+    return plan
 
 
 @dataclass
@@ -311,7 +309,8 @@ class _Inputs:
         if not ids:
             return tensor  # copied as read (bit for bit unless --dtype casts it)
         cdt = self.cdtype(spec.name)
-        acc = tensor.to(cdt, copy=True)
+        owned = isinstance(self.base, SafetensorsReader)  # its reads return fresh tensors
+        acc = tensor if owned and tensor.dtype == cdt else tensor.to(cdt, copy=True)
         p = self.p
         if self.coefs is not None:
             for i in ids:
@@ -331,22 +330,38 @@ class _Inputs:
 
 
 def execute_merge(store: Store, plan: MergePlan, progress: Progress = _noop) -> MergeResult:
-    """Stream the merged checkpoint to disk, then record the recipe in the store."""
+    """Stream the merged checkpoint to disk, then record the recipe in the store. A base not
+    hashed by the plan is hashed on a thread while merging; the headers, written first with
+    placeholders of the same length, are rewritten before the files are renamed into place."""
     t0 = time.perf_counter()
     force = plan.request.force
     with ExitStack() as stack:
         inputs = _Inputs(stack, store, plan)
+        hashing = None
+        if plan.fingerprint is None:
+            pool = stack.enter_context(ThreadPoolExecutor(1))
+            hashing = pool.submit(inputs.base.fingerprint)
         if "trim" in plan.params.steps and plan.params.scope == "global":
             inputs.thresholds(progress)
-        writers: list[SafetensorsStreamWriter] = []
+        outputs, writers = [], []
         for path, specs in plan.files:
             f = stack.enter_context(atomic_output(path, force=force))
+            outputs.append((f, specs))
             writers += [SafetensorsStreamWriter(f, specs, plan.metadata)] * len(specs)
         for n, (spec, writer) in enumerate(zip(plan.specs, writers, strict=True)):
             writer.write(spec.name, inputs.merged(spec))
             progress("merge", n + 1, len(plan.specs))
         for w in dict.fromkeys(writers):
             w.finish()
+        if hashing is not None:
+            sizes = [len(build_header(specs, plan.metadata)) for _, specs in outputs]
+            plan.finalize(hashing.result())
+            for (f, specs), size in zip(outputs, sizes, strict=True):
+                header = build_header(specs, plan.metadata)
+                if len(header) != size:  # pragma: no cover - digests have a fixed length
+                    raise TvtoolError("internal error: the final header changed size")
+                f.seek(0)
+                f.write(header)
     if plan.index is not None:
         with atomic_output(plan.index, force=force) as f:
             f.write(index_document(plan.files, plan.metadata))

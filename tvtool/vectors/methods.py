@@ -119,13 +119,23 @@ def _take_first_ties(mask: torch.Tensor, equal: torch.Tensor, budget: int) -> in
 
 def topk_mask(a: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of exactly the k largest entries of `a` (float32, >= 0); ties: lower index
-    first. The same two-level histogram as the global rule, on one tensor in memory."""
-    kth = KthLargest(k, a.numel())
-    if kth.needs_passes:
-        kth.add_pass1(a)
-        kth.end_pass1()
-        kth.add_pass2(a)
+    first. Large tensors use the two-level histogram of the global rule (faster than kthvalue)."""
+    n = a.numel()
+    if k <= 0 or k >= n:
+        return torch.full(a.shape, k > 0, dtype=torch.bool)
+    if n <= _KTHVALUE_MAX:
+        thr = torch.kthvalue(a.reshape(-1), n - k + 1).values
+        mask = a > thr
+        _take_first_ties(mask, a == thr, k - int(mask.sum()))
+        return mask
+    kth = KthLargest(k, n)
+    kth.add_pass1(a)
+    kth.end_pass1()
+    kth.add_pass2(a)
     return kth.result().mask(a)
+
+
+_KTHVALUE_MAX = 1 << 17  # below this size kthvalue is faster (measured on CPU)
 
 
 @dataclass
@@ -175,10 +185,15 @@ class KthLargest:
     def add_pass1(self, a: torch.Tensor) -> None:
         self.hi += torch.bincount(self._bits(a) >> 15, minlength=1 << 16)
 
+    @staticmethod
+    def _locate(counts: torch.Tensor, k: int) -> tuple[int, int]:
+        """(bin holding the k-th largest, count in the bins above it)."""
+        top = torch.cumsum(counts.flip(0), 0)  # top[j]: count in the j+1 highest bins
+        j = int(torch.searchsorted(top, k))
+        return counts.numel() - 1 - j, int(top[j - 1]) if j else 0
+
     def end_pass1(self) -> None:
-        above = torch.cumsum(self.hi.flip(0), 0).flip(0) - self.hi  # count in buckets > b
-        b = int(((above < self.k) & (above + self.hi >= self.k)).nonzero()[-1])
-        self.bucket, self.above = b, int(above[b])
+        self.bucket, self.above = self._locate(self.hi, self.k)
 
     def add_pass2(self, a: torch.Tensor) -> None:
         bits = self._bits(a)
@@ -192,11 +207,9 @@ class KthLargest:
         if self.k >= self.n:
             return GlobalTopK(value=None)
         need = self.k - self.above
-        above = torch.cumsum(self.lo.flip(0), 0).flip(0) - self.lo
-        low = int(((above < need) & (above + self.lo >= need)).nonzero()[-1])
+        low, above = self._locate(self.lo, need)
         bits = torch.tensor([(self.bucket << 15) | low], dtype=torch.int32)
-        value = float(bits.view(torch.float32)[0])
-        return GlobalTopK(value=value, ties=need - int(above[low]))
+        return GlobalTopK(value=float(bits.view(torch.float32)[0]), ties=need - above)
 
 
 # -- DARE ----------------------------------------------------------------------------------------

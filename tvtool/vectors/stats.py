@@ -166,10 +166,9 @@ def inspect_vectors(
         if t > 1:
             agree[idx[:, None], idx[None, :]] += a
             both[idx[:, None], idx[None, :]] += b
-        amax = x.abs().amax(dim=1) if n else torch.zeros(len(holders))
-        zeros = (x == 0).sum(dim=1)
+        amax, zeros = _row_extremes(x)
         for r, i in enumerate(holders):
-            blocks[i][key] = _Acc(n, float(g[r, r]), float(amax[r]), int(zeros[r]))
+            blocks[i][key] = _Acc(n, float(g[r, r]), amax[r], zeros[r])
         if per_block and pairs:
             pos = {i: r for r, i in enumerate(holders)}
             cos = []
@@ -221,20 +220,35 @@ def inspect_vectors(
 
 
 def _pair_sums(x: torch.Tensor, with_signs: bool) -> tuple[torch.Tensor, ...]:
-    """Gram matrix of the rows of `x` (float64) and, with signs, the sign-agreement sums."""
+    """Gram matrix of the rows of `x` (accumulated in float64) and, with signs, the sums
+    (#same sign - #opposite sign) and #both nonzero for every pair of rows."""
     rows = x.shape[0]
     g = torch.zeros(rows, rows, dtype=torch.float64)
     a = torch.zeros(rows, rows, dtype=torch.float64)
     b = torch.zeros(rows, rows, dtype=torch.float64)
     for start in range(0, x.shape[1], CHUNK):
-        c = x[:, start:start + CHUNK].to(torch.float64)
+        part = x[:, start:start + CHUNK]
+        c = part.to(torch.float64)
         g += c @ c.T
         if with_signs and rows > 1:
-            s = torch.sign(c)
-            a += s @ s.T
+            s = torch.sign(part)  # float32 sums of +-1 over a chunk are exact
+            a += (s @ s.T).to(torch.float64)
             s.abs_()
-            b += s @ s.T
+            b += (s @ s.T).to(torch.float64)
     return g, a, b
+
+
+def _row_extremes(x: torch.Tensor) -> tuple[list[float], list[int]]:
+    """max |x| and the number of zeros of every row (row by row: no full-size temporaries)."""
+    amax, zeros = [], []
+    for row in x:
+        if row.numel():
+            lo, hi = torch.aminmax(row)
+            amax.append(max(abs(float(lo)), abs(float(hi))))
+        else:
+            amax.append(0.0)
+        zeros.append(row.numel() - int(torch.count_nonzero(row)))
+    return amax, zeros
 
 
 class _ContributionAcc:

@@ -30,7 +30,10 @@ def write_tensor_object(
         fields = {
             "kind": kind,
             "format": "safetensors",
-            "tensors": [TensorInfo(name=s.name, shape=list(s.shape), dtype=DTYPE_TO_ST[s.dtype]) for s in specs],
+            "tensors": [
+                TensorInfo(name=s.name, shape=list(s.shape), dtype=DTYPE_TO_ST[s.dtype])
+                for s in specs
+            ],
             "numel": sum(_numel(s.shape) for s in specs),
             "dtype": dtypes[0] if len(dtypes) == 1 else ",".join(dtypes),
             **manifest_fields,
@@ -38,13 +41,17 @@ def write_tensor_object(
         return w.commit(fields)
 
 
-def save_tensor_object(store: Store, kind: ObjectKind, tensors: dict[str, torch.Tensor], **fields: Any) -> Manifest:
+def save_tensor_object(
+    store: Store, kind: ObjectKind, tensors: dict[str, torch.Tensor], **fields: Any
+) -> Manifest:
     """Store a small in-memory dict of tensors (coefficients, masks)."""
     specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]
     return write_tensor_object(store, kind, specs, lambda s: tensors[s.name], **fields)
 
 
-def open_tensor_object(store: Store, name: str, kind: ObjectKind | tuple[str, ...] = "vector") -> tuple[Manifest, SafetensorsReader]:
+def open_tensor_object(
+    store: Store, name: str, kind: ObjectKind | tuple[str, ...] = "vector"
+) -> tuple[Manifest, SafetensorsReader]:
     """Resolve `name` and open its blob for streaming reads (keys are stored names, unchanged)."""
     digest = store.resolve(name, kind=kind)
     manifest = store.manifest(digest)
@@ -54,7 +61,9 @@ def open_tensor_object(store: Store, name: str, kind: ObjectKind | tuple[str, ..
     return manifest, reader
 
 
-def load_tensor_object(store: Store, name: str, kind: ObjectKind | tuple[str, ...]) -> tuple[Manifest, dict[str, torch.Tensor]]:
+def load_tensor_object(
+    store: Store, name: str, kind: ObjectKind | tuple[str, ...]
+) -> tuple[Manifest, dict[str, torch.Tensor]]:
     manifest, reader = open_tensor_object(store, name, kind)
     with reader:
         return manifest, {k: reader.get(k) for k in reader.keys()}

@@ -4,26 +4,25 @@ parameters, 351 MB each) vs a naive cosine matrix that holds every vector in mem
 Each measurement runs in a fresh subprocess and reads its peak resident set size (VmHWM);
 "import only" is the interpreter with torch and tvtool imported.
 
-    .venv/bin/python bench/inspect.py [--vectors 8] [--scale 1.0] [--dir /tmp/somewhere]
+    .venv/bin/python bench/inspect_vectors.py [--vectors 8] [--scale 1.0] [--dir /tmp/somewhere]
 
 Writes bench/results/inspect.json. Needs about vectors x 351 MB of disk at scale 1.0.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
-# run as `python bench/inspect.py`, bench/ is sys.path[0] and this file would shadow the
-# standard library's `inspect` (which torch imports): move bench/ to the end of the path
+# (not named inspect.py: run as a script, bench/ is first on sys.path and would shadow the
+# standard library's `inspect`, which torch imports)
 HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+sys.path.insert(0, str(HERE))
 
 CHILD = r"""
 import sys, time
@@ -81,7 +80,7 @@ def make_vectors(root: Path, count: int, scale: float) -> list[str]:
     specs = [TensorSpec(k, s, torch.float32) for k, s in vit_b32_shapes(scale).items()]
     names = []
     for i in range(count):
-        def produce(spec: TensorSpec, i: int = i) -> "torch.Tensor":
+        def produce(spec: TensorSpec, i: int = i) -> torch.Tensor:
             shared = torch.randn(spec.shape, generator=_gen(999, spec.name))
             own = torch.randn(spec.shape, generator=_gen(i, spec.name))
             return 1e-3 * (0.5 * shared + own)

@@ -1,0 +1,233 @@
+"""Cost of one `tvtool compose` optimisation step against plain fine-tuning of the same model.
+
+For each configuration a fresh subprocess builds the image tower (default: open_clip's ViT-B-32
+architecture, random weights, nothing downloaded; or `--model-config FILE`), makes a batch of
+random images and T random task vectors over every image-tower tensor, held on the device in
+fp32 or fp16 exactly as compose holds them, then times optimisation steps:
+
+* plain:   forward + backward of the tower with its own weights trainable (the limit);
+* compose: Lambda -> theta = theta_0 + sum_t Lambda * tau_t -> forward + backward -> AdamW on Lambda.
+
+Memory: on CUDA the peak of torch.cuda.max_memory_allocated over the steps minus what was
+allocated before the vectors (model + batch); on CPU the peak resident set (VmHWM) minus the
+resident set at that same point. "extra" = step memory of compose - plain - the vectors' bytes:
+what compose costs beyond holding the vectors (target: about zero, independent of T).
+
+    .venv/bin/python bench/compose.py                        # ViT-B-32, auto device
+    .venv/bin/python bench/compose.py --model-config cfg.json --vectors 1,8 --device cpu
+
+Prints a table; writes bench/results/compose-<device>.json. Target: compose step within 1.3x of
+the plain step; memory grows by T x the vectors' bytes and no more.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# bench/ holds inspect.py, which would shadow the standard library's `inspect` (torch imports it)
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import re  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+
+
+def _rss(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def child(cfg: dict) -> dict:
+    """One configuration, in its own process."""
+    import open_clip
+    import torch
+
+    from tvtool.compose.bank import Stack
+    from tvtool.compose.coefs import Coefs, attach_partitions, compose_params, learnable_mask
+    from tvtool.models.build import register_config, resolve_device
+    from tvtool.models.functional import autocast
+    from tvtool.vectors.blocks import CoefsLayout, make_blocks
+
+    torch.manual_seed(0)
+    device = resolve_device(cfg["device"])
+    name = cfg["model"]
+    if cfg.get("model_config"):
+        name, _ = register_config(Path(cfg["model_config"]))
+    net = open_clip.create_model(name, pretrained=None)
+    visual = net.visual.to(device).train(False)
+    del net
+    size = visual.image_size
+    size = size if isinstance(size, (tuple, list)) else (size, size)
+    images = torch.randn(cfg["batch_size"], 3, *size, device=device)
+    params = {n: p for n, p in visual.named_parameters()}
+    out_dim = visual(images[:1]).shape[-1]
+    head = torch.nn.functional.normalize(torch.randn(10, out_dim, device=device), dim=-1)
+    labels = torch.randint(0, 10, (cfg["batch_size"],), device=device)
+
+    def loss_of(feats):
+        logits = 100 * torch.nn.functional.normalize(feats.float(), dim=-1) @ head.T
+        return torch.nn.functional.cross_entropy(logits, labels)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        before = _rss("VmRSS")
+
+    n_vec, dtype = cfg["vectors"], getattr(torch, cfg["dtype"])
+    if cfg["mode"] == "plain":
+        for p in params.values():
+            p.requires_grad_(True)
+
+        def step():
+            for p in params.values():
+                p.grad = None
+            with autocast(device):
+                feats = visual(images)
+            loss_of(feats).backward()
+
+        vector_bytes = 0
+    else:
+        for p in params.values():
+            p.requires_grad_(False)
+        shapes = {n: tuple(p.shape) for n, p in params.items()}
+        layout = CoefsLayout(
+            vectors=[f"v{t}" for t in range(n_vec)],
+            blocks=make_blocks(shapes, "tensor", cfg["partitions"]),
+            partitions=cfg["partitions"],
+        )
+        stacks = []
+        for n, s in shapes.items():
+            t = torch.empty((n_vec, *s), dtype=dtype, device=device)
+            t.normal_(0, 1e-3)
+            rows = torch.arange(n_vec, device=device)
+            stacks.append(Stack(n, n, s, list(range(n_vec)), t, rows_t=rows))
+        attach_partitions(layout, stacks)
+        coefs = Coefs(learnable_mask(layout, stacks)).to(device)
+        opt = torch.optim.AdamW(coefs.parameters(), lr=1e-3)
+        index = layout.key_index()
+        vector_bytes = sum(s.nbytes for s in stacks)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            theta = compose_params(coefs(), stacks, layout, params, index)
+            with autocast(device):
+                feats = torch.func.functional_call(visual, theta, (images,), strict=False)
+            loss_of(feats).backward()
+            opt.step()
+
+    for _ in range(cfg["warmup"]):
+        step()
+    sync()
+    times = []
+    for _ in range(cfg["steps"]):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() - before
+        dev_name = torch.cuda.get_device_name(device)
+    else:
+        peak = _rss("VmHWM") - before
+        dev_name = platform.processor() or platform.machine()
+    times.sort()
+    return {
+        "step_s": times[len(times) // 2],
+        "step_min_s": times[0],
+        "peak_bytes": peak,
+        "vector_bytes": vector_bytes,
+        "device": str(device),
+        "device_name": dev_name,
+        "params": sum(p.numel() for p in params.values()),
+    }
+
+
+def run_child(cfg: dict) -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(cfg)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"child failed ({cfg}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="ViT-B-32", help="open_clip architecture (random weights)")
+    ap.add_argument("--model-config", help="custom open_clip config JSON instead of --model")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--vectors", default="1,8,21", help="numbers of task vectors")
+    ap.add_argument("--dtypes", default="float32,float16", help="vector dtypes on the device")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: 128 on CUDA, 8 on CPU")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20 CUDA, 3 CPU)")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--partitions", type=int, default=1)
+    ap.add_argument("--out", help="result file (default bench/results/compose-<device>.json)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+
+    import torch
+
+    cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    base = {
+        "model": args.model,
+        "model_config": args.model_config,
+        "device": args.device,
+        "batch_size": args.batch_size or (128 if cuda else 8),
+        "steps": args.steps or (20 if cuda else 3),
+        "warmup": args.warmup if args.warmup is not None else (3 if cuda else 1),
+        "partitions": args.partitions,
+        "vectors": 0,
+        "dtype": "float32",
+    }
+    rows = []
+    plain = run_child({**base, "mode": "plain"})
+    rows.append({"mode": "plain", "vectors": 0, "dtype": "-", **plain})
+    for dtype in args.dtypes.split(","):
+        for n in [int(x) for x in args.vectors.split(",")]:
+            r = run_child({**base, "mode": "compose", "vectors": n, "dtype": dtype})
+            rows.append({"mode": "compose", "vectors": n, "dtype": dtype, **r})
+    for r in rows:
+        r["step_ratio"] = r["step_s"] / plain["step_s"]
+        r["extra_bytes"] = r["peak_bytes"] - plain["peak_bytes"] - r["vector_bytes"]
+
+    print(f"device: {plain['device']} ({plain['device_name']}); model {args.model_config or args.model} "
+          f"image tower {plain['params'] / 1e6:.1f}M params; batch {base['batch_size']}; "
+          f"partitions {args.partitions}")
+    head = f"{'mode':<8} {'T':>3} {'dtype':<8} {'step ms':>9} {'x plain':>8} {'vectors MB':>11} " \
+           f"{'peak MB':>9} {'extra MB':>9}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['mode']:<8} {r['vectors']:>3} {r['dtype']:<8} {1e3 * r['step_s']:>9.1f} "
+              f"{r['step_ratio']:>8.2f} {r['vector_bytes'] / 1e6:>11.1f} {r['peak_bytes'] / 1e6:>9.1f} "
+              f"{r['extra_bytes'] / 1e6:>9.1f}")
+    tag = "cpu" if plain["device"] == "cpu" else "cuda-" + re.sub(r"[^a-z0-9]+", "-", plain["device_name"].lower()).strip("-")
+    out = Path(args.out) if args.out else HERE / "results" / f"compose-{tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"settings": {**base, "vectors": args.vectors, "dtypes": args.dtypes}, "rows": rows,
+           "target": {"step_ratio_max": 1.3, "extra_bytes": "about 0, independent of T"}}
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
