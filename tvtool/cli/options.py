@@ -28,7 +28,8 @@ StoreOpt = Annotated[
     Path | None,
     typer.Option(
         "--store",
-        help="Store root. Default: $TVTOOL_HOME, else $XDG_CACHE_HOME/tvtool, else ~/.cache/tvtool.",
+        help="Store root. Default: $TVTOOL_HOME, else $XDG_CACHE_HOME/tvtool, "
+        "else ~/.cache/tvtool.",
         show_default=False,
         file_okay=False,
     ),

@@ -11,7 +11,8 @@ PRESETS: dict[str, str] = {
     # the image tower of an open_clip model
     "visual": r"^visual\.",
     # attention projections only (q, k, v, out), fused or separate, in either tower
-    "attn": r"(^|\.)(attn|attention|self_attn)\.(in_proj_weight|in_proj_bias|(q|k|v|out|o)_proj\.(weight|bias))$",
+    "attn": r"(^|\.)(attn|attention|self_attn)\."
+    r"(in_proj_weight|in_proj_bias|(q|k|v|out|o)_proj\.(weight|bias))$",
 }
 
 
