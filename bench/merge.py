@@ -5,11 +5,14 @@ task vectors stored in a tvtool store.
 * naive: load the base and every vector whole (safetensors), merge with dict arithmetic (for
   ties: the reference TIES code on the flattened [T, N] matrix), save; fsync.
 * I/O floor: read every input byte once (base + 8 vector blobs) and write as many bytes as the
-  output, fsynced, with no arithmetic.
+  output, streamed (4 MB of every input, then 4 MB of output), fsynced, with no arithmetic.
 * tvtool: `plan_merge` + `execute_merge` (what the CLI runs), fsync included.
 
 Every measurement runs in its own subprocess (OMP_NUM_THREADS=1) and reads its peak resident set
-(VmHWM in /proc/self/status); wall time excludes the interpreter start and imports.
+(VmHWM in /proc/self/status); wall time excludes the interpreter start and imports; each mode
+runs --repeat times (median time, largest peak; the slow naive TIES once). Before each run,
+the previous output is deleted, dirty pages are synced and every input is read into the page
+cache, so all modes start alike (warm inputs, fsync of their own output included).
 
     .venv/bin/python bench/merge.py [--small] [--vectors 8] [--dir /tmp/somewhere]
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -83,17 +87,21 @@ def naive_ties(density=0.2):
     st.save_file(out_sd, out)
 
 def io_floor():
-    buf = bytearray(16 << 20)
-    view = memoryview(buf)
-    for p in [base, *blobs]:
-        with open(p, "rb", buffering=0) as f:
-            while f.readinto(view):
-                pass
+    # streamed like a merge: a chunk of every input, then a chunk of output, until all is done
+    bufs = [memoryview(bytearray(4 << 20)) for _ in range(1 + len(blobs))]
+    files = [open(p, "rb", buffering=0) for p in [base, *blobs]]
     left = cfg["out_bytes"]
     with open(out, "wb", buffering=0) as f:
+        busy = True
+        while busy:
+            got = [src.readinto(buf) for src, buf in zip(files, bufs)]
+            busy = any(got)
+            if left > 0:
+                left -= f.write(bufs[0][: min(left, len(bufs[0]))])
         while left > 0:
-            left -= f.write(view[: min(left, len(view))])
-        f.flush()
+            left -= f.write(bufs[0][: min(left, len(bufs[0]))])
+    for src in files:
+        src.close()
 
 def tvtool(method, scope="global"):
     terms = [Term(ref=d) for d in cfg["digests"]]
@@ -127,7 +135,7 @@ print(hwm, wall)
 
 MODES = [
     ("import", "import only (python + torch + tvtool)"),
-    ("floor", "I/O floor: read inputs once, write output"),
+    ("floor", "I/O floor: stream inputs once, write output"),
     ("naive-sum", "naive sum: load all, dict arithmetic, save"),
     ("tvtool-sum", "tvtool merge --method sum"),
     ("naive-ties", "naive ties: [T, N] matrix, kthvalue, save"),
@@ -159,7 +167,19 @@ def make_vectors(store_root: Path, base: Path, n: int) -> list[str]:
     return digests
 
 
+def settle(cfg: dict) -> None:
+    """Same start for every mode: no output, no dirty pages, every input in the page cache."""
+    Path(cfg["out"]).unlink(missing_ok=True)
+    os.sync()
+    buf = memoryview(bytearray(16 << 20))
+    for p in [cfg["base"], *cfg["blobs"]]:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+
+
 def measure(mode: str, cfg: dict) -> tuple[int, float]:
+    settle(cfg)
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, mode, json.dumps(cfg)],
         capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
@@ -174,6 +194,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="quick run: width x0.25 (~5.6M params)")
     ap.add_argument("--vectors", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="runs per mode, median wall time reported (naive ties: always 1)")
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=None, help="JSON results path")
     args = ap.parse_args()
@@ -200,8 +222,11 @@ def main() -> None:
         }
         rows = []
         for mode, label in MODES:
-            hwm, wall = measure(mode, cfg)
-            rows.append({"mode": mode, "label": label, "peak_rss_mb": hwm / 1e6, "wall_s": wall})
+            runs = [measure(mode, cfg) for _ in range(1 if mode == "naive-ties" else args.repeat)]
+            walls = sorted(w for _, w in runs)
+            hwm, wall = max(h for h, _ in runs), walls[len(walls) // 2]
+            rows.append({"mode": mode, "label": label, "peak_rss_mb": hwm / 1e6, "wall_s": wall,
+                         "runs_s": [w for _, w in runs]})
             print(f"  {label:<48} {hwm / 1e6:>8.0f} MB {wall:>8.2f} s", file=sys.stderr)
     by = {r["mode"]: r for r in rows}
     floor_s = by["floor"]["wall_s"]
@@ -220,6 +245,7 @@ def main() -> None:
     })
     info = {"parameters": params, "tensors": len(shapes), "vectors": args.vectors,
             "checkpoint_mb": params * 4 / 1e6, "small": args.small, "threads": 1,
+            "repeat": args.repeat,
             "rows": rows, "targets": targets}
     print(f"synthetic ViT-B/32-like base: {params / 1e6:.1f}M params in {len(shapes)} tensors "
           f"({params * 4 / 1e6:.0f} MB), {args.vectors} task vectors, 1 thread")

@@ -231,6 +231,17 @@ class Trainer:
             return sum(vals) / len(vals)
         return 0.0
 
+    def _better(self, score: float | None, best: float | None) -> bool:
+        """last: always; val: ties go to the later (longer-trained) epoch; negation: ties keep
+        the earlier epoch (the smaller edit)."""
+        if self.select_by == "last":
+            return True
+        if score is None:
+            return False
+        if best is None:
+            return True
+        return score >= best if self.select_by == "val" else score > best
+
     # -- the whole run --------------------------------------------------------------------
     def fit(
         self,
@@ -276,9 +287,7 @@ class Trainer:
             }
             history.append(record)
             sc = self.score(acc, base_acc)
-            if self.select_by == "last" or (
-                sc is not None and (best_score is None or sc > best_score)
-            ):
+            if self._better(sc, best_score):
                 best_epoch, best_values, best_score = (
                     epoch,
                     self.coefs.values.detach().cpu().clone(),

@@ -1,7 +1,8 @@
 """The zoo's data: stratified disjoint splits of the digits, rendered per domain, as image folders.
 
 Layout: `DATA/<domain>/<split>/<class>/<index>.png` (class directories "zero".."nine", 16x16 RGB).
-Pre-training domains get a `pretrain` split; every domain gets `finetune`, `val` and `test`.
+Pre-training domains get a `pretrain` split; every domain gets `train` (fine-tuning, and the pool
+few shots are drawn from), `val` and `test` (the split names `compose` and `eval` look for).
 The PNG bytes equal the uint8 tensors the zoo trains on, so commands reading the folders see
 exactly the images the models were trained and evaluated on.
 """
@@ -16,7 +17,7 @@ import torch
 from tvtool.demo.domains import CLASSNAMES, apply_domain, load_digits_grey, to_uint8
 from tvtool.demo.recipe import Splits
 
-SPLITS = ("pretrain", "finetune", "val", "test")
+SPLITS = ("pretrain", "train", "val", "test")
 
 
 @dataclass
@@ -37,7 +38,7 @@ def split_indices(labels: torch.Tensor, fractions: Splits, seed: int) -> dict[st
         idx = idx[torch.randperm(len(idx), generator=g)]
         n = len(idx)
         n_pre = round(n * fractions.pretrain)
-        n_ft = round(n * fractions.finetune)
+        n_ft = round(n * fractions.train)
         n_val = round(n * fractions.val)
         bounds = [0, n_pre, n_pre + n_ft, n_pre + n_ft + n_val, n]
         for s, lo, hi in zip(SPLITS, bounds[:-1], bounds[1:], strict=True):

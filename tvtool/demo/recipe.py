@@ -69,7 +69,7 @@ class Splits(BaseModel):
     """Fractions of each class for the disjoint splits (test takes the rest)."""
 
     pretrain: float = 0.45
-    finetune: float = 0.25
+    train: float = 0.25  # fine-tuning, and the pool few shots are drawn from
     val: float = 0.105
 
 
@@ -117,24 +117,25 @@ def recipe_for(size: Size = "full", seed: int = 0) -> ZooRecipe:
             target_domains=["inv_edge", "color_shrink", "checker_inv"],
             negation_target="checker",
             negation_control="original",
-            pretrain=Schedule(epochs=60, batch_size=128, lr=1e-3),
+            pretrain=Schedule(epochs=40, batch_size=128, lr=1e-3),
             finetune=Schedule(epochs=10, batch_size=32, lr=5e-4),
         )
     if size == "small":
         return ZooRecipe(
             size=size,
             seed=seed,
+            threads=1,
             model=ModelRecipe(
-                name="tvtool-digits-small", embed_dim=32, image_size=16, patch_size=4, width=64,
-                layers=2, head_width=32, mlp_ratio=2.0, text_width=32, text_heads=2, text_layers=1,
+                name="tvtool-digits-small", embed_dim=32, image_size=16, patch_size=4, width=96,
+                layers=3, head_width=32, mlp_ratio=2.0, text_width=32, text_heads=2, text_layers=1,
             ),
             pretrain_domains=["original", "noise"],
             task_domains=["invert", "edge", "checker"],
             target_domains=["inv_edge", "checker_inv"],
             negation_target="checker",
             negation_control="original",
-            pretrain=Schedule(epochs=25, batch_size=128, lr=2e-3),
-            finetune=Schedule(epochs=6, batch_size=32, lr=1e-3),
+            pretrain=Schedule(epochs=30, batch_size=128, lr=2e-3),
+            finetune=Schedule(epochs=10, batch_size=32, lr=1e-3),
         )
     from tvtool.errors import TvtoolError
 

@@ -211,7 +211,7 @@ def build_zoo(
             else:
                 model.load_state_dict(base_state)
                 ft_model = model
-                train_set = sets[d]["finetune"]
+                train_set = sets[d]["train"]
                 tick = progress(f"fine-tuning {d}", recipe.finetune.epochs)
                 train.finetune_image_tower(
                     ft_model, head, train_set.images, train_set.labels, recipe.finetune,

@@ -219,12 +219,12 @@ def dare_seed(seed: int, vector: str, key: str) -> int:
 
 
 def dare(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """Drop each entry with probability p, rescale the survivors by 1/(1-p)."""
+    """Drop each entry with probability p, rescale the survivors by 1/(1-p) (in place)."""
     if p <= 0.0:
         return x
     g = torch.Generator().manual_seed(seed)
     keep = torch.rand(x.shape, generator=g, dtype=torch.float32) >= p
-    return torch.where(keep, x / (1.0 - p), torch.zeros((), dtype=x.dtype))
+    return x.div_(1.0 - p).mul_(keep)
 
 
 # -- per-term steps and combiners ------------------------------------------------------------------
@@ -245,12 +245,13 @@ def apply_steps(
     params: MergeParams,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run `steps` on one term's tensor for `key` (compute dtype in, compute dtype out)."""
+    """Run `steps` on one term's tensor for `key` (compute dtype in and out). `x` is consumed:
+    it may be modified in place (callers pass tensors they own, fresh from a read)."""
     for step in steps:
         if step == "dare":
             x = dare(x, params.drop, dare_seed(params.seed, term.vector, key))
         elif step == "mask":
-            x = x * mask.to(torch.bool) if mask is not None else torch.zeros_like(x)
+            x = x.mul_(mask.to(torch.bool)) if mask is not None else x.zero_()
         elif step == "trim":
             a = x.abs().to(torch.float32)
             if params.scope == "global":
@@ -258,7 +259,7 @@ def apply_steps(
                 keep = term.topk.mask(a)
             else:
                 keep = topk_mask(a, topk_count(a.numel(), params.density))
-            x = x * keep
+            x = x.mul_(keep)
         else:  # pragma: no cover - registry and steps are defined together
             raise ValueError(step)
     return x
@@ -270,12 +271,12 @@ def ties_combine(xs: list[torch.Tensor]) -> torch.Tensor:
     elected = torch.zeros_like(xs[0])
     for x in xs:
         elected += x
-    elected = torch.sign(elected)
+    elected = elected.sign_()
     total = torch.zeros_like(xs[0])
     count = torch.zeros_like(xs[0])
     for x in xs:
-        agree = torch.sign(x) == elected  # a zero x never agrees with a non-zero sign; where
-        total += x * agree  # the elected sign is 0 the total is 0 whatever the count
+        agree = torch.sign(x).eq_(elected)  # 1.0 where x is non-zero with the elected sign
+        total.addcmul_(x, agree)  # (where the elected sign is 0 the total is 0 anyway)
         count += agree
     return total.div_(count.clamp_(min=1))
 
@@ -284,12 +285,14 @@ def combine(
     base: torch.Tensor, xs: list[torch.Tensor], weights: list[float], combiner: str, scale: float
 ) -> torch.Tensor:
     """theta for one key: `base + sum_t w_t x_t` (sum) or `base + scale * ties(w_t x_t)` (ties).
-    `base` is a fresh compute-dtype tensor; it is updated in place and returned."""
+    `base` (compute dtype) is updated in place and returned; the `xs` are consumed."""
     if combiner == "sum":
         for x, w in zip(xs, weights, strict=True):
             base.add_(x, alpha=w)
         return base
     if combiner == "ties":
-        merged = ties_combine([x * w for x, w in zip(xs, weights, strict=True)])
+        merged = ties_combine(
+            [x.mul_(w) if w != 1.0 else x for x, w in zip(xs, weights, strict=True)]
+        )
         return base.add_(merged, alpha=scale)
     raise ValueError(combiner)
