@@ -6,7 +6,8 @@ random images and T random task vectors over every image-tower tensor, held on t
 fp32 or fp16 exactly as compose holds them, then times optimisation steps:
 
 * plain:   forward + backward of the tower with its own weights trainable (the limit);
-* compose: Lambda -> theta = theta_0 + sum_t Lambda * tau_t -> forward + backward -> AdamW on Lambda.
+* compose: Lambda -> theta = theta_0 + sum_t Lambda * tau_t -> forward + backward -> AdamW
+  on Lambda.
 
 Memory: on CUDA the peak of torch.cuda.max_memory_allocated over the steps minus what was
 allocated before the vectors (model + batch); on CPU the peak resident set (VmHWM) minus the
@@ -14,7 +15,8 @@ resident set at that same point. "extra" = step memory of compose - plain - the 
 what compose costs beyond holding the vectors (target: about zero, independent of T).
 
     .venv/bin/python bench/compose.py                        # ViT-B-32, auto device
-    .venv/bin/python bench/compose.py --model-config cfg.json --vectors 1,8 --device cpu
+    .venv/bin/python bench/compose.py --small --device cpu   # a 3.3M-parameter tower
+    .venv/bin/python bench/compose.py --model-config cfg.json --vectors 1,8 --dtypes float32
 
 Prints a table; writes bench/results/compose-<device>.json. Target: compose step within 1.3x of
 the plain step; memory grows by T x the vectors' bytes and no more.
@@ -36,6 +38,12 @@ import re  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 
+SMALL = {
+    "embed_dim": 256,
+    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 256, "layers": 4, "head_width": 64},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1},
+}
+
 
 def _rss(field: str) -> int:
     for line in open("/proc/self/status"):
@@ -49,8 +57,8 @@ def child(cfg: dict) -> dict:
     import open_clip
     import torch
 
-    from tvtool.compose.bank import Stack
-    from tvtool.compose.coefs import Coefs, attach_partitions, compose_params, learnable_mask
+    from tvtool.compose.bank import Stack, share_base
+    from tvtool.compose.coefs import Coefs, attach_layout, compose_params, learnable_mask
     from tvtool.models.build import register_config, resolve_device
     from tvtool.models.functional import autocast
     from tvtool.vectors.blocks import CoefsLayout, make_blocks
@@ -108,21 +116,23 @@ def child(cfg: dict) -> dict:
             blocks=make_blocks(shapes, "tensor", cfg["partitions"]),
             partitions=cfg["partitions"],
         )
-        stacks = []
+        by_shape: dict[tuple, list[str]] = {}
         for n, s in shapes.items():
-            t = torch.empty((n_vec, *s), dtype=dtype, device=device)
+            by_shape.setdefault(s, []).append(n)
+        stacks = []
+        for s, names in by_shape.items():
+            t = torch.empty((len(names), n_vec, *s), dtype=dtype, device=device)
             t.normal_(0, 1e-3)
-            rows = torch.arange(n_vec, device=device)
-            stacks.append(Stack(n, n, s, list(range(n_vec)), t, rows_t=rows))
-        attach_partitions(layout, stacks)
+            stacks.append(Stack(names, names, s, list(range(n_vec)), t))
+        attach_layout(layout, stacks)
+        share_base(stacks, params)
         coefs = Coefs(learnable_mask(layout, stacks)).to(device)
         opt = torch.optim.AdamW(coefs.parameters(), lr=1e-3)
-        index = layout.key_index()
         vector_bytes = sum(s.nbytes for s in stacks)
 
         def step():
             opt.zero_grad(set_to_none=True)
-            theta = compose_params(coefs(), stacks, layout, params, index)
+            theta = compose_params(coefs(), stacks, layout, params)
             with autocast(device):
                 feats = torch.func.functional_call(visual, theta, (images,), strict=False)
             loss_of(feats).backward()
@@ -167,9 +177,16 @@ def run_child(cfg: dict) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", default="ViT-B-32", help="open_clip architecture (random weights)")
     ap.add_argument("--model-config", help="custom open_clip config JSON instead of --model")
+    ap.add_argument(
+        "--small",
+        action="store_true",
+        help="a small built-in ViT (64 px, width 256, 4 layers) for CPUs",
+    )
     ap.add_argument("--device", default="auto")
     ap.add_argument("--vectors", default="1,8,21", help="numbers of task vectors")
     ap.add_argument("--dtypes", default="float32,float16", help="vector dtypes on the device")
@@ -184,8 +201,14 @@ def main() -> None:
         print(json.dumps(child(json.loads(args.child))))
         return
 
+    import tempfile
+
     import torch
 
+    if args.small and not args.model_config:
+        path = Path(tempfile.mkdtemp(prefix="tvtool-bench-")) / "tvtool-bench-small.json"
+        path.write_text(json.dumps(SMALL))
+        args.model_config = str(path)
     cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     base = {
         "model": args.model,
@@ -209,22 +232,37 @@ def main() -> None:
         r["step_ratio"] = r["step_s"] / plain["step_s"]
         r["extra_bytes"] = r["peak_bytes"] - plain["peak_bytes"] - r["vector_bytes"]
 
-    print(f"device: {plain['device']} ({plain['device_name']}); model {args.model_config or args.model} "
-          f"image tower {plain['params'] / 1e6:.1f}M params; batch {base['batch_size']}; "
-          f"partitions {args.partitions}")
-    head = f"{'mode':<8} {'T':>3} {'dtype':<8} {'step ms':>9} {'x plain':>8} {'vectors MB':>11} " \
-           f"{'peak MB':>9} {'extra MB':>9}"
+    print(
+        f"device: {plain['device']} ({plain['device_name']}); "
+        f"model {args.model_config or args.model} "
+        f"image tower {plain['params'] / 1e6:.1f}M params; batch {base['batch_size']}; "
+        f"partitions {args.partitions}"
+    )
+    head = (
+        f"{'mode':<8} {'T':>3} {'dtype':<8} {'step ms':>9} {'x plain':>8} {'vectors MB':>11} "
+        f"{'peak MB':>9} {'extra MB':>9}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['mode']:<8} {r['vectors']:>3} {r['dtype']:<8} {1e3 * r['step_s']:>9.1f} "
-              f"{r['step_ratio']:>8.2f} {r['vector_bytes'] / 1e6:>11.1f} {r['peak_bytes'] / 1e6:>9.1f} "
-              f"{r['extra_bytes'] / 1e6:>9.1f}")
-    tag = "cpu" if plain["device"] == "cpu" else "cuda-" + re.sub(r"[^a-z0-9]+", "-", plain["device_name"].lower()).strip("-")
+        print(
+            f"{r['mode']:<8} {r['vectors']:>3} {r['dtype']:<8} {1e3 * r['step_s']:>9.1f} "
+            f"{r['step_ratio']:>8.2f} {r['vector_bytes'] / 1e6:>11.1f} "
+            f"{r['peak_bytes'] / 1e6:>9.1f} "
+            f"{r['extra_bytes'] / 1e6:>9.1f}"
+        )
+    tag = (
+        "cpu"
+        if plain["device"] == "cpu"
+        else "cuda-" + re.sub(r"[^a-z0-9]+", "-", plain["device_name"].lower()).strip("-")
+    )
     out = Path(args.out) if args.out else HERE / "results" / f"compose-{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"settings": {**base, "vectors": args.vectors, "dtypes": args.dtypes}, "rows": rows,
-           "target": {"step_ratio_max": 1.3, "extra_bytes": "about 0, independent of T"}}
+    doc = {
+        "settings": {**base, "vectors": args.vectors, "dtypes": args.dtypes},
+        "rows": rows,
+        "target": {"step_ratio_max": 1.3, "extra_bytes": "about 0, independent of T"},
+    }
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -5,7 +5,7 @@ task vectors stored in a tvtool store.
 * naive: load the base and every vector whole (safetensors), merge with dict arithmetic (for
   ties: the reference TIES code on the flattened [T, N] matrix), save; fsync.
 * I/O floor: read every input byte once (base + 8 vector blobs) and write as many bytes as the
-  output, streamed (4 MB of every input, then 4 MB of output), fsynced, with no arithmetic.
+  output, streamed (8 MB of every input, then 8 MB of output), fsynced, with no arithmetic.
 * tvtool: `plan_merge` + `execute_merge` (what the CLI runs), fsync included.
 
 Every measurement runs in its own subprocess (OMP_NUM_THREADS=1) and reads its peak resident set
@@ -88,20 +88,22 @@ def naive_ties(density=0.2):
 
 def io_floor():
     # streamed like a merge: a chunk of every input, then a chunk of output, until all is done
-    bufs = [memoryview(bytearray(4 << 20)) for _ in range(1 + len(blobs))]
-    files = [open(p, "rb", buffering=0) for p in [base, *blobs]]
-    left = cfg["out_bytes"]
+    chunk = 256 << 10
+    bufs = [memoryview(bytearray(chunk)) for _ in range(1 + len(blobs))]
+    fds = [os.open(p, os.O_RDONLY) for p in [base, *blobs]]
+    left, off = cfg["out_bytes"], 0
     with open(out, "wb", buffering=0) as f:
-        busy = True
-        while busy:
-            got = [src.readinto(buf) for src, buf in zip(files, bufs)]
-            busy = any(got)
+        while True:
+            got = [os.preadv(fd, [buf], off) for fd, buf in zip(fds, bufs)]
             if left > 0:
-                left -= f.write(bufs[0][: min(left, len(bufs[0]))])
+                left -= f.write(bufs[0][: min(left, chunk)])
+            if not any(got):
+                break
+            off += chunk
         while left > 0:
-            left -= f.write(bufs[0][: min(left, len(bufs[0]))])
-    for src in files:
-        src.close()
+            left -= f.write(bufs[0][: min(left, chunk)])
+    for fd in fds:
+        os.close(fd)
 
 def tvtool(method, scope="global"):
     terms = [Term(ref=d) for d in cfg["digests"]]

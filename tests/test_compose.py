@@ -109,11 +109,13 @@ def test_gradients_reach_only_lambda_and_match_plain_autograd(assets, clip):  # 
 
 def test_partitioned_mix_gradcheck():
     torch.manual_seed(0)
-    lam = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    stack = torch.randn(3, 5, 6, dtype=torch.float64)
-    ids = torch.randint(0, 4, (5, 6), dtype=torch.uint8)
+    lam = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)  # [L, n, K]
+    stack = torch.randn(2, 3, 5, 6, dtype=torch.float64)  # [L, n, *shape]
+    ids = torch.randint(0, 4, (2, 5, 6), dtype=torch.uint8)  # [L, *shape]
     assert torch.autograd.gradcheck(lambda x: _PartitionedMix.apply(x, stack, ids), (lam,))
-    expected = sum(lam[j][ids.long()] * stack[j] for j in range(3))
+    expected = torch.stack(
+        [sum(lam[i, j][ids[i].long()] * stack[i, j] for j in range(3)) for i in range(2)]
+    )
     torch.testing.assert_close(_PartitionedMix.apply(lam, stack, ids), expected)
 
 

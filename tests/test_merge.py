@@ -305,6 +305,8 @@ def test_bad_inputs(world):
         run(store, tmp, [], name="n.safetensors")
     with pytest.raises(TvtoolError, match="no ref or object"):
         run(store, tmp, ["nope"], name="n.safetensors")
+    with pytest.raises(TvtoolError, match="does not exist"):
+        run(store, tmp, ["t0"], name="no/such/dir.safetensors")
     with pytest.raises(TvtoolError, match="density"):
         run(store, tmp, ["t0"], name="n.safetensors", method="ties", density=2.0)
     assert not (tmp / "n.safetensors").exists()

@@ -191,3 +191,35 @@ def test_usage_errors_and_help(invoke, setup):
     p = invoke("provenance", tmp / "base.safetensors", "--json")
     assert p.exit_code == 0 and json.loads(p.stdout)["tvtool"] is False
     assert invoke("provenance", tmp / "nothing.safetensors").exit_code == 1
+
+
+def test_coefs_and_mask_options(invoke, setup):
+    from tvtool.vectors.blocks import CoefsLayout, make_blocks
+
+    tmp, store, base, taus = setup
+    digests = [store.resolve("cars"), store.resolve("mnist")]
+    layout = CoefsLayout(vectors=digests, blocks=make_blocks(SHAPES, "task"), granularity="task")
+    coefs = torch.tensor([[0.25], [-0.5]])
+    c = save_tensor_object(store, "coefs", {"coefs": coefs}, inputs=digests,
+                           params={"layout": layout.model_dump()})
+    out = tmp / "c.safetensors"
+    r = invoke("merge", "--base", tmp / "base.safetensors", "--out", out, "--coefs",
+               c.digest[:10], "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["coefs"] == c.digest
+    got = _load(out)
+    for k in SHAPES:
+        ref = base[k] + 0.25 * taus["cars"][k] - 0.5 * taus["mnist"][k]
+        assert torch.allclose(got[k], ref, atol=1e-6)
+    assert json.loads(invoke("provenance", out, "--json").stdout)["provenance"]["coefs"] == c.digest
+
+    m = {k: torch.ones(s, dtype=torch.bool) for k, s in SHAPES.items()}
+    m["enc.weight"][0] = False
+    mk = save_tensor_object(store, "mask", m, params={"vector": digests[1], "density": 0.9})
+    out = tmp / "m.safetensors"
+    r = invoke("merge", "--base", tmp / "base.safetensors", "--out", out, "--method", "mask",
+               "-mnist", "--mask", mk.digest, "-q")
+    assert r.exit_code == 0, r.stderr
+    got = _load(out)
+    assert torch.equal(got["enc.weight"][0], base["enc.weight"][0])
+    assert torch.allclose(got["enc.bias"], base["enc.bias"] - taus["mnist"]["enc.bias"])

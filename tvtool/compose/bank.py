@@ -58,15 +58,19 @@ class BankPlan:
 
 @dataclass
 class Stack:
-    """The kept vectors' tensors for one parameter, on the device: tensor [len(rows), *shape]."""
+    """The kept vectors' tensors for L parameters of one shape that the same n vectors cover,
+    on the device: tensor [L, n, *shape]. Grouping keeps the number of kernels per step small
+    (one batched product per group instead of one per parameter)."""
 
-    key: str
-    param: str
+    keys: list[str]  # the names in the vectors and the layout (L)
+    params: list[str]  # the model parameters they update (L)
     shape: tuple[int, ...]
-    rows: list[int]
+    rows: list[int]  # the vectors (row indices of Lambda), n
     tensor: torch.Tensor
-    ids: torch.Tensor | None = None  # partition group of every element (small int), if partitioned
-    rows_t: torch.Tensor | None = None  # `rows` as a LongTensor on the device
+    groups: int = 1  # coefficient columns per parameter (partitions), set by attach_layout
+    ids: torch.Tensor | None = None  # [L, *shape] partition of every element (small ints)
+    index: tuple[torch.Tensor, torch.Tensor] | None = None  # gathers Lambda -> [L, n, groups]
+    base: torch.Tensor | None = None  # [L, *shape] base weights, when shared (share_base)
 
     @property
     def nbytes(self) -> int:
@@ -184,18 +188,22 @@ def load_stacks(
     dtype: torch.dtype,
     keep: Callable[[int, str], bool] | None = None,
 ) -> list[Stack]:
-    """Stacks of the kept (vector, key) pairs on `device`, one tensor read at a time."""
-    stacks: list[Stack] = []
-    slot: dict[tuple[int, str], tuple[int, int]] = {}
+    """The kept (vector, key) pairs on `device`, grouped by (shape, kept vectors), read one
+    tensor at a time."""
+    groups: dict[tuple, list] = {}
     for k in plan.keys:
-        rows = [t for t in k.rows if keep is None or keep(t, k.key)]
-        if not rows:
-            continue
-        for j, t in enumerate(rows):
-            slot[(t, k.key)] = (len(stacks), j)
-        tensor = torch.empty((len(rows), *k.shape), dtype=dtype, device=device)
-        rows_t = torch.tensor(rows, dtype=torch.long, device=device)
-        stacks.append(Stack(k.key, k.param, k.shape, rows, tensor, rows_t=rows_t))
+        rows = tuple(t for t in k.rows if keep is None or keep(t, k.key))
+        if rows:
+            groups.setdefault((k.shape, rows), []).append(k)
+    stacks: list[Stack] = []
+    slot: dict[tuple[int, str], tuple[int, int, int]] = {}
+    for (shape, rows), members in groups.items():
+        for l_, k in enumerate(members):
+            for j, t in enumerate(rows):
+                slot[(t, k.key)] = (len(stacks), l_, j)
+        tensor = torch.empty((len(members), len(rows), *shape), dtype=dtype, device=device)
+        keys, params = [k.key for k in members], [k.param for k in members]
+        stacks.append(Stack(keys, params, shape, list(rows), tensor))
     for t, v in enumerate(plan.vectors):
         wanted = [key for key in v.keys if (t, key) in slot]
         if not wanted:
@@ -203,9 +211,21 @@ def load_stacks(
         _, reader = open_tensor_object(store, v.digest, "vector")
         with reader, torch.no_grad():
             for key in wanted:
-                s, j = slot[(t, key)]
-                stacks[s].tensor[j].copy_(reader.get(key).to(dtype))
+                s, l_, j = slot[(t, key)]
+                stacks[s].tensor[l_, j].copy_(reader.get(key).to(dtype))
     return stacks
+
+
+def share_base(stacks: list[Stack], params: Mapping[str, torch.Tensor]) -> None:
+    """Stack every group's base weights once ([L, *shape]) and make the model's parameters
+    views of that stack, so the composition reads them without a copy per step and memory holds
+    them once."""
+    with torch.no_grad():
+        for s in stacks:
+            base = torch.stack([params[p].detach() for p in s.params])
+            for i, p in enumerate(s.params):
+                params[p].data = base[i]
+            s.base = base
 
 
 def stored_bytes(

@@ -41,22 +41,39 @@ def learnable_mask(layout: CoefsLayout, stacks: Sequence[Stack]) -> torch.Tensor
     mask = torch.zeros(len(layout.vectors), layout.n_groups, dtype=torch.bool)
     index = layout.key_index()
     for s in stacks:
-        b, off = index[s.key]
-        groups = layout.blocks[b].groups
-        for t in s.rows:
-            mask[t, off : off + groups] = True
+        for key in s.keys:
+            b, off = index[key]
+            groups = layout.blocks[b].groups
+            for t in s.rows:
+                mask[t, off : off + groups] = True
     return mask
 
 
-def attach_partitions(layout: CoefsLayout, stacks: Sequence[Stack]) -> None:
-    """Give every partitioned stack its element -> group map (small ints, on the stack's device)."""
+def attach_layout(layout: CoefsLayout, stacks: Sequence[Stack]) -> None:
+    """Give every stack the index that gathers its coefficients from Lambda ([L, n, groups])
+    and, when partitioned, its element -> group map (small ints, on the stack's device)."""
     index = layout.key_index()
     for s in stacks:
-        groups = layout.blocks[index[s.key][0]].groups
-        if groups > 1:
-            ids = partition_ids(s.key, s.shape, groups, layout.partition_seed)
-            small = torch.uint8 if groups <= 255 else torch.int32
-            s.ids = ids.to(small).to(s.tensor.device)
+        dev = s.tensor.device
+        where = [index[k] for k in s.keys]
+        groups = {layout.blocks[b].groups for b, _ in where}
+        if len(groups) != 1:
+            raise ValueError(f"parameters of one shape with different partitions: {s.keys[:3]}")
+        s.groups = groups.pop()
+        cols = torch.tensor([off for _, off in where], dtype=torch.long, device=dev)
+        rows = torch.tensor(s.rows, dtype=torch.long, device=dev)
+        span = torch.arange(s.groups, device=dev)
+        s.index = (rows[None, :, None], cols[:, None, None] + span[None, None, :])
+        s.ids = None
+        if s.groups > 1:
+            ids = torch.stack(
+                [partition_ids(k, s.shape, s.groups, layout.partition_seed) for k in s.keys]
+            )
+            small = torch.uint8 if s.groups <= 255 else torch.int32
+            s.ids = ids.to(small).to(dev)
+
+
+attach_partitions = attach_layout  # the older name
 
 
 class Coefs(torch.nn.Module):
@@ -89,35 +106,42 @@ class Coefs(torch.nn.Module):
 
 
 class _PartitionedMix(torch.autograd.Function):
-    """delta[i] = sum_j lam[j, ids[i]] * stack[j, i]: one coefficient per (vector, group)."""
+    """delta[l, i] = sum_j lam[l, j, ids[l, i]] * stack[l, j, i]: a coefficient per (vector,
+    group); memory: one [L, numel] temporary, never a copy of the stack."""
 
     @staticmethod
     def forward(ctx, lam: torch.Tensor, stack: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        idx = ids.long()
+        L, n = stack.shape[:2]
+        idx = ids.long().reshape(L, -1)
         lam_c = lam.to(stack.dtype)
-        delta = lam_c[0][idx] * stack[0]
-        for j in range(1, stack.shape[0]):
-            delta.addcmul_(lam_c[j][idx], stack[j])
+        st = stack.reshape(L, n, -1)
+        delta = torch.gather(lam_c[:, 0, :], 1, idx) * st[:, 0]
+        for j in range(1, n):
+            delta.addcmul_(torch.gather(lam_c[:, j, :], 1, idx), st[:, j])
         ctx.save_for_backward(stack, ids)
-        ctx.groups = lam.shape[1]
-        ctx.lam_dtype = lam.dtype
-        return delta
+        ctx.lam_shape, ctx.lam_dtype = tuple(lam.shape), lam.dtype
+        return delta.view(ids.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         stack, ids = ctx.saved_tensors
-        idx = ids.long().flatten()
-        g = grad.float().flatten()
-        out = torch.zeros(stack.shape[0], ctx.groups, dtype=torch.float32, device=grad.device)
-        for j in range(stack.shape[0]):
-            out[j].index_add_(0, idx, g * stack[j].flatten().float())
+        L, n = stack.shape[:2]
+        idx = ids.long().reshape(L, -1)
+        g = grad.float().reshape(L, -1)
+        st = stack.reshape(L, n, -1)
+        out = torch.zeros(ctx.lam_shape, dtype=torch.float32, device=grad.device)
+        for j in range(n):
+            out[:, j].scatter_add_(1, idx, g * st[:, j].float())
         return out.to(ctx.lam_dtype), None, None
 
 
 def mix(lam: torch.Tensor, stack: Stack) -> torch.Tensor:
-    """sum_j lam[j] * tau_j for one parameter; `lam` is [n, groups] for the stack's rows."""
+    """[L, *shape]: sum_j lam[l, j] * tau_j for each of the stack's parameters; `lam` is
+    [L, n, groups] (the stack's coefficients)."""
     if stack.ids is None:
-        return torch.tensordot(lam[:, 0].to(stack.tensor.dtype), stack.tensor, dims=1)
+        L, n = stack.tensor.shape[:2]
+        w = lam[..., 0].to(stack.tensor.dtype).unsqueeze(1)  # [L, 1, n]
+        return torch.bmm(w, stack.tensor.view(L, n, -1)).view(L, *stack.shape)
     return _PartitionedMix.apply(lam, stack.tensor, stack.ids)
 
 
@@ -126,19 +150,16 @@ def compose_params(
     stacks: Sequence[Stack],
     layout: CoefsLayout,
     base: Mapping[str, torch.Tensor],
-    index: Mapping[str, tuple[int, int]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """{parameter name: theta_0 + sum_t Lambda * tau} for every loaded stack (gradients reach
-    `coefs` only). Computed in full precision whatever autocast is active outside."""
-    index = index or layout.key_index()
+    """{parameter name: theta_0 + sum_t Lambda * tau} for every loaded parameter (gradients
+    reach `coefs` only). Computed in full precision whatever autocast is active outside."""
     out: dict[str, torch.Tensor] = {}
-    device_type = coefs.device.type
-    with torch.autocast(device_type=device_type, enabled=False):
+    with torch.autocast(device_type=coefs.device.type, enabled=False):
         for s in stacks:
-            b, off = index[s.key]
-            groups = layout.blocks[b].groups
-            rows = s.rows_t if s.rows_t is not None else s.rows
-            lam = coefs[rows, off : off + groups]
-            w0 = base[s.param]
-            out[s.param] = w0 + mix(lam, s).to(w0.dtype)
+            if s.index is None:
+                attach_layout(layout, [s])
+            lam = coefs[s.index]  # type: ignore[index]
+            w0 = s.base if s.base is not None else torch.stack([base[p] for p in s.params])
+            theta = w0 + mix(lam, s).to(w0.dtype)
+            out.update(zip(s.params, theta.unbind(0), strict=True))
     return out

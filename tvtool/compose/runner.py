@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from tvtool.compose.bank import load_stacks, plan_bank, stored_bytes
-from tvtool.compose.coefs import Coefs, attach_partitions, build_layout, learnable_mask
+from tvtool.compose.coefs import Coefs, attach_layout, build_layout, learnable_mask
 from tvtool.compose.ddp import Dist
 from tvtool.compose.objectives import default_lr, get_objective
 from tvtool.compose.select import load_selection, selection_keep
@@ -188,7 +188,7 @@ def compose(
     }
     run_dir = store.tmp_dir / "compose-runs" / run_hash(config)[:24]
     stacks = load_stacks(store, plan, clip.device, dtype, keep)
-    attach_partitions(layout, stacks)
+    attach_layout(layout, stacks)
     coefs = Coefs(learnable_mask(layout, stacks))
     trainer = Trainer(clip, stacks, layout, coefs, tasks, objective, settings, dist, run_dir)
     total_steps = trainer.steps * settings.epochs

@@ -21,7 +21,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from tvtool.compose.bank import Stack
+from tvtool.compose.bank import Stack, share_base
 from tvtool.compose.coefs import Coefs, compose_params
 from tvtool.compose.ddp import Dist
 from tvtool.compose.objectives import SIGN, Objective, keeps_control
@@ -85,9 +85,8 @@ class Trainer:
         self.device = clip.device
         self.coefs = coefs.to(self.device)
         self.module = dist.wrap(self.coefs, self.device)
-        self.index = layout.key_index()
-        tower = visual_params(clip)
-        self.base = {s.param: tower[s.param] for s in self.stacks}
+        self.base = visual_params(clip)
+        share_base(self.stacks, self.base)
         self.scale = clip.logit_scale
         self.run_dir = run_dir
         self.opt = torch.optim.AdamW(
@@ -114,7 +113,7 @@ class Trainer:
 
     # -- forward --------------------------------------------------------------------------
     def params(self, lam: torch.Tensor) -> dict[str, torch.Tensor]:
-        return compose_params(lam, self.stacks, self.layout, self.base, self.index)
+        return compose_params(lam, self.stacks, self.layout, self.base)
 
     def logits(
         self, params: dict[str, torch.Tensor], images: torch.Tensor, head: torch.Tensor

@@ -238,6 +238,8 @@ def plan_merge(store: Store, req: MergeRequest, *, hash_base: bool = True) -> Me
 
     specs = [TensorSpec(k, m.shape, out_type(m)) for k, m in metas.items()]
     out = req.out / "model.safetensors" if req.out.is_dir() else req.out
+    if not out.parent.is_dir():
+        raise TvtoolError(f"output directory {out.parent} does not exist")
     files, index_path = output_files(out, specs, req.shard_size)
     exists = [str(p) for p in [*(f for f, _ in files), index_path] if p is not None and p.exists()]
     if exists and not req.force:

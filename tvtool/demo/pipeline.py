@@ -1,0 +1,274 @@
+"""`tvtool demo`: the whole task-vector pipeline on the example zoo, through the real commands.
+
+    DIR/zoo/        the example zoo (built or reused)
+    DIR/store/      a fresh tvtool store for this run
+    DIR/models/     checkpoints written by `tvtool merge`
+    DIR/logs/       each command's human output (stderr), one log per stage
+    DIR/cosine.png  `tvtool inspect --plot`
+    DIR/results.json, DIR/report.md
+
+Every stage is a function of a `Demo` that runs `tvtool ...` commands in-process and records
+accuracies (percent, test split) into `Demo.results`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tvtool.demo.cli_runner import CliRunner
+from tvtool.demo.progress import StageProgress
+from tvtool.demo.zoo import MARKER as ZOO_MARKER
+from tvtool.demo.zoo import ZooPaths, build_zoo
+from tvtool.errors import TvtoolError
+
+MARKER = ".tvtool-demo"
+SHOTS = 16
+GRID = "0:1:0.05"
+COMPOSE = ["--epochs", "20", "--batch-size", "32"]  # 16 shots x 10 classes: 5 steps per epoch
+ENTROPY = ["--objective", "entropy", "--epochs", "5", "--batch-size", "64"]
+NEG_KEEP = 0.95  # negation keeps >= 95% of the base's control accuracy (on validation)
+
+
+@dataclass
+class Demo:
+    out: Path
+    zoo: ZooPaths
+    seed: int
+    device: str
+    cli: CliRunner
+    results: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def store(self) -> Path:
+        return self.out / "store"
+
+    def model_args(self) -> list[str]:
+        z = self.zoo
+        return ["--model-config", z.model_config, "--base", z.zeroshot, "--templates", z.templates,
+                "--store", self.store, "--device", self.device]
+
+    def data(self, domain: str) -> Path:
+        return self.zoo.root / "data" / domain
+
+    def vec(self, domain: str) -> str:
+        return f"digits/{domain}"
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.zoo.recipe.task_domains
+
+    @property
+    def targets(self) -> list[str]:
+        return self.zoo.recipe.target_domains
+
+    def dom(self, domain: str) -> dict[str, Any]:
+        return self.results.setdefault("domains", {}).setdefault(domain, {})
+
+    def eval(self, log: str, args: list[str], domains: list[str]) -> dict:
+        data = [a for d in domains for a in ("--data", self.data(d))]
+        return self.cli.json(log, ["eval", *self.model_args(), *args, *data])
+
+    def compose(self, log: str, name: str, args: list[str]) -> dict:
+        return self.cli.json(log, ["compose", *self.model_args(), "--seed", str(self.seed),
+                                   "--name", name, "--force", *args])
+
+    def merge_and_eval(self, log: str, coefs: str, domains: list[str]) -> dict[str, float]:
+        """`tvtool merge --coefs` to a checkpoint, then `tvtool eval --weights` it."""
+        path = self.out / "models" / f"{coefs.replace('/', '-')}.safetensors"
+        path.parent.mkdir(exist_ok=True)
+        self.cli.run(log, ["merge", "--base", self.zoo.zeroshot, "--coefs", coefs, "--out", path,
+                           "--store", self.store, "--force", "-q"])
+        return pct(self.eval(log, ["--weights", path], domains))
+
+
+def pct(report: dict) -> dict[str, float]:
+    return {r["dataset"]: 100.0 * r["accuracy"] for r in report["results"]}
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def extract(demo: Demo) -> None:
+    digests = {}
+    for d in demo.tasks:
+        out = demo.cli.run("extract", ["extract", demo.zoo.zeroshot, demo.zoo.finetuned(d),
+                                       "--preset", "visual", "--name", demo.vec(d), "--store",
+                                       demo.store, "-q"])
+        digests[d] = out.strip()
+    demo.results["vectors"] = digests
+
+
+def inspect(demo: Demo) -> None:
+    args = ["inspect", *[demo.vec(d) for d in demo.tasks], "--store", demo.store]
+    plot = demo.out / "cosine.png"
+    try:
+        import matplotlib  # noqa: F401
+
+        args += ["--plot", plot]
+    except ImportError:
+        plot = None
+    doc = demo.cli.json("inspect", args)
+    cos = doc.get("cosine") or {}
+    demo.results["cosine"] = {"names": cos.get("names"), "matrix": cos.get("matrix")}
+    demo.results["norms"] = {v["name"]: v["l2"] for v in doc.get("vectors", [])}
+    demo.results["plot"] = str(plot) if plot else None
+
+
+def zeroshot_and_finetuned(demo: Demo) -> None:
+    r = demo.zoo.recipe
+    control = r.negation_control
+    for d, a in pct(demo.eval("eval", [], [control, *demo.tasks, *demo.targets])).items():
+        demo.dom(d)["zeroshot"] = a
+    demo.dom(control)["role"] = "control"
+    for d in demo.tasks:
+        demo.dom(d)["role"] = "task"
+        rep = demo.eval("eval", ["--weights", demo.zoo.finetuned(d)], [d])
+        demo.dom(d)["finetuned"] = pct(rep)[d]
+    for d in demo.targets:
+        demo.dom(d)["role"] = "held-out"
+
+
+def addition(demo: Demo) -> None:
+    """Isotropic task arithmetic (scale on validation), then learned block-wise addition."""
+    ft = {d: demo.dom(d)["finetuned"] for d in demo.tasks}
+    ft_file = demo.out / "finetuned-acc.json"
+    import json
+
+    ft_file.write_text(json.dumps(ft, indent=2))
+    vecs = [demo.vec(d) for d in demo.tasks]
+    control = demo.zoo.recipe.negation_control
+    rep = demo.eval("addition", [*vecs, "--grid", GRID, "--finetuned-acc", ft_file], demo.tasks)
+    scale = rep["scale"]
+    for d, a in pct(rep).items():
+        demo.dom(d)["addition"] = a
+    terms = [f"{v}:{scale:g}" for v in vecs]
+    demo.dom(control)["addition"] = pct(demo.eval("addition", terms, [control]))[control]
+    data = [a for d in demo.tasks for a in ("--data", demo.data(d))]
+    comp = demo.compose("addition", "demo/addition", [*vecs, *data, "--shots", str(SHOTS),
+                                                       *COMPOSE])
+    accs = demo.merge_and_eval("addition", "demo/addition", [*demo.tasks, control])
+    for d, a in accs.items():
+        demo.dom(d)["learned_addition"] = a
+    demo.results["addition"] = {"scale": scale, "coefs": comp["digest"],
+                                "learned": comp.get("learnable")}
+
+
+def negation(demo: Demo) -> None:
+    """theta_0 - lambda * tau_target, lambda the largest on the grid keeping the control's
+    validation accuracy >= 95% of the base's; then the learned (compose --negate) variant."""
+    r = demo.zoo.recipe
+    tgt, ctl = r.negation_target, r.negation_control
+    rep = demo.eval("negation", [f"{demo.vec(tgt)}:-1", "--grid", GRID], [tgt, ctl])
+    rows = sorted(rep["grid"]["rows"], key=lambda row: row["scale"])
+    base_ctl = next(row["accuracy"][ctl] for row in rows if row["scale"] == 0)
+    ok = [row["scale"] for row in rows if row["accuracy"][ctl] >= NEG_KEEP * base_ctl]
+    scale = max(ok) if ok else 0.0
+    accs = pct(demo.eval("negation", [f"{demo.vec(tgt)}:{-scale:g}"], [tgt, ctl]))
+    demo.dom(tgt)["negation"] = accs[tgt]
+    demo.dom(ctl)["negation"] = accs[ctl]
+    comp = demo.compose("negation", "demo/negation", [demo.vec(tgt), "--negate", demo.data(tgt),
+                                                       "--control", demo.data(ctl), *COMPOSE])
+    learned = demo.merge_and_eval("negation", "demo/negation", [tgt, ctl])
+    demo.results["negation"] = {
+        "target": tgt, "control": ctl, "scale": scale, "coefs": comp["digest"],
+        "learned": {"target": learned[tgt], "control": learned[ctl]},
+    }
+
+
+def few_shot(demo: Demo, domain: str) -> None:
+    """aTLAS on 16 shots vs the best isotropic scale, a linear probe and entropy (unlabelled)."""
+    from tvtool.demo.probe import linear_probe
+
+    vecs = [demo.vec(d) for d in demo.tasks]
+    log = f"fewshot-{domain}"
+    rep = demo.eval(log, [*vecs, "--grid", GRID], [domain])
+    demo.dom(domain)["best_isotropic"] = pct(rep)[domain]
+    demo.dom(domain)["best_isotropic_scale"] = rep["scale"]
+    name = f"demo/atlas/{domain}"
+    comp = demo.compose(log, name, [*vecs, "--data", demo.data(domain), "--shots", str(SHOTS),
+                                    *COMPOSE])
+    demo.dom(domain)["atlas"] = demo.merge_and_eval(log, name, [domain])[domain]
+    demo.dom(domain)["atlas_bytes"] = comp.get("vector_bytes")
+    z = demo.zoo
+    probe = linear_probe(z.model_config, z.zeroshot, z.templates, demo.data(domain), SHOTS,
+                         demo.seed, demo.device)
+    demo.dom(domain)["linear_probe"] = 100.0 * probe["accuracy"]
+    name = f"demo/entropy/{domain}"
+    demo.compose(log, name, [*vecs, "--data", demo.data(domain), *ENTROPY])
+    demo.dom(domain)["entropy"] = pct(demo.eval(log, ["--coefs", name], [domain]))[domain]
+
+
+def selection(demo: Demo, domain: str, top: int) -> None:
+    """Keep the top-N vectors per block (gradient scores on the same shots), learn only those."""
+    vecs = [demo.vec(d) for d in demo.tasks]
+    log = f"select-{domain}"
+    sel = f"demo/select/{domain}"
+    demo.cli.json(log, ["select", *vecs, *demo.model_args(), "--data", demo.data(domain),
+                        "--shots", str(SHOTS), "--seed", str(demo.seed), "--top", str(top),
+                        "--name", sel, "--force"])
+    name = f"demo/atlas-top{top}/{domain}"
+    comp = demo.compose(log, name, ["--selection", sel, "--data", demo.data(domain), "--shots",
+                                    str(SHOTS), *COMPOSE])
+    demo.dom(domain)["selected"] = pct(demo.eval(log, ["--coefs", name], [domain]))[domain]
+    demo.dom(domain)["selected_bytes"] = comp.get("vector_bytes")
+    demo.results["selection_top"] = top
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _prepare_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise TvtoolError(f"{out} exists and is not a directory")
+    ours = (out / MARKER).exists() or (out / "zoo" / ZOO_MARKER).exists()
+    if out.is_dir() and any(out.iterdir()) and not ours:
+        raise TvtoolError(f"{out} is not empty and holds no tvtool demo; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).touch()
+    for sub in ("store", "models", "logs"):  # a fresh store and outputs for every run
+        shutil.rmtree(out / sub, ignore_errors=True)
+
+
+def run_demo(
+    out: Path, seed: int = 0, size: str = "full", *, force: bool = False, device: str = "auto",
+    progress: StageProgress | None = None,
+) -> dict[str, Any]:
+    """Build/reuse the zoo under OUT/zoo and run every stage; returns the results document."""
+    from tvtool.demo.report import finish
+
+    start = time.perf_counter()
+    out = Path(out)
+    _prepare_out(out, force)
+    say = progress or (lambda desc, total: (lambda n: None))
+    zoo = build_zoo(out / "zoo", seed, size, force=force, progress=say)  # type: ignore[arg-type]
+    demo = Demo(out, zoo, seed, device, CliRunner(out / "logs"))
+    seconds = {"zoo": time.perf_counter() - start}
+    top = max(1, len(zoo.recipe.task_domains) // 2)
+    stages: list[tuple[str, Any]] = [
+        ("extract task vectors", lambda: extract(demo)),
+        ("inspect (cosine heatmap)", lambda: inspect(demo)),
+        ("evaluate zero-shot and fine-tuned", lambda: zeroshot_and_finetuned(demo)),
+        ("task addition (isotropic and learned)", lambda: addition(demo)),
+        ("task negation", lambda: negation(demo)),
+    ]
+    for d in zoo.recipe.target_domains:
+        stages.append((f"aTLAS {SHOTS}-shot on {d}", lambda d=d: few_shot(demo, d)))
+    for d in zoo.recipe.target_domains:
+        stages.append((f"select top-{top} per block on {d}", lambda d=d: selection(demo, d, top)))
+    for desc, fn in stages:
+        t0 = time.perf_counter()
+        tick = say(desc, 1)
+        fn()
+        tick(1)
+        seconds[desc] = time.perf_counter() - t0
+    demo.results.update(
+        seed=seed, size=size, out=str(out), zoo=str(zoo.root), zoo_reused=zoo.reused,
+        zoo_seconds=zoo.info.seconds, stage_seconds={k: round(v, 2) for k, v in seconds.items()},
+        commands=demo.cli.commands, tasks=demo.tasks, targets=demo.targets,
+        seconds=round(time.perf_counter() - start, 1),
+    )
+    return finish(demo.results, out)
