@@ -32,6 +32,8 @@ def test_compose_recovers_accuracy_on_its_task(assets, clip, invoke):  # noqa: F
         "4",
         "--epochs",
         "4",
+        "--partitions",
+        "2",
         "--name",
         "learned",
         "--json",
@@ -49,10 +51,18 @@ def test_compose_recovers_accuracy_on_its_task(assets, clip, invoke):  # noqa: F
     assert m.params["layout"]["vectors"] == m.inputs and m.tensors[0].shape == [2, rep["groups"]]
     # apply the stored coefficients independently and measure
     _, t = load_tensor_object(store, rep["digest"], "coefs")
-    _, layout, stacks = load_bank(clip, store, m.inputs)
+    _, layout, stacks = load_bank(clip, store, m.inputs, partitions=2, seed=0)
+    assert layout.model_dump() == m.params["layout"]
     with torch.no_grad():
         override = compose_params(t["coefs"], stacks, layout, visual_params(clip))
     assert accuracy(clip, assets.colors_val, override) == pytest.approx(rep["val_acc"]["colors"])
+    # the consumer side (eval/merge) reads the same layout: the same weights
+    from tvtool.models.weights import apply_delta, coefs_delta
+
+    delta, _ = coefs_delta(clip, store, rep["digest"])
+    applied = apply_delta(clip, delta)
+    for p, v in override.items():
+        torch.testing.assert_close(applied[p], v, rtol=1e-5, atol=1e-6)
     q = invoke(
         "compose",
         "vec/colors",

@@ -157,16 +157,26 @@ def build_assets(root: Path) -> Assets:
     )
 
 
+# Each test module imports these fixtures, which makes one fixture definition per module:
+# the cache builds the assets once per session all the same.
+_CACHE: dict[str, object] = {}
+
+
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
-    return build_assets(tmp_path_factory.mktemp("compose-assets"))
+    if "assets" not in _CACHE:
+        _CACHE["assets"] = build_assets(tmp_path_factory.mktemp("compose-assets"))
+    return _CACHE["assets"]  # type: ignore[return-value]
 
 
 @pytest.fixture(scope="session")
 def clip(assets: Assets):
+    """The base model (shared: tests must not change its weights' values)."""
     from tvtool.models.build import load_clip
 
-    return load_clip(model_config=assets.cfg, base=assets.base)
+    if "clip" not in _CACHE:
+        _CACHE["clip"] = load_clip(model_config=assets.cfg, base=assets.base)
+    return _CACHE["clip"]
 
 
 def accuracy(clip, data: Path, override=None) -> float:

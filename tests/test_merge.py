@@ -310,3 +310,17 @@ def test_bad_inputs(world):
     with pytest.raises(TvtoolError, match="density"):
         run(store, tmp, ["t0"], name="n.safetensors", method="ties", density=2.0)
     assert not (tmp / "n.safetensors").exists()
+
+
+@pytest.mark.parametrize("method", ["sum", "ties", "magnitude"])
+def test_slices_and_whole_tensors_give_identical_bytes(world, monkeypatch, method):
+    from tvtool.vectors import merge_stream
+
+    tmp, store, base, taus = world
+    monkeypatch.setattr(merge_stream, "CHUNK", 7)  # many ragged slices per tensor
+    _, _, sliced = run(store, tmp, ["t0", "-t1:0.7", "t2"], name="s.safetensors", method=method,
+                       density=0.3)
+    monkeypatch.setattr(merge_stream.SliceReader, "of", classmethod(lambda cls, r, stored: None))
+    _, _, whole = run(store, tmp, ["t0", "-t1:0.7", "t2"], name="w.safetensors", method=method,
+                      density=0.3)
+    assert sliced.files[0].read_bytes() == whole.files[0].read_bytes()

@@ -142,7 +142,15 @@ VecDtypeOpt = Annotated[
         help="Vectors on the device: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16.",
     ),
 ]
-WorkersOpt = Annotated[int, typer.Option("--workers", help="Data-loading worker processes.", min=0)]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--workers",
+        help="Data-loading processes (default: 0 on CPU, up to 8 per process on CUDA).",
+        min=0,
+        show_default=False,
+    ),
+]
 FlipOpt = Annotated[
     bool, typer.Option("--flip", help="Add random horizontal flips to the few-shot augmentation.")
 ]
@@ -267,7 +275,7 @@ def compose_command(
     selection: SelectionOpt = None,
     device: DeviceOpt = "auto",
     vector_dtype: VecDtypeOpt = "auto",
-    workers: WorkersOpt = 0,
+    workers: WorkersOpt = None,
     flip: FlipOpt = False,
     resume: ResumeOpt = False,
     allow_other_base: OtherBaseOpt = False,

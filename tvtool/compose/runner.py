@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -52,7 +53,7 @@ class ComposeOptions:
     vector_dtype: str = "auto"
     templates: list[str] | None = None
     flip: bool = False
-    workers: int = 0
+    workers: int | None = None  # None: 0 on CPU, up to 8 per process on CUDA
     split: str = "train"
     allow_other_base: bool = False
     resume: bool = False
@@ -159,7 +160,7 @@ def compose(
         grad_accum=opts.grad_accum,
         seed=opts.seed,
         weight_decay=opts.weight_decay,
-        workers=opts.workers,
+        workers=_workers(opts, clip, dist),
         augment=objective.augment,
         flip=opts.flip,
     )
@@ -184,7 +185,7 @@ def compose(
         "selection": sel_digest,
         "vector_dtype": str(dtype),
         "templates": opts.templates,
-        "settings": asdict(settings),
+        "settings": {k: v for k, v in asdict(settings).items() if k != "workers"},
     }
     run_dir = store.tmp_dir / "compose-runs" / run_hash(config)[:24]
     stacks = load_stacks(store, plan, clip.device, dtype, keep)
@@ -269,6 +270,16 @@ def compose(
         shutil.rmtree(run_dir, ignore_errors=True)
     dist.barrier()
     return report
+
+
+def _workers(opts: ComposeOptions, clip: Any, dist: Dist) -> int:
+    """Data-loading processes: as asked; by default none on CPU (the cores compute), and up to 8
+    per process on CUDA (decoding and augmenting images must keep up with the GPU)."""
+    if opts.workers is not None:
+        return opts.workers
+    if clip.device.type != "cuda":
+        return 0
+    return max(0, min(8, (os.cpu_count() or 1) // max(1, dist.world) - 1))
 
 
 def _unique_names(tasks: list) -> None:

@@ -4,9 +4,10 @@ Each micro-batch composes theta from the current Lambda, runs every data set's b
 image tower (autocast on CUDA) and backpropagates sum_k sign_k * mean-over-the-step(loss_k); the
 per-rank loss is scaled so that DistributedDataParallel's gradient average equals that global
 mean exactly, whatever the sharding. After every epoch: validation accuracy, model selection
-(see `pick`), a checkpoint (rank 0). A resumed run restores Lambda, the optimiser and scheduler
-states and the history, and continues with the same seeded batches and augmentations, so it
-ends bit-for-bit where an uninterrupted run would.
+(`Trainer._better`: best validation accuracy; for negation the most forgetting that keeps the
+control accuracy; else the last epoch), a checkpoint (rank 0). A resumed run restores Lambda,
+the optimiser and scheduler states and the history, and continues with the same seeded batches
+and augmentations, so it ends bit-for-bit where an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class Reporter(Protocol):
 
 @dataclass
 class FitResult:
-    coefs: torch.Tensor  # [T, G] chosen by `pick`
+    coefs: torch.Tensor  # [T, G] of the chosen epoch (see Trainer._better)
     epoch: int  # the epoch it comes from (0 = the base model)
     history: list[dict[str, Any]]
     select_by: SelectBy
@@ -152,7 +153,7 @@ class Trainer:
             self.dist.world,
         )
         loaders = self._loaders(epoch, plan)
-        task_loss = torch.zeros(len(self.tasks), dtype=torch.float64)
+        task_loss = torch.zeros(len(self.tasks), dtype=torch.float64, device=self.device)
         for step in plan:
             self.opt.zero_grad(set_to_none=True)
             for m, micro in enumerate(step):
@@ -175,14 +176,14 @@ class Trainer:
                             self.logits(params, images, task.head), labels.to(self.device)
                         )
                         part = per.sum() / micro.step_counts[k]
-                        task_loss[k] += float(part.detach())
+                        task_loss[k] += part.detach().double()  # no host sync per batch
                         loss = loss + SIGN[task.role] * part * self.dist.world
                     loss.backward()
             self.opt.step()
             self.sched.step()
             if reporter:
                 reporter.step()
-        task_loss = self.dist.all_reduce_sum(task_loss.to(self.device)).cpu() / len(plan)
+        task_loss = self.dist.all_reduce_sum(task_loss).cpu() / len(plan)
         total = sum(SIGN[t.role] * float(task_loss[k]) for k, t in enumerate(self.tasks))
         return total, [float(x) for x in task_loss]
 

@@ -9,11 +9,8 @@ into place together, then the index is written; last, the recipe is stored as a 
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
-import sys
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -21,27 +18,20 @@ from pathlib import Path
 
 import torch
 
-from tvtool.checkpoints.readers import SafetensorsReader, TensorMeta, open_checkpoint
-from tvtool.checkpoints.writer import (
-    SafetensorsStreamWriter,
-    TensorSpec,
-    atomic_output,
-    build_header,
-    parse_dtype,
-)
+from tvtool.checkpoints.readers import TensorMeta, open_checkpoint
+from tvtool.checkpoints.writer import TensorSpec, atomic_output, build_header, parse_dtype
 from tvtool.errors import TvtoolError
 from tvtool.store.manifest import canonical_json
 from tvtool.store.store import Store
-from tvtool.vectors.blocks import CoefsLayout, coef_for_key
 from tvtool.vectors.filters import TensorFilter
-from tvtool.vectors.methods import (
-    KthLargest,
-    MergeParams,
-    TermState,
-    apply_steps,
-    combine,
-    topk_count,
+from tvtool.vectors.merge_stream import (
+    MergeInputs,
+    Progress,
+    keep_freed_memory,
+    load_coefs,
+    write_bytes,
 )
+from tvtool.vectors.methods import MergeParams
 from tvtool.vectors.recipe import (
     MergeRequest,
     build_recipe,
@@ -52,7 +42,6 @@ from tvtool.vectors.recipe import (
 from tvtool.vectors.stored import open_tensor_object
 from tvtool.vectors.terms import Term, default_scale
 
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
 PENDING = "0" * 64  # same length as a sha256: headers keep their size once it is known
 
 
@@ -139,24 +128,6 @@ def _attach_masks(store: Store, req: MergeRequest, terms: list[PlannedTerm]) -> 
         t.mask = by_vector[t.digest]
 
 
-def _load_coefs(store: Store, ref: str) -> tuple[str, torch.Tensor, CoefsLayout]:
-    manifest, reader = open_tensor_object(store, ref, "coefs")
-    with reader:
-        if "coefs" not in reader:
-            raise TvtoolError(f"coefs object {ref!r} has no 'coefs' tensor")
-        coefs = reader.get("coefs").to(torch.float32)
-    try:
-        layout = CoefsLayout.model_validate(manifest.params["layout"])
-    except (KeyError, ValueError) as e:
-        raise TvtoolError(f"coefs {ref!r} has no valid layout ({type(e).__name__})") from None
-    if tuple(coefs.shape) != (len(layout.vectors), layout.n_groups):
-        raise TvtoolError(
-            f"coefs {ref!r}: tensor {tuple(coefs.shape)} does not match its layout "
-            f"({len(layout.vectors)} vectors x {layout.n_groups} groups)"
-        )
-    return manifest.digest, coefs, layout
-
-
 def _match_keys(store, t: PlannedTerm, metas: dict[str, TensorMeta], keep) -> list[str]:
     """Fill `t.keys` with the tensors it changes; return offender descriptions."""
     missing, bad = [], []
@@ -198,7 +169,7 @@ def plan_merge(store: Store, req: MergeRequest, *, hash_base: bool = True) -> Me
             raise TvtoolError("with --coefs the vectors come from the coefficients: drop the TERMs")
         if req.method != "sum" or req.masks:
             raise TvtoolError("--coefs applies learned coefficients: use --method sum, no --mask")
-        coefs_digest, _, layout = _load_coefs(store, req.coefs)
+        coefs_digest, _, layout = load_coefs(store, req.coefs)
         req.terms = [Term(ref=d, weight=1.0) for d in layout.vectors]
     if not req.terms:
         raise TvtoolError("nothing to merge: give at least one TERM (VECTOR[:WEIGHT]) or --coefs")
@@ -262,125 +233,35 @@ def _noop(stage: str, done: int, total: int) -> None:
     pass
 
 
-def _keep_freed_memory() -> None:
-    """Ask glibc to keep freed tensor-sized blocks instead of handing them back to the kernel.
-
-    The merge allocates a few tensor-sized buffers per key and frees them at once; by default
-    glibc serves them with mmap and trims the heap on free, so every buffer is page-faulted in
-    again (measured: 2-3x the wall time of a TIES merge). Peak memory is unchanged: what is kept
-    is reused for the next key. Process-wide and harmless elsewhere; a no-op without glibc."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks below 32 MB come from the heap
-        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: do not trim the heap on free
-    except (OSError, AttributeError):
-        pass
-
-
-class _Inputs:
-    """The open readers of one merge and the per-term tensor pipeline."""
-
-    def __init__(self, stack: ExitStack, store: Store, plan: MergePlan):
-        self.plan, self.p = plan, plan.params
-        self.base = stack.enter_context(open_checkpoint(plan.request.base))
-        self.vecs = [
-            stack.enter_context(open_tensor_object(store, t.digest, "vector")[1])
-            for t in plan.terms
-        ]
-        self.masks = [
-            stack.enter_context(open_tensor_object(store, t.mask, "mask")[1]) if t.mask else None
-            for t in plan.terms
-        ]
-        self.states = [TermState(vector=t.digest, weight=t.weight) for t in plan.terms]
-        self.coefs, self.layout = None, None
-        if plan.coefs:
-            _, self.coefs, self.layout = _load_coefs(store, plan.coefs)
-        self.key_index = self.layout.key_index() if self.layout else None
-
-    def cdtype(self, key: str) -> torch.dtype:
-        return torch.float64 if self.base.meta(key).dtype == torch.float64 else torch.float32
-
-    def term(self, i: int, key: str, steps: tuple[str, ...]) -> torch.Tensor:
-        x = self.vecs[i].get(key).to(self.cdtype(key))
-        m = self.masks[i]
-        mask = m.get(key) if m is not None and key in m else None
-        return apply_steps(x, key, self.states[i], steps, self.p, mask)
-
-    def thresholds(self, progress: Progress) -> None:
-        """The global top-k pre-pass: two streamed histogram passes per vector."""
-        pre = self.p.steps[: self.p.steps.index("trim")]
-        for i, t in enumerate(self.plan.terms):
-            kth = KthLargest(topk_count(t.numel, self.p.density), t.numel)
-            if kth.needs_passes:
-                for n, add in enumerate((kth.add_pass1, kth.add_pass2)):
-                    for j, key in enumerate(t.keys):
-                        add(self.term(i, key, pre).abs_().to(torch.float32))
-                        progress(
-                            f"top-k {i + 1}/{len(self.states)}, pass {n + 1}", j + 1, len(t.keys)
-                        )
-                    if n == 0:
-                        kth.end_pass1()
-            self.states[i].topk = kth.result()
-
-    def merged(self, spec: TensorSpec) -> torch.Tensor:
-        tensor = self.base.get(spec.name)
-        ids = self.plan.touched.get(spec.name)
-        if not ids:
-            return tensor  # copied as read (bit for bit unless --dtype casts it)
-        cdt = self.cdtype(spec.name)
-        owned = isinstance(self.base, SafetensorsReader)  # its reads return fresh tensors
-        acc = tensor if owned and tensor.dtype == cdt else tensor.to(cdt, copy=True)
-        p = self.p
-        if self.coefs is not None:
-            for i in ids:
-                c = coef_for_key(self.coefs[i], spec.name, spec.shape, self.layout, self.key_index)
-                x = self.vecs[i].get(spec.name).to(cdt)
-                if c.dim() == 0:
-                    acc.add_(x, alpha=float(c) * p.scale)
-                else:
-                    acc.add_(x * (c.to(cdt) * p.scale))
-        elif p.combiner == "sum":
-            for i in ids:
-                acc.add_(self.term(i, spec.name, p.steps), alpha=self.states[i].weight)
-        else:
-            xs = [self.term(i, spec.name, p.steps) for i in ids]
-            acc = combine(acc, xs, [self.states[i].weight for i in ids], p.combiner, p.scale)
-        return acc
-
-
 def execute_merge(store: Store, plan: MergePlan, progress: Progress = _noop) -> MergeResult:
     """Stream the merged checkpoint to disk, then record the recipe in the store. A base not
     hashed by the plan is hashed on a thread while merging; the headers, written first with
     placeholders of the same length, are rewritten before the files are renamed into place."""
     t0 = time.perf_counter()
     force = plan.request.force
-    _keep_freed_memory()
+    keep_freed_memory()
     with ExitStack() as stack:
-        inputs = _Inputs(stack, store, plan)
+        inputs = MergeInputs(stack, store, plan)
         hashing = None
         if plan.fingerprint is None:
             pool = stack.enter_context(ThreadPoolExecutor(1))
             hashing = pool.submit(inputs.base.fingerprint)
         if "trim" in plan.params.steps and plan.params.scope == "global":
             inputs.thresholds(progress)
-        outputs, writers = [], []
+        done = 0
         for path, specs in plan.files:
             f = stack.enter_context(atomic_output(path, force=force))
-            outputs.append((f, specs))
-            writers += [SafetensorsStreamWriter(f, specs, plan.metadata)] * len(specs)
-        for n, (spec, writer) in enumerate(zip(plan.specs, writers, strict=True)):
-            writer.write(spec.name, inputs.merged(spec))
-            progress("merge", n + 1, len(plan.specs))
-        for w in dict.fromkeys(writers):
-            w.finish()
-        if hashing is not None:
-            sizes = [len(build_header(specs, plan.metadata)) for _, specs in outputs]
-            plan.finalize(hashing.result())
-            for (f, specs), size in zip(outputs, sizes, strict=True):
+            header_size = f.write(build_header(specs, plan.metadata))
+            for spec in specs:
+                size = sum(write_bytes(f, piece.to(spec.dtype)) for piece in inputs.pieces(spec))
+                if size != spec.nbytes:  # pragma: no cover - pieces cover the tensor exactly
+                    raise TvtoolError(f"internal error: {spec.name} wrote {size} bytes")
+                done += 1
+                progress("merge", done, len(plan.specs))
+            if hashing is not None:  # the real header once the base's sha256 is known
+                plan.finalize(hashing.result())
                 header = build_header(specs, plan.metadata)
-                if len(header) != size:  # pragma: no cover - digests have a fixed length
+                if len(header) != header_size:  # pragma: no cover - digests have fixed lengths
                     raise TvtoolError("internal error: the final header changed size")
                 f.seek(0)
                 f.write(header)
