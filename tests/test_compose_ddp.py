@@ -77,7 +77,8 @@ def test_two_gloo_processes_match_one(assets, clip, invoke, tmp_path):  # noqa: 
     one = json.loads(single.stdout)
     assert one["world_size"] == 1
 
-    ctx = multiprocessing.get_context("fork")
+    # spawn, not fork: forking a process whose torch thread pools already ran can deadlock
+    ctx = multiprocessing.get_context("spawn")
     port = _free_port()
     outs = [str(tmp_path / f"rank{r}.json") for r in range(2)]
     procs = [
@@ -88,6 +89,8 @@ def test_two_gloo_processes_match_one(assets, clip, invoke, tmp_path):  # noqa: 
         p.start()
     for p in procs:
         p.join(timeout=240)
+        if p.is_alive():
+            p.kill()
         assert p.exitcode == 0
     res = [json.loads(Path(o).read_text()) for o in outs]
     assert [r["code"] for r in res] == [0, 0], res

@@ -324,3 +324,24 @@ def test_slices_and_whole_tensors_give_identical_bytes(world, monkeypatch, metho
     _, _, whole = run(store, tmp, ["t0", "-t1:0.7", "t2"], name="w.safetensors", method=method,
                       density=0.3)
     assert sliced.files[0].read_bytes() == whole.files[0].read_bytes()
+
+
+def test_torch_and_bf16_bases(world):
+    tmp, store, base, taus = world
+    torch.save({"module." + k: v for k, v in base.items()}, tmp / "base.pt")
+    req = MergeRequest(base=tmp / "base.pt", out=tmp / "pt.safetensors",
+                       terms=parse_terms(["t0", "t1:-1"]))
+    res = execute_merge(store, plan_merge(store, req))
+    with open_checkpoint(res.files[0]) as r:
+        assert sorted(r.keys()) == sorted(base)
+        for k in SHAPES:
+            assert torch.allclose(r.get(k), base[k] + 0.3 * taus[0][k] - taus[1][k], atol=1e-6)
+    save_safetensors(tmp / "bf16.safetensors", {k: v.to(torch.bfloat16) if v.is_floating_point()
+                                                else v for k, v in base.items()})
+    req = MergeRequest(base=tmp / "bf16.safetensors", out=tmp / "bf.safetensors",
+                       terms=parse_terms(["t0"]))
+    res = execute_merge(store, plan_merge(store, req))
+    with open_checkpoint(res.files[0]) as r:
+        for k in SHAPES:
+            ref = (base[k].to(torch.bfloat16).float() + taus[0][k]).to(torch.bfloat16)
+            assert r.get(k).dtype == torch.bfloat16 and torch.equal(r.get(k), ref)

@@ -223,3 +223,18 @@ def test_coefs_and_mask_options(invoke, setup):
     got = _load(out)
     assert torch.equal(got["enc.weight"][0], base["enc.weight"][0])
     assert torch.allclose(got["enc.bias"], base["enc.bias"] - taus["mnist"]["enc.bias"])
+
+
+def test_warns_when_the_vector_came_from_another_base(invoke, setup):
+    from tvtool.vectors.extract import extract_vector
+
+    tmp, store, base, taus = setup
+    save_safetensors(tmp / "ft.safetensors", {k: v + 0.01 for k, v in base.items()})
+    save_safetensors(tmp / "other.safetensors", {k: v * 2 for k, v in base.items()})
+    d = extract_vector(store, tmp / "base.safetensors", tmp / "ft.safetensors").digest
+    same = invoke("merge", "--base", tmp / "base.safetensors", "-o", tmp / "a.safetensors", d,
+                  "-q")
+    assert same.exit_code == 0 and "another base" not in same.stderr
+    other = invoke("merge", "--base", tmp / "other.safetensors", "-o", tmp / "b.safetensors", d,
+                   "-q")
+    assert other.exit_code == 0 and "extracted from another base" in other.stderr

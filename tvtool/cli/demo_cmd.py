@@ -11,24 +11,31 @@ from typing import Annotated
 import typer
 
 from tvtool.cli.group import TvtoolGroup
-from tvtool.cli.options import DeviceOpt, ForceOpt, JsonOpt
+from tvtool.cli.options import DeviceOpt, JsonOpt
 
 DEFAULT_OUT = Path("tvtool-demo")
 
 OutOpt = Annotated[
     Path,
-    typer.Option(
-        "--out", "-o", help="Demo directory (zoo, store, reports).", file_okay=False
-    ),
+    typer.Option("--out", "-o", help="Demo directory (zoo, store, reports).", file_okay=False),
 ]
 BuildOutOpt = Annotated[
     Path | None,
     typer.Option(
-        "--out", "-o", help="Zoo directory [default: tvtool-demo/zoo].", file_okay=False,
+        "--out",
+        "-o",
+        help="Zoo directory [default: tvtool-demo/zoo].",
+        file_okay=False,
         show_default=False,
     ),
 ]
 DemoSeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the zoo and of every stage.")]
+DemoForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force", help="Rebuild a zoo made with another recipe; accept a non-empty --out."
+    ),
+]
 SmallOpt = Annotated[
     bool,
     typer.Option("--small", help="The reduced zoo (3 task domains, 2 held out; about a minute)."),
@@ -37,7 +44,6 @@ SmallOpt = Annotated[
 demo_app = typer.Typer(
     cls=TvtoolGroup,
     name="demo",
-    help="Run tvtool end to end on an offline example zoo built from scikit-learn's digits.",
     invoke_without_command=True,
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -51,15 +57,18 @@ def demo(
     seed: DemoSeedOpt = 0,
     small: SmallOpt = False,
     json_out: JsonOpt = False,
-    force: ForceOpt = False,
+    force: DemoForceOpt = False,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Build (or reuse) the example zoo, then run extract, inspect, select, compose, merge and
-    eval through the real commands in a fresh store under --out; print one results table, write
-    DIR/report.md and DIR/results.json, and say which of the papers' claims held.
+    """Run tvtool end to end on an offline example zoo built from scikit-learn's digits.
 
-    Needs the `demo` extra (scikit-learn, pillow; matplotlib for the heatmap). About 6-9 minutes
-    on two CPU cores for the full zoo, 2-3 with --small.
+    Builds (or reuses) the zoo in OUT/zoo, then runs the real commands in a fresh OUT/store:
+
+    extract, inspect, eval, compose (addition, negation, 16 shots, entropy), select, merge.
+
+    Prints one results table, writes OUT/report.md and OUT/results.json, checks 5 claims.
+
+    Needs the demo extra (scikit-learn, pillow; matplotlib for the cosine heatmap).
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -70,7 +79,11 @@ def demo(
 
     with stage_progress() as progress:
         result = run_demo(
-            out, seed=seed, size="small" if small else "full", force=force, device=device,
+            out,
+            seed=seed,
+            size="small" if small else "full",
+            force=force,
+            device=device,
             progress=progress,
         )
     render_table(result)
@@ -88,8 +101,14 @@ def build(
         bool, typer.Option("--force", help="Rebuild a zoo that another recipe (seed, size) made.")
     ] = False,
 ) -> None:
-    """Build the example zoo: image folders, a tiny CLIP ("pre-trained" contrastively on two
-    domains) and one fine-tuned checkpoint per task domain. Cached: a second run reuses them."""
+    """Build the example zoo alone (cached: a second run reuses what exists).
+
+    Image folders: OUT/data/<domain>/<split>/<class>/*.png
+
+    A tiny CLIP pre-trained on two domains: OUT/models/zeroshot.safetensors (+ config JSON)
+
+    One fine-tuned checkpoint per task domain: OUT/models/<domain>/finetuned.safetensors
+    """
     from tvtool.cli.output import emit_json, info
     from tvtool.demo.progress import stage_progress
     from tvtool.demo.zoo import build_zoo
@@ -102,7 +121,9 @@ def build(
         return
     acc = zoo.info.accuracy
     for d in zoo.recipe.task_domains:
-        info(f"{d:>12}: zero-shot {acc[d]['zeroshot']:5.1f}%  fine-tuned {acc[d]['finetuned']:5.1f}%")
+        info(
+            f"{d:>12}: zero-shot {acc[d]['zeroshot']:5.1f}%  fine-tuned {acc[d]['finetuned']:5.1f}%"
+        )
     for d in zoo.recipe.target_domains:
         info(f"{d:>12}: zero-shot {acc[d]['zeroshot']:5.1f}%  (held out: no task vector)")
     took = sum(zoo.info.seconds.values())

@@ -187,6 +187,7 @@ def merge(
     for s in plan.skipped:
         warn(f"skipped {s}")
     if dry_run:
+        _warn_foreign(plan)
         doc = _plan_doc(st, plan)
         if json_out:
             emit_json({"dry_run": True, **doc})
@@ -199,6 +200,7 @@ def merge(
             st, plan, lambda stage, done, total: bar.update(
                 task, description=stage, completed=done, total=total),
         )
+    _warn_foreign(plan)
     doc = {**_plan_doc(st, plan), "seconds": round(result.seconds, 3)}
     if json_out:
         emit_json({"dry_run": False, **doc})
@@ -206,6 +208,14 @@ def merge(
     if not quiet:
         _render(doc)
     emit_line(result.digest)
+
+
+def _warn_foreign(plan: Any) -> None:
+    from tvtool.cli.output import warn
+
+    for t in plan.foreign_terms():
+        warn(f"{t.label} was extracted from another base file (sha256 {t.extracted_from[:12]}) "
+             f"than {plan.request.base} ({plan.fingerprint[:12]})")
 
 
 def _plan_doc(st: Any, plan: Any) -> dict[str, Any]:
@@ -216,7 +226,8 @@ def _plan_doc(st: Any, plan: Any) -> dict[str, Any]:
         "params": plan.recipe["params"],
         "terms": [
             {"term": t.label, "vector": t.digest, "name": st.display_name(t.digest),
-             "weight": t.weight, "mask": t.mask, "tensors": len(t.keys), "numel": t.numel}
+             "weight": t.weight, "mask": t.mask, "tensors": len(t.keys), "numel": t.numel,
+             "extracted_from": t.extracted_from}
             for t in plan.terms
         ],
         "coefs": plan.coefs,

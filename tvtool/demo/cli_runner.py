@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import shlex
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ class CliRunner:
     def __init__(self, log_dir: Path):
         self.log_dir = log_dir
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.commands: list[str] = []
+        self.commands: list[dict[str, Any]] = []
 
     def run(self, log: str, args: list[str]) -> str:
         """`tvtool ARGS...`; returns stdout. Raises TvtoolError when the command fails."""
@@ -31,8 +32,8 @@ class CliRunner:
 
         args = [str(a) for a in args]
         line = "tvtool " + shlex.join(args)
-        self.commands.append(line)
         out, err = io.StringIO(), io.StringIO()
+        t0 = time.perf_counter()
         code: Any = 0
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -45,8 +46,11 @@ class CliRunner:
             except click.ClickException as e:
                 e.show(file=err)
                 code = e.exit_code
+        seconds = time.perf_counter() - t0
+        self.commands.append({"stage": log, "command": line, "seconds": round(seconds, 2)})
         with open(self.log_dir / f"{log}.log", "a") as f:
-            f.write(f"$ {line}\n{err.getvalue()}\n")
+            f.write(f"$ {line}\n# exit {code}, {seconds:.1f} s\n{err.getvalue()}\n")
+            f.write(f"# stdout:\n{out.getvalue()}\n")
         if code:
             tail = " | ".join(err.getvalue().strip().splitlines()[-3:])
             raise TvtoolError(f"demo step failed (exit {code}): {line}: {tail}")

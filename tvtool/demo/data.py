@@ -76,7 +76,9 @@ def write_image_folders(root: Path, data: dict[str, dict[str, DomainData]]) -> i
             for c in CLASSNAMES:
                 (root / d / s / c).mkdir(parents=True, exist_ok=True)
             arr = dd.images.numpy()
-            for row, (label, i) in enumerate(zip(dd.labels.tolist(), dd.indices.tolist(), strict=True)):
+            for row, (label, i) in enumerate(
+                zip(dd.labels.tolist(), dd.indices.tolist(), strict=True)
+            ):
                 path = root / d / s / CLASSNAMES[label] / f"{i:04d}.png"
                 Image.fromarray(arr[row], mode="RGB").save(path, format="PNG")
                 count += 1

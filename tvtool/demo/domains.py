@@ -35,7 +35,9 @@ def load_digits_grey(image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise TvtoolError("the example zoo needs scikit-learn: pip install 'tvtool[demo]'") from e
     bunch = load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32) / 16.0
-    up = F.interpolate(images[:, None], size=(image_size, image_size), mode="bilinear", align_corners=False)
+    up = F.interpolate(
+        images[:, None], size=(image_size, image_size), mode="bilinear", align_corners=False
+    )
     return up[:, 0].clamp(0, 1), torch.tensor(bunch.target, dtype=torch.int64)
 
 
@@ -116,7 +118,7 @@ def describe(domain: str) -> str:
 
 
 def apply_domain(domain: str, grey: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Float [N, S, S] grey digits (their dataset indices `idx`) -> float RGB [N, 3, S, S] in [0, 1]."""
+    """Grey digits [N, S, S] (dataset indices `idx`) -> float RGB [N, 3, S, S] in [0, 1]."""
     if domain not in DOMAINS:
         from tvtool.errors import TvtoolError
 

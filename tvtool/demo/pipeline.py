@@ -48,8 +48,18 @@ class Demo:
 
     def model_args(self) -> list[str]:
         z = self.zoo
-        return ["--model-config", z.model_config, "--base", z.zeroshot, "--templates", z.templates,
-                "--store", self.store, "--device", self.device]
+        return [
+            "--model-config",
+            z.model_config,
+            "--base",
+            z.zeroshot,
+            "--templates",
+            z.templates,
+            "--store",
+            self.store,
+            "--device",
+            self.device,
+        ]
 
     def data(self, domain: str) -> Path:
         return self.zoo.root / "data" / domain
@@ -73,15 +83,40 @@ class Demo:
         return self.cli.json(log, ["eval", *self.model_args(), *args, *data])
 
     def compose(self, log: str, name: str, args: list[str]) -> dict:
-        return self.cli.json(log, ["compose", *self.model_args(), "--seed", str(self.seed),
-                                   "--name", name, "--force", *args])
+        return self.cli.json(
+            log,
+            [
+                "compose",
+                *self.model_args(),
+                "--seed",
+                str(self.seed),
+                "--name",
+                name,
+                "--force",
+                *args,
+            ],
+        )
 
     def merge_and_eval(self, log: str, coefs: str, domains: list[str]) -> dict[str, float]:
         """`tvtool merge --coefs` to a checkpoint, then `tvtool eval --weights` it."""
         path = self.out / "models" / f"{coefs.replace('/', '-')}.safetensors"
         path.parent.mkdir(exist_ok=True)
-        self.cli.run(log, ["merge", "--base", self.zoo.zeroshot, "--coefs", coefs, "--out", path,
-                           "--store", self.store, "--force", "-q"])
+        self.cli.run(
+            log,
+            [
+                "merge",
+                "--base",
+                self.zoo.zeroshot,
+                "--coefs",
+                coefs,
+                "--out",
+                path,
+                "--store",
+                self.store,
+                "--force",
+                "-q",
+            ],
+        )
         return pct(self.eval(log, ["--weights", path], domains))
 
 
@@ -95,9 +130,21 @@ def pct(report: dict) -> dict[str, float]:
 def extract(demo: Demo) -> None:
     digests = {}
     for d in demo.tasks:
-        out = demo.cli.run("extract", ["extract", demo.zoo.zeroshot, demo.zoo.finetuned(d),
-                                       "--preset", "visual", "--name", demo.vec(d), "--store",
-                                       demo.store, "-q"])
+        out = demo.cli.run(
+            "extract",
+            [
+                "extract",
+                demo.zoo.zeroshot,
+                demo.zoo.finetuned(d),
+                "--preset",
+                "visual",
+                "--name",
+                demo.vec(d),
+                "--store",
+                demo.store,
+                "-q",
+            ],
+        )
         digests[d] = out.strip()
     demo.results["vectors"] = digests
 
@@ -148,13 +195,17 @@ def addition(demo: Demo) -> None:
     terms = [f"{v}:{scale:g}" for v in vecs]
     demo.dom(control)["addition"] = pct(demo.eval("addition", terms, [control]))[control]
     data = [a for d in demo.tasks for a in ("--data", demo.data(d))]
-    comp = demo.compose("addition", "demo/addition", [*vecs, *data, "--shots", str(SHOTS),
-                                                       *COMPOSE])
+    comp = demo.compose(
+        "addition", "demo/addition", [*vecs, *data, "--shots", str(SHOTS), *COMPOSE]
+    )
     accs = demo.merge_and_eval("addition", "demo/addition", [*demo.tasks, control])
     for d, a in accs.items():
         demo.dom(d)["learned_addition"] = a
-    demo.results["addition"] = {"scale": scale, "coefs": comp["digest"],
-                                "learned": comp.get("learnable")}
+    demo.results["addition"] = {
+        "scale": scale,
+        "coefs": comp["digest"],
+        "learned": comp.get("learnable"),
+    }
 
 
 def negation(demo: Demo) -> None:
@@ -170,11 +221,14 @@ def negation(demo: Demo) -> None:
     accs = pct(demo.eval("negation", [f"{demo.vec(tgt)}:{-scale:g}"], [tgt, ctl]))
     demo.dom(tgt)["negation"] = accs[tgt]
     demo.dom(ctl)["negation"] = accs[ctl]
-    comp = demo.compose("negation", "demo/negation", [demo.vec(tgt), "--negate", demo.data(tgt),
-                                                       "--control", demo.data(ctl), *COMPOSE])
+    args = [demo.vec(tgt), "--negate", demo.data(tgt), "--control", demo.data(ctl)]
+    comp = demo.compose("negation", "demo/negation", [*args, "--shots", str(SHOTS), *COMPOSE])
     learned = demo.merge_and_eval("negation", "demo/negation", [tgt, ctl])
     demo.results["negation"] = {
-        "target": tgt, "control": ctl, "scale": scale, "coefs": comp["digest"],
+        "target": tgt,
+        "control": ctl,
+        "scale": scale,
+        "coefs": comp["digest"],
         "learned": {"target": learned[tgt], "control": learned[ctl]},
     }
 
@@ -189,13 +243,15 @@ def few_shot(demo: Demo, domain: str) -> None:
     demo.dom(domain)["best_isotropic"] = pct(rep)[domain]
     demo.dom(domain)["best_isotropic_scale"] = rep["scale"]
     name = f"demo/atlas/{domain}"
-    comp = demo.compose(log, name, [*vecs, "--data", demo.data(domain), "--shots", str(SHOTS),
-                                    *COMPOSE])
+    comp = demo.compose(
+        log, name, [*vecs, "--data", demo.data(domain), "--shots", str(SHOTS), *COMPOSE]
+    )
     demo.dom(domain)["atlas"] = demo.merge_and_eval(log, name, [domain])[domain]
     demo.dom(domain)["atlas_bytes"] = comp.get("vector_bytes")
     z = demo.zoo
-    probe = linear_probe(z.model_config, z.zeroshot, z.templates, demo.data(domain), SHOTS,
-                         demo.seed, demo.device)
+    probe = linear_probe(
+        z.model_config, z.zeroshot, z.templates, demo.data(domain), SHOTS, demo.seed, demo.device
+    )
     demo.dom(domain)["linear_probe"] = 100.0 * probe["accuracy"]
     name = f"demo/entropy/{domain}"
     demo.compose(log, name, [*vecs, "--data", demo.data(domain), *ENTROPY])
@@ -207,12 +263,31 @@ def selection(demo: Demo, domain: str, top: int) -> None:
     vecs = [demo.vec(d) for d in demo.tasks]
     log = f"select-{domain}"
     sel = f"demo/select/{domain}"
-    demo.cli.json(log, ["select", *vecs, *demo.model_args(), "--data", demo.data(domain),
-                        "--shots", str(SHOTS), "--seed", str(demo.seed), "--top", str(top),
-                        "--name", sel, "--force"])
+    demo.cli.json(
+        log,
+        [
+            "select",
+            *vecs,
+            *demo.model_args(),
+            "--data",
+            demo.data(domain),
+            "--shots",
+            str(SHOTS),
+            "--seed",
+            str(demo.seed),
+            "--top",
+            str(top),
+            "--name",
+            sel,
+            "--force",
+        ],
+    )
     name = f"demo/atlas-top{top}/{domain}"
-    comp = demo.compose(log, name, ["--selection", sel, "--data", demo.data(domain), "--shots",
-                                    str(SHOTS), *COMPOSE])
+    comp = demo.compose(
+        log,
+        name,
+        ["--selection", sel, "--data", demo.data(domain), "--shots", str(SHOTS), *COMPOSE],
+    )
     demo.dom(domain)["selected"] = pct(demo.eval(log, ["--coefs", name], [domain]))[domain]
     demo.dom(domain)["selected_bytes"] = comp.get("vector_bytes")
     demo.results["selection_top"] = top
@@ -234,7 +309,12 @@ def _prepare_out(out: Path, force: bool) -> None:
 
 
 def run_demo(
-    out: Path, seed: int = 0, size: str = "full", *, force: bool = False, device: str = "auto",
+    out: Path,
+    seed: int = 0,
+    size: str = "full",
+    *,
+    force: bool = False,
+    device: str = "auto",
     progress: StageProgress | None = None,
 ) -> dict[str, Any]:
     """Build/reuse the zoo under OUT/zoo and run every stage; returns the results document."""
@@ -243,7 +323,7 @@ def run_demo(
     start = time.perf_counter()
     out = Path(out)
     _prepare_out(out, force)
-    say = progress or (lambda desc, total: (lambda n: None))
+    say = progress or (lambda desc, total: lambda n: None)
     zoo = build_zoo(out / "zoo", seed, size, force=force, progress=say)  # type: ignore[arg-type]
     demo = Demo(out, zoo, seed, device, CliRunner(out / "logs"))
     seconds = {"zoo": time.perf_counter() - start}
@@ -266,9 +346,16 @@ def run_demo(
         tick(1)
         seconds[desc] = time.perf_counter() - t0
     demo.results.update(
-        seed=seed, size=size, out=str(out), zoo=str(zoo.root), zoo_reused=zoo.reused,
-        zoo_seconds=zoo.info.seconds, stage_seconds={k: round(v, 2) for k, v in seconds.items()},
-        commands=demo.cli.commands, tasks=demo.tasks, targets=demo.targets,
+        seed=seed,
+        size=size,
+        out=str(out),
+        zoo=str(zoo.root),
+        zoo_reused=zoo.reused,
+        zoo_seconds=zoo.info.seconds,
+        stage_seconds={k: round(v, 2) for k, v in seconds.items()},
+        commands=demo.cli.commands,
+        tasks=demo.tasks,
+        targets=demo.targets,
         seconds=round(time.perf_counter() - start, 1),
     )
     return finish(demo.results, out)

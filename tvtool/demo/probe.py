@@ -14,7 +14,12 @@ L2 = 1e-3
 
 
 def linear_probe(
-    model_config: Path, base: Path, templates: Path, data: Path, shots: int, seed: int,
+    model_config: Path,
+    base: Path,
+    templates: Path,
+    data: Path,
+    shots: int,
+    seed: int,
     device: str = "auto",
 ) -> dict:
     """Accuracy (fraction) on DIR/test of a probe trained on `shots` per class of DIR/train."""

@@ -17,7 +17,7 @@ def stage_progress(quiet: bool = False) -> Iterator[StageProgress]:
     from tvtool.cli.output import progress as rich_progress
 
     if quiet:
-        yield lambda desc, total: (lambda n: None)
+        yield lambda desc, total: lambda n: None
         return
     if not err.is_terminal:
         t0 = time.perf_counter()

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+SHOTS = 16
+
 CLAIMS = {
     1: "Fine-tuning beats zero-shot on every task domain.",
     2: "Task addition beats zero-shot on the average of the task domains, and learned "
@@ -67,10 +69,12 @@ def check_claims(r: dict[str, Any]) -> list[dict[str, Any]]:
         for d in targets
     )
     loss = _mean([get(d, "atlas") - get(d, "selected") for d in targets])
-    mem = _mean([
-        get(d, "selected_bytes") / get(d, "atlas_bytes") if get(d, "atlas_bytes") else math.nan
-        for d in targets
-    ])
+    mem = _mean(
+        [
+            get(d, "selected_bytes") / get(d, "atlas_bytes") if get(d, "atlas_bytes") else math.nan
+            for d in targets
+        ]
+    )
     held[5] = loss <= 5 and mem <= 0.6
     r["summary"] = {
         "task_mean": {"zeroshot": zs, "addition": iso, "learned_addition": learned},
@@ -92,9 +96,7 @@ def table_rows(r: dict[str, Any]) -> list[list[str]]:
             cells.append("" if x is None else f"{x:.1f}")
         rows.append(cells)
     s = r.get("summary", {}).get("task_mean", {})
-    mean = ["mean (tasks)", ""] + [
-        f"{s[k]:.1f}" if _ok(s.get(k)) else "" for k, _ in COLUMNS
-    ]
+    mean = ["mean (tasks)", ""] + [f"{s[k]:.1f}" if _ok(s.get(k)) else "" for k, _ in COLUMNS]
     mean[3] = f"{_mean([dom[d]['finetuned'] for d in r['tasks'] if 'finetuned' in dom[d]]):.1f}"
     rows.insert(len(r["tasks"]), mean)
     return rows
@@ -102,9 +104,7 @@ def table_rows(r: dict[str, Any]) -> list[list[str]]:
 
 def headers(r: dict[str, Any]) -> list[str]:
     top = r.get("selection_top")
-    return ["domain", "role"] + [
-        h.replace("top-N", f"top-{top}") if top else h for _, h in COLUMNS
-    ]
+    return ["domain", "role"] + [h.replace("top-N", f"top-{top}") if top else h for _, h in COLUMNS]
 
 
 def notes(r: dict[str, Any]) -> list[str]:
@@ -112,28 +112,41 @@ def notes(r: dict[str, Any]) -> list[str]:
     out = []
     add = r.get("addition") or {}
     if add:
-        out.append(f"addition: theta_0 + {add['scale']:g} x sum of {len(r['tasks'])} task "
-                   "vectors (scale chosen on validation by mean normalised accuracy); learned "
-                   f"add.: block-wise coefficients from {16} shots of every task domain")
+        out.append(
+            f"addition: theta_0 + {add['scale']:g} x sum of {len(r['tasks'])} task "
+            "vectors (scale chosen on validation by mean normalised accuracy); learned "
+            f"add.: block-wise coefficients from {16} shots of every task domain"
+        )
     neg = r.get("negation") or {}
     if neg:
         ln = neg["learned"]
-        out.append(f"negated: theta_0 - {neg['scale']:g} x tau_{neg['target']} (largest scale "
-                   f"keeping {neg['control']} >= 95% of zero-shot on validation); learned "
-                   f"negation (compose --negate): {neg['target']} {ln['target']:.1f}, "
-                   f"{neg['control']} {ln['control']:.1f}")
+        out.append(
+            f"negated: theta_0 - {neg['scale']:g} x tau_{neg['target']} (largest scale "
+            f"keeping {neg['control']} >= 95% of zero-shot on validation); learned "
+            f"negation (compose --negate): {neg['target']} {ln['target']:.1f}, "
+            f"{neg['control']} {ln['control']:.1f}"
+        )
     sel = r.get("summary", {}).get("selection", {})
     if sel and _ok(sel.get("memory_fraction")) and _ok(sel.get("mean_accuracy_loss")):
-        ex = next((r["domains"][d] for d in r["targets"] if r["domains"][d].get("atlas_bytes")),
-                  None)
-        mb = f" ({ex['selected_bytes'] / 1e6:.1f} MB vs {ex['atlas_bytes'] / 1e6:.1f} MB)" if ex else ""
-        out.append(f"top-{r.get('selection_top')}: only the top-{r.get('selection_top')} vectors "
-                   f"per block (select --top) learned and held on the device: "
-                   f"{100 * sel['memory_fraction']:.0f}% of the vector memory{mb}, "
-                   f"{sel['mean_accuracy_loss']:+.1f} points lost on average")
-    out.append("best iso.: the isotropic scale best on the domain's validation split; probe: "
-               "logistic regression on the same 16 shots; entropy: coefficients learned "
-               "without labels (entropy minimisation on the train split's images)")
+        ex = next(
+            (r["domains"][d] for d in r["targets"] if r["domains"][d].get("atlas_bytes")), None
+        )
+        mb = (
+            f" ({ex['selected_bytes'] / 1e6:.1f} MB vs {ex['atlas_bytes'] / 1e6:.1f} MB)"
+            if ex
+            else ""
+        )
+        out.append(
+            f"top-{r.get('selection_top')}: only the top-{r.get('selection_top')} vectors "
+            f"per block (select --top) learned and held on the device: "
+            f"{100 * sel['memory_fraction']:.0f}% of the vector memory{mb}, "
+            f"{sel['mean_accuracy_loss']:.1f} points lost on average"
+        )
+    out.append(
+        "best iso.: the isotropic scale best on the domain's validation split; probe: "
+        "logistic regression on the same 16 shots; entropy: coefficients learned "
+        "without labels (entropy minimisation on the train split's images)"
+    )
     return out
 
 
@@ -154,9 +167,13 @@ def markdown(r: dict[str, Any]) -> str:
         lines.append(f"{c['id']}. {'held' if c['held'] else '**did not hold**'}: {c['text']}")
     cos = r.get("cosine") or {}
     if cos.get("names"):
-        lines += ["", "## Cosine similarity of the task vectors", "",
-                  "| | " + " | ".join(cos["names"]) + " |",
-                  "|---|" + "---:|" * len(cos["names"])]
+        lines += [
+            "",
+            "## Cosine similarity of the task vectors",
+            "",
+            "| | " + " | ".join(cos["names"]) + " |",
+            "|---|" + "---:|" * len(cos["names"]),
+        ]
         for n, row in zip(cos["names"], cos["matrix"], strict=True):
             lines.append(f"| {n} | " + " | ".join(f"{x:.2f}" for x in row) + " |")
         if r.get("plot"):
@@ -164,7 +181,7 @@ def markdown(r: dict[str, Any]) -> str:
     lines += ["", "## Stage timings (s)", ""]
     lines += [f"- {k}: {v:.1f}" for k, v in r["stage_seconds"].items()]
     lines += ["", "## Commands run", "", "```"]
-    lines += [c for c in r["commands"]]
+    lines += [f"{c['command']}  # {c['seconds']:.1f} s" for c in r["commands"]]
     lines += ["```", ""]
     return "\n".join(lines)
 
@@ -189,23 +206,43 @@ def finish(r: dict[str, Any], out: Path) -> dict[str, Any]:
     return r
 
 
-def render_table(r: dict[str, Any]) -> None:
-    """The results table, notes and claims on stderr."""
+TASK_VIEW = ["zeroshot", "finetuned", "addition", "learned_addition", "negation"]
+HELD_VIEW = ["zeroshot", "best_isotropic", "linear_probe", "atlas", "entropy", "selected"]
+
+
+def _view(r: dict[str, Any], keys: list[str], rows: list[list[str]], title: str):
+    """A narrow slice of the results table (terminals are often 80 columns wide)."""
     from rich.table import Table
 
+    hs = headers(r)
+    cols = [2 + [k for k, _ in COLUMNS].index(k) for k in keys]
+    t = Table(title=title, title_justify="left")
+    t.add_column(hs[0])
+    for c in cols:
+        t.add_column(hs[c], justify="right")
+    for row in rows:
+        t.add_row(row[0], *(row[c] for c in cols), end_section=row[0].startswith("mean"))
+    return t
+
+
+def render_table(r: dict[str, Any]) -> None:
+    """The results table (in two slices: task domains, held-out domains), notes, claims."""
     from tvtool.cli.output import err
 
-    t = Table(title=f"tvtool demo: test accuracy (%), zoo {r['size']}, seed {r['seed']}",
-              title_justify="left")
-    for i, h in enumerate(r["table"]["headers"]):
-        t.add_column(h, justify="left" if i < 2 else "right")
-    for i, row in enumerate(r["table"]["rows"]):
-        t.add_row(*row, end_section=i in (len(r["tasks"]) - 1, len(r["tasks"])))
-    err.print(t)
+    rows = r["table"]["rows"]
+    n_task = len(r["tasks"]) + 1  # with the mean row
+    task_rows = rows[:n_task] + [row for row in rows if row[1] == "control"]
+    held_rows = [row for row in rows if row[1] == "held-out"]
+    head = f"tvtool demo (zoo {r['size']}, seed {r['seed']}): test accuracy %"
+    err.print(_view(r, TASK_VIEW, task_rows, f"{head}, task domains"))
+    err.print(_view(r, HELD_VIEW, held_rows, f"{head}, held-out domains ({SHOTS} shots)"))
     for n in notes(r):
         err.print(f"[dim]{n}[/dim]", soft_wrap=False)
     for c in r["claims"]:
         mark = "[green]held[/green]" if c["held"] else "[red]did not hold[/red]"
         err.print(f"claim {c['id']}: {mark}  {c['text']}")
-    err.print(f"{r['seconds']:.0f} s; report {Path(r['out']) / 'report.md'}, "
-              f"JSON {Path(r['out']) / 'results.json'}", soft_wrap=True)
+    err.print(
+        f"{r['seconds']:.0f} s; report {Path(r['out']) / 'report.md'}, "
+        f"JSON {Path(r['out']) / 'results.json'}",
+        soft_wrap=True,
+    )

@@ -49,7 +49,7 @@ def register_config(path: Path) -> str:
 
 
 def create_model(config_path: Path, state: dict[str, torch.Tensor] | None = None):
-    """Build the model through open_clip's own `create_model` (eval mode), optionally loading `state`."""
+    """Build through open_clip's own `create_model` (eval mode), optionally loading `state`."""
     import open_clip
 
     model = open_clip.create_model(register_config(config_path), pretrained=None)
@@ -109,10 +109,16 @@ def zeroshot_head(model, tokens: torch.Tensor, n_templates: int) -> torch.Tensor
 
 
 def pretrain_clip(
-    model, images: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor, n_templates: int,
-    sched: Schedule, seed: int, tick: Tick | None = None,
+    model,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    tokens: torch.Tensor,
+    n_templates: int,
+    sched: Schedule,
+    seed: int,
+    tick: Tick | None = None,
 ) -> list[float]:
-    """Contrastive image-caption training (open_clip.ClipLoss); each image gets a random template."""
+    """Contrastive image-caption training (open_clip.ClipLoss), a random template per image."""
     from open_clip.loss import ClipLoss
 
     g = torch.Generator().manual_seed(seed)
@@ -151,8 +157,13 @@ def pretrain_clip(
 
 
 def finetune_image_tower(
-    model, head: torch.Tensor, images: torch.Tensor, labels: torch.Tensor, sched: Schedule,
-    seed: int, tick: Tick | None = None,
+    model,
+    head: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    sched: Schedule,
+    seed: int,
+    tick: Tick | None = None,
 ) -> list[float]:
     """Cross-entropy fine-tuning of `model.visual` only, against the frozen zero-shot head."""
     g = torch.Generator().manual_seed(seed)

@@ -122,8 +122,13 @@ def _no_progress(desc: str, total: int) -> Callable[[int], None]:
 
 
 def build_zoo(
-    out_dir: Path | str, seed: int = 0, size: Size = "full", *, force: bool = False,
-    progress: Progress | None = None, recipe: ZooRecipe | None = None,
+    out_dir: Path | str,
+    seed: int = 0,
+    size: Size = "full",
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+    recipe: ZooRecipe | None = None,
 ) -> ZooPaths:
     """Build the zoo under `out_dir` (reusing every stage already built with the same recipe).
 
@@ -158,7 +163,11 @@ def build_zoo(
     data_key += f"-{recipe.model.image_size}"
     stamp = root / "data" / ".stamp"
     sets = zdata.render(
-        recipe.all_domains, recipe.pretrain_domains, recipe.splits, recipe.seed, recipe.model.image_size
+        recipe.all_domains,
+        recipe.pretrain_domains,
+        recipe.splits,
+        recipe.seed,
+        recipe.model.image_size,
     )
     if stamp.is_file() and stamp.read_text() == data_key:
         reused.append("data")
@@ -178,8 +187,9 @@ def build_zoo(
         # pre-training
         t0 = time.perf_counter()
         zs_path = models / "zeroshot.safetensors"
-        pre_key = recipe.digest("seed", "threads", "model", "splits", "pretrain_domains", "templates",
-                                "pretrain")
+        pre_key = recipe.digest(
+            "seed", "threads", "model", "splits", "pretrain_domains", "templates", "pretrain"
+        )
         if _stored_key(zs_path) == pre_key:
             reused.append("pretrain")
             model = train.create_model(cfg_path, _load(zs_path))
@@ -189,7 +199,9 @@ def build_zoo(
             imgs = torch.cat([sets[d]["pretrain"].images for d in recipe.pretrain_domains])
             labels = torch.cat([sets[d]["pretrain"].labels for d in recipe.pretrain_domains])
             tick = progress("pre-training (CLIP contrastive)", recipe.pretrain.epochs)
-            train.pretrain_clip(model, imgs, labels, tokens, n_t, recipe.pretrain, recipe.seed, tick)
+            train.pretrain_clip(
+                model, imgs, labels, tokens, n_t, recipe.pretrain, recipe.seed, tick
+            )
             _save(save_safetensors, zs_path, model.state_dict(), pre_key, "zeroshot")
         seconds["pretrain"] = time.perf_counter() - t0
         base_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -214,8 +226,13 @@ def build_zoo(
                 train_set = sets[d]["train"]
                 tick = progress(f"fine-tuning {d}", recipe.finetune.epochs)
                 train.finetune_image_tower(
-                    ft_model, head, train_set.images, train_set.labels, recipe.finetune,
-                    recipe.seed * 1000 + i + 1, tick,
+                    ft_model,
+                    head,
+                    train_set.images,
+                    train_set.labels,
+                    recipe.finetune,
+                    recipe.seed * 1000 + i + 1,
+                    tick,
                 )
                 path.parent.mkdir(exist_ok=True)
                 _save(save_safetensors, path, ft_model.state_dict(), ft_key, d)

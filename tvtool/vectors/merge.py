@@ -1,10 +1,11 @@
 """`merge`: plan (validate, resolve, lay out the output), then stream the merged checkpoint.
 
-Planning reads only headers (plus the base's sha256). Execution walks the base's keys in order:
-an untouched tensor is copied as read; a touched one loads the base tensor and, per term, that
-term's tensor for this key only. Global top-k trims (ties/magnitude) first run `KthLargest` over
-each vector (two extra streamed reads). Files go through `atomic_output`; shards are renamed
-into place together, then the index is written; last, the recipe is stored as a `merge` object.
+Planning reads only headers (plus, unless deferred, the base's sha256). Execution walks the
+base's keys in order (see `merge_stream` for the per-key pipeline): an untouched tensor is copied
+as read; a touched one reads the base and, per term, that term's data for this key only. Global
+top-k trims (ties/magnitude) first run `KthLargest` over each vector (two extra streamed reads).
+Files go through `atomic_output`; shards are renamed into place together, then the index is
+written; last, the recipe is stored as a `merge` object.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class PlannedTerm:
     mask: str | None = None
     keys: list[str] = field(default_factory=list)  # tensors it changes, in base order
     numel: int = 0
+    extracted_from: str | None = None  # sha256 of the base the vector was extracted from
 
 
 @dataclass
@@ -89,6 +91,12 @@ class MergePlan:
             hashlib.sha256(canonical_json(self.recipe)).hexdigest() if fingerprint else PENDING
         )
         self.metadata = provenance_metadata(self.recipe, self.digest)
+
+    def foreign_terms(self) -> list[PlannedTerm]:
+        """Terms whose vector was extracted from another base file than this one (a warning:
+        the same weights saved in another format have another sha256)."""
+        fp = self.fingerprint
+        return [t for t in self.terms if fp and t.extracted_from and t.extracted_from != fp]
 
     @property
     def total_size(self) -> int:
@@ -187,6 +195,10 @@ def plan_merge(store: Store, req: MergeRequest, *, hash_base: bool = True) -> Me
         for t in terms:
             t.weight = scale
     _attach_masks(store, req, terms)
+    for t in terms:
+        source = store.manifest(t.digest).params.get("base")
+        if isinstance(source, dict) and isinstance(source.get("fingerprint"), str):
+            t.extracted_from = source["fingerprint"]
 
     with open_checkpoint(req.base) as base:
         metas = {k: base.meta(k) for k in base.keys()}

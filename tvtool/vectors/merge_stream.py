@@ -100,6 +100,8 @@ class SliceReader:
         where = {raw: i for i, sf in enumerate(self._files) for raw in sf.entries}
         raw_names = names if names is not None else {r: r for r in where}
         self._index = {k: (where[r], r) for k, r in raw_names.items()}
+        self._buf = torch.empty(CHUNK * 4, dtype=torch.uint8)
+        self._view = memoryview(self._buf.numpy()).cast("B")
 
     @classmethod
     def of(cls, reader: CheckpointReader, stored: bool) -> SliceReader | None:
@@ -118,22 +120,24 @@ class SliceReader:
         return key in self._index
 
     def read(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Elements [start, stop) of tensor `key`, flattened row-major, as a fresh 1-D tensor."""
+        """Elements [start, stop) of tensor `key`, flattened row-major, as a 1-D tensor that
+        lives in this reader's buffer: valid until its next `read` (at most `CHUNK` elements)."""
         i, raw = self._index[key]
         sf = self._files[i]
         dtype = sf.dtype(raw)
-        out = torch.empty(stop - start, dtype=dtype)
-        if stop <= start:
-            return out
-        buf = memoryview(out.view(torch.uint8).numpy()).cast("B")
-        offset = sf.entries[raw].begin + start * out.element_size()
+        item = torch.empty((), dtype=dtype).element_size()
+        nbytes = (stop - start) * item
+        if nbytes > self._buf.numel():
+            self._buf = torch.empty(nbytes, dtype=torch.uint8)
+            self._view = memoryview(self._buf.numpy()).cast("B")
+        offset = sf.entries[raw].begin + start * item
         done = 0
-        while done < len(buf):
-            got = os.preadv(self._fds[i], [buf[done:]], offset + done)
+        while done < nbytes:
+            got = os.preadv(self._fds[i], [self._view[done:nbytes]], offset + done)
             if got <= 0:
                 raise TvtoolError(f"{sf.path}: unexpected end of file reading tensor {key!r}")
             done += got
-        return out
+        return self._buf[:nbytes].view(dtype)
 
     def close(self) -> None:
         for fd in self._fds:

@@ -108,31 +108,47 @@ def topk_count(n: int, density: float) -> int:
     return min(n, max(0, int(math.floor(density * n + 0.5))))
 
 
-def _take_first_ties(mask: torch.Tensor, equal: torch.Tensor, budget: int) -> int:
-    """Set `mask` at the first `budget` True positions of `equal` (row-major); returns how many."""
+def _above(a: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+    """1.0 where a > thr, else 0.0, in a's dtype (float masks: bool kernels are slow on CPU)."""
+    return torch.sign(a - thr).clamp_(min=0)
+
+
+def _take_first_ties(keep: torch.Tensor, a: torch.Tensor, thr: torch.Tensor, budget: int) -> int:
+    """Set `keep` to 1 at the first `budget` entries of `a` equal to `thr` (row-major); returns
+    how many were set."""
     if budget <= 0:
         return 0
+    equal = torch.sign((a - thr).abs_()).neg_().add_(1)  # 1.0 where a == thr
+    total = int(equal.sum(dtype=torch.float64))
+    if total <= budget:
+        keep.add_(equal)
+        return total
     idx = equal.reshape(-1).nonzero().reshape(-1)[:budget]
-    mask.view(-1)[idx] = True
-    return int(idx.numel())
+    keep.view(-1)[idx] = 1
+    return budget
 
 
-def topk_mask(a: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of exactly the k largest entries of `a` (float32, >= 0); ties: lower index
+def topk_weights(a: torch.Tensor, k: int) -> torch.Tensor:
+    """1.0 at exactly the k largest entries of `a` (float32, >= 0), else 0.0; ties: lower index
     first. Large tensors use the two-level histogram of the global rule (faster than kthvalue)."""
     n = a.numel()
     if k <= 0 or k >= n:
-        return torch.full(a.shape, k > 0, dtype=torch.bool)
+        return torch.full(a.shape, float(k > 0), dtype=a.dtype)
     if n <= _KTHVALUE_MAX:
         thr = torch.kthvalue(a.reshape(-1), n - k + 1).values
-        mask = a > thr
-        _take_first_ties(mask, a == thr, k - int(mask.sum()))
-        return mask
+        keep = _above(a, thr)
+        _take_first_ties(keep, a, thr, k - int(keep.sum(dtype=torch.float64)))
+        return keep
     kth = KthLargest(k, n)
     kth.add_pass1(a)
     kth.end_pass1()
     kth.add_pass2(a)
-    return kth.result().mask(a)
+    return kth.result().weights(a)
+
+
+def topk_mask(a: torch.Tensor, k: int) -> torch.Tensor:
+    """`topk_weights` as a bool mask."""
+    return topk_weights(a, k) > 0
 
 
 _KTHVALUE_MAX = 1 << 17  # below this size kthvalue is faster (measured on CPU)
@@ -141,22 +157,24 @@ _KTHVALUE_MAX = 1 << 17  # below this size kthvalue is faster (measured on CPU)
 @dataclass
 class GlobalTopK:
     """A vector-wide top-k rule: entries above `value` are kept, plus the first `ties` entries
-    equal to it (in key order, then row-major). `mask` must be called in that key order."""
+    equal to it (in key order, then row-major). Call `weights` in that order."""
 
     value: float | None  # None: keep everything (k = N) or, with keep_none, nothing
     ties: int = 0
     keep_none: bool = False
 
-    def mask(self, a: torch.Tensor) -> torch.Tensor:
-        if self.keep_none:
-            return torch.zeros(a.shape, dtype=torch.bool)
-        if self.value is None:
-            return torch.ones(a.shape, dtype=torch.bool)
-        thr = torch.tensor(self.value, dtype=torch.float32)
-        mask = a > thr
+    def weights(self, a: torch.Tensor) -> torch.Tensor:
+        """1.0 where the entry of `a` (float32 magnitudes) is kept, else 0.0."""
+        if self.keep_none or self.value is None:
+            return torch.full(a.shape, 0.0 if self.keep_none else 1.0, dtype=a.dtype)
+        thr = torch.tensor(self.value, dtype=a.dtype)
+        keep = _above(a, thr)
         if self.ties > 0:
-            self.ties -= _take_first_ties(mask, a == thr, self.ties)
-        return mask
+            self.ties -= _take_first_ties(keep, a, thr, self.ties)
+        return keep
+
+    def mask(self, a: torch.Tensor) -> torch.Tensor:
+        return self.weights(a) > 0
 
 
 class KthLargest:
@@ -219,11 +237,13 @@ def dare_seed(seed: int, vector: str, key: str) -> int:
 
 
 def dare(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """Drop each entry with probability p, rescale the survivors by 1/(1-p) (in place)."""
+    """Drop each entry with probability p, rescale the survivors by 1/(1-p) (in place):
+    entry i survives when u_i >= p, u = torch.rand(n) from a generator seeded with `seed`."""
     if p <= 0.0:
         return x
     g = torch.Generator().manual_seed(seed)
-    keep = torch.rand(x.shape, generator=g, dtype=torch.float32) >= p
+    u = torch.rand(x.shape, generator=g, dtype=torch.float32)
+    keep = u.sub_(p).sign_().add_(1).clamp_(max=1)  # 1.0 where u >= p (float: fast on CPU)
     return x.div_(1.0 - p).mul_(keep)
 
 
@@ -251,15 +271,15 @@ def apply_steps(
         if step == "dare":
             x = dare(x, params.drop, dare_seed(params.seed, term.vector, key))
         elif step == "mask":
-            x = x.mul_(mask.to(torch.bool)) if mask is not None else x.zero_()
+            x = x.mul_(mask.to(x.dtype).clamp_(max=1)) if mask is not None else x.zero_()
         elif step == "trim":
             a = x.abs().to(torch.float32)
             if params.scope == "global":
                 assert term.topk is not None, "global trim needs the pre-pass"
-                keep = term.topk.mask(a)
+                keep = term.topk.weights(a)
             else:
-                keep = topk_mask(a, topk_count(a.numel(), params.density))
-            x = x.mul_(keep)
+                keep = topk_weights(a, topk_count(a.numel(), params.density))
+            x = x.mul_(keep.to(x.dtype))
         else:  # pragma: no cover - registry and steps are defined together
             raise ValueError(step)
     return x
