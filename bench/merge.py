@@ -196,7 +196,9 @@ def measure(mode: str, cfg: dict) -> tuple[int, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--small", action="store_true", help="quick run: width x0.25 (~5.6M params)")
+    ap.add_argument("--small", action="store_true",
+                    help="quick smoke run: width x0.25 (~6M params); fixed costs dominate, so "
+                    "the targets are only meaningful at full size")
     ap.add_argument("--vectors", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=3,
                     help="runs per mode, median wall time reported (naive ties: always 1)")

@@ -255,7 +255,7 @@ def _render(doc: dict[str, Any]) -> None:
     for col in ("term", "vector", "weight", "mask", "tensors"):
         table.add_column(col, justify="right" if col in ("weight", "tensors") else "left")
     for t in doc["terms"]:
-        table.add_row(t["term"], t["name"], f"{t['weight']:g}", (t["mask"] or "-")[:12],
+        table.add_row(t["term"], t["vector"][:12], f"{t['weight']:g}", (t["mask"] or "-")[:12],
                       str(t["tensors"]))
     err.print(Padding(table, (0, 0, 0, 2), expand=False))
     n = doc["tensors"]

@@ -103,6 +103,9 @@ def ls_cmd(
         callback=_kind, autocompletion=lambda incomplete: [k for k in _KINDS if
                                                            k.startswith(incomplete)],
         show_default=False)] = None,
+    show_all: Annotated[bool, typer.Option(
+        "--all", "-a", help="Also list cached zero-shot heads (kind head, refs cache/heads/...).")
+    ] = False,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
     store: StoreOpt = None,
@@ -113,7 +116,7 @@ def ls_cmd(
     from tvtool.store.store import Store
 
     st = Store(store)
-    rows = list_objects(st, kind)
+    rows = list_objects(st, kind, caches=show_all)
     dangling = dangling_refs(st)
     if as_json:
         emit_json({"store": str(st.root), "objects": rows, "dangling_refs": dangling})

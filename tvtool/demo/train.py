@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,7 +53,13 @@ def create_model(config_path: Path, state: dict[str, torch.Tensor] | None = None
     """Build through open_clip's own `create_model` (eval mode), optionally loading `state`."""
     import open_clip
 
-    model = open_clip.create_model(register_config(config_path), pretrained=None)
+    name = register_config(config_path)
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # "no pretrained weights loaded": we load our own
+    try:
+        model = open_clip.create_model(name, pretrained=None)
+    finally:
+        logging.disable(previous)
     if state is not None:
         model.load_state_dict(state)
     return model.eval()

@@ -117,6 +117,40 @@ def _stored_key(path: Path) -> str | None:
         return None
 
 
+def stage_keys(recipe: ZooRecipe) -> dict[str, str]:
+    """The hash each stage's output is stored with: a stage is rebuilt when its key changes."""
+    data = recipe.digest("seed", "splits", "pretrain_domains", "task_domains", "target_domains")
+    keys = {"data": f"{data}-{recipe.model.image_size}"}
+    keys["pretrain"] = recipe.digest(
+        "seed", "threads", "model", "splits", "pretrain_domains", "templates", "pretrain"
+    )
+    for d in recipe.task_domains:
+        keys[f"finetune:{d}"] = f"{keys['pretrain']}-{recipe.digest('finetune')}-{d}"
+    return keys
+
+
+def _complete(root: Path, recipe: ZooRecipe) -> ZooPaths | None:
+    """The zoo already at `root` when every stage of `recipe` is there, else None."""
+    try:
+        zoo = load_zoo(root)
+    except (TvtoolError, ValueError):
+        return None
+    keys = stage_keys(recipe)
+    stamp = root / "data" / ".stamp"
+    ok = (
+        zoo.info.recipe_hash == recipe.digest()
+        and stamp.is_file()
+        and stamp.read_text() == keys["data"]
+        and zoo.model_config.is_file()
+        and _stored_key(zoo.zeroshot) == keys["pretrain"]
+        and all(_stored_key(zoo.finetuned(d)) == keys[f"finetune:{d}"] for d in recipe.task_domains)
+    )
+    if not ok:
+        return None
+    zoo.reused = list(keys)
+    return zoo
+
+
 def _no_progress(desc: str, total: int) -> Callable[[int], None]:
     return lambda n: None
 
@@ -144,6 +178,10 @@ def build_zoo(
     recipe = recipe or recipe_for(size, seed)
     root = Path(out_dir)
     _check_out_dir(root, recipe, force)
+    done = _complete(root, recipe)
+    if done is not None:
+        return done
+    keys = stage_keys(recipe)
     root.mkdir(parents=True, exist_ok=True)
     (root / MARKER).touch()
     models = root / "models"
@@ -159,8 +197,7 @@ def build_zoo(
 
     # data
     t0 = time.perf_counter()
-    data_key = recipe.digest("seed", "splits", "pretrain_domains", "task_domains", "target_domains")
-    data_key += f"-{recipe.model.image_size}"
+    data_key = keys["data"]
     stamp = root / "data" / ".stamp"
     sets = zdata.render(
         recipe.all_domains,
@@ -187,9 +224,7 @@ def build_zoo(
         # pre-training
         t0 = time.perf_counter()
         zs_path = models / "zeroshot.safetensors"
-        pre_key = recipe.digest(
-            "seed", "threads", "model", "splits", "pretrain_domains", "templates", "pretrain"
-        )
+        pre_key = keys["pretrain"]
         if _stored_key(zs_path) == pre_key:
             reused.append("pretrain")
             model = train.create_model(cfg_path, _load(zs_path))
@@ -216,7 +251,7 @@ def build_zoo(
         for i, d in enumerate(recipe.task_domains):
             t0 = time.perf_counter()
             path = models / d / "finetuned.safetensors"
-            ft_key = f"{pre_key}-{recipe.digest('finetune')}-{d}"
+            ft_key = keys[f"finetune:{d}"]
             if _stored_key(path) == ft_key:
                 reused.append(f"finetune:{d}")
                 ft_model = train.create_model(cfg_path, _load(path))

@@ -233,10 +233,10 @@ def _sweep_file(path: Path, dry_run: bool) -> bool:
     return True
 
 
-def list_objects(store: Store, kind: str | None = None) -> list[dict]:
+def list_objects(store: Store, kind: str | None = None, *, caches: bool = True) -> list[dict]:
     """One summary per object (names, digest, kind, numel, size, dtype, created, tensors):
     named objects first by name, then untagged ones by creation time. A corrupt manifest
-    lists as kind 'corrupt'."""
+    lists as kind 'corrupt'. `caches=False` leaves out cached zero-shot heads."""
     by_digest = store.names_by_digest()
     rows = []
     for digest in store.iter_digests():
@@ -249,6 +249,8 @@ def list_objects(store: Store, kind: str | None = None) -> list[dict]:
                        created=m.created, tensors=len(m.tensors))
         except TvtoolError:
             pass
+        if not caches and kind is None and row["kind"] == "head":
+            continue
         if kind is None or row["kind"] == kind:
             rows.append(row)
     rows.sort(key=lambda r: (not r["names"], r["names"][:1], r["created"] or "", r["digest"]))
