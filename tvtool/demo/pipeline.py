@@ -13,6 +13,7 @@ accuracies (percent, test split) into `Demo.results`.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -28,8 +29,10 @@ from tvtool.errors import TvtoolError
 MARKER = ".tvtool-demo"
 SHOTS = 16
 GRID = "0:1:0.05"
-COMPOSE = ["--epochs", "20", "--batch-size", "32"]  # 16 shots x 10 classes: 5 steps per epoch
-ENTROPY = ["--objective", "entropy", "--epochs", "5", "--batch-size", "64"]
+# compose settings (16 shots x 10 classes = 5 steps of 32 per epoch and data set)
+COMPOSE = ["--epochs", "20", "--batch-size", "32"]  # few-shot on one held-out domain
+MULTI = ["--epochs", "10", "--batch-size", "32"]  # several data sets at once (addition, negation)
+ENTROPY = ["--objective", "entropy", "--epochs", "3", "--batch-size", "64"]
 NEG_KEEP = 0.95  # negation keeps >= 95% of the base's control accuracy (on validation)
 
 
@@ -48,18 +51,13 @@ class Demo:
 
     def model_args(self) -> list[str]:
         z = self.zoo
-        return [
-            "--model-config",
-            z.model_config,
-            "--base",
-            z.zeroshot,
-            "--templates",
-            z.templates,
-            "--store",
-            self.store,
-            "--device",
-            self.device,
-        ]
+        return flags(
+            model_config=z.model_config,
+            base=z.zeroshot,
+            templates=z.templates,
+            store=self.store,
+            device=self.device,
+        )
 
     def data(self, domain: str) -> Path:
         return self.zoo.root / "data" / domain
@@ -83,41 +81,21 @@ class Demo:
         return self.cli.json(log, ["eval", *self.model_args(), *args, *data])
 
     def compose(self, log: str, name: str, args: list[str]) -> dict:
-        return self.cli.json(
-            log,
-            [
-                "compose",
-                *self.model_args(),
-                "--seed",
-                str(self.seed),
-                "--name",
-                name,
-                "--force",
-                *args,
-            ],
-        )
+        common = flags(seed=self.seed, name=name)
+        return self.cli.json(log, ["compose", *self.model_args(), *common, "--force", *args])
 
     def merge_and_eval(self, log: str, coefs: str, domains: list[str]) -> dict[str, float]:
         """`tvtool merge --coefs` to a checkpoint, then `tvtool eval --weights` it."""
         path = self.out / "models" / f"{coefs.replace('/', '-')}.safetensors"
         path.parent.mkdir(exist_ok=True)
-        self.cli.run(
-            log,
-            [
-                "merge",
-                "--base",
-                self.zoo.zeroshot,
-                "--coefs",
-                coefs,
-                "--out",
-                path,
-                "--store",
-                self.store,
-                "--force",
-                "-q",
-            ],
-        )
+        opts = flags(base=self.zoo.zeroshot, coefs=coefs, out=path, store=self.store)
+        self.cli.run(log, ["merge", *opts, "--force", "-q"])
         return pct(self.eval(log, ["--weights", path], domains))
+
+
+def flags(**options: Any) -> list[str]:
+    """--option value pairs (underscores become dashes)."""
+    return [x for k, v in options.items() for x in (f"--{k.replace('_', '-')}", str(v))]
 
 
 def pct(report: dict) -> dict[str, float]:
@@ -130,22 +108,9 @@ def pct(report: dict) -> dict[str, float]:
 def extract(demo: Demo) -> None:
     digests = {}
     for d in demo.tasks:
-        out = demo.cli.run(
-            "extract",
-            [
-                "extract",
-                demo.zoo.zeroshot,
-                demo.zoo.finetuned(d),
-                "--preset",
-                "visual",
-                "--name",
-                demo.vec(d),
-                "--store",
-                demo.store,
-                "-q",
-            ],
-        )
-        digests[d] = out.strip()
+        opts = flags(preset="visual", name=demo.vec(d), store=demo.store)
+        args = ["extract", demo.zoo.zeroshot, demo.zoo.finetuned(d), *opts, "-q"]
+        digests[d] = demo.cli.run("extract", args).strip()
     demo.results["vectors"] = digests
 
 
@@ -183,8 +148,6 @@ def addition(demo: Demo) -> None:
     """Isotropic task arithmetic (scale on validation), then learned block-wise addition."""
     ft = {d: demo.dom(d)["finetuned"] for d in demo.tasks}
     ft_file = demo.out / "finetuned-acc.json"
-    import json
-
     ft_file.write_text(json.dumps(ft, indent=2))
     vecs = [demo.vec(d) for d in demo.tasks]
     control = demo.zoo.recipe.negation_control
@@ -195,9 +158,7 @@ def addition(demo: Demo) -> None:
     terms = [f"{v}:{scale:g}" for v in vecs]
     demo.dom(control)["addition"] = pct(demo.eval("addition", terms, [control]))[control]
     data = [a for d in demo.tasks for a in ("--data", demo.data(d))]
-    comp = demo.compose(
-        "addition", "demo/addition", [*vecs, *data, "--shots", str(SHOTS), *COMPOSE]
-    )
+    comp = demo.compose("addition", "demo/addition", [*vecs, *data, "--shots", str(SHOTS), *MULTI])
     accs = demo.merge_and_eval("addition", "demo/addition", [*demo.tasks, control])
     for d, a in accs.items():
         demo.dom(d)["learned_addition"] = a
@@ -222,7 +183,7 @@ def negation(demo: Demo) -> None:
     demo.dom(tgt)["negation"] = accs[tgt]
     demo.dom(ctl)["negation"] = accs[ctl]
     args = [demo.vec(tgt), "--negate", demo.data(tgt), "--control", demo.data(ctl)]
-    comp = demo.compose("negation", "demo/negation", [*args, "--shots", str(SHOTS), *COMPOSE])
+    comp = demo.compose("negation", "demo/negation", [*args, "--shots", str(SHOTS), *MULTI])
     learned = demo.merge_and_eval("negation", "demo/negation", [tgt, ctl])
     demo.results["negation"] = {
         "target": tgt,
@@ -263,25 +224,8 @@ def selection(demo: Demo, domain: str, top: int) -> None:
     vecs = [demo.vec(d) for d in demo.tasks]
     log = f"select-{domain}"
     sel = f"demo/select/{domain}"
-    demo.cli.json(
-        log,
-        [
-            "select",
-            *vecs,
-            *demo.model_args(),
-            "--data",
-            demo.data(domain),
-            "--shots",
-            str(SHOTS),
-            "--seed",
-            str(demo.seed),
-            "--top",
-            str(top),
-            "--name",
-            sel,
-            "--force",
-        ],
-    )
+    opts = flags(data=demo.data(domain), shots=SHOTS, seed=demo.seed, top=top, name=sel)
+    demo.cli.json(log, ["select", *vecs, *demo.model_args(), *opts, "--force"])
     name = f"demo/atlas-top{top}/{domain}"
     comp = demo.compose(
         log,

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-ZOO_FORMAT = 1  # bump when a code change alters what a recipe produces
+ZOO_FORMAT = 2  # bump when a code change alters what a recipe produces
 
 Size = Literal["full", "small"]
 

@@ -146,9 +146,11 @@ def pretrain_clip(
         for b in perm.split(sched.batch_size):
             xb = random_shift(x_all[b], sched.shift, g)
             t = torch.randint(0, n_templates, (len(b),), generator=g)
-            tb = tokens[labels[b] * n_templates + t]
+            rows = labels[b] * n_templates + t
             img = model.encode_image(xb, normalize=True)
-            txt = model.encode_text(tb, normalize=True)
+            # each distinct caption goes through the text tower once per step
+            uniq, inverse = torch.unique(rows, return_inverse=True)
+            txt = model.encode_text(tokens[uniq], normalize=True)[inverse]
             loss = loss_fn(img, txt, model.logit_scale.exp())
             opt.zero_grad(set_to_none=True)
             loss.backward()

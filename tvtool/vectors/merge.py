@@ -194,6 +194,7 @@ def plan_merge(store: Store, req: MergeRequest, *, hash_base: bool = True) -> Me
     if req.coefs:
         for t in terms:
             t.weight = scale
+            t.label = store.display_name(t.digest)  # a name, not the 64-hex digest
     _attach_masks(store, req, terms)
     for t in terms:
         source = store.manifest(t.digest).params.get("base")
