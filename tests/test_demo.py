@@ -61,3 +61,59 @@ def test_demo_refuses_a_foreign_directory(tmp_path, invoke):
     res = invoke("demo", "--out", tmp_path, "--small")
     assert res.exit_code == 1 and "holds no tvtool demo" in res.stderr
     assert (tmp_path / "thesis.tex").read_text() == "precious"
+
+
+def _results(**over):
+    doms = {
+        "a": {
+            "role": "task",
+            "zeroshot": 10.0,
+            "finetuned": 80.0,
+            "addition": 30.0,
+            "learned_addition": 40.0,
+        },
+        "b": {
+            "role": "task",
+            "zeroshot": 50.0,
+            "finetuned": 90.0,
+            "addition": 40.0,
+            "learned_addition": 60.0,
+            "negation": 20.0,
+        },
+        "h": {
+            "role": "held-out",
+            "zeroshot": 10.0,
+            "best_isotropic": 20.0,
+            "atlas": 50.0,
+            "selected": 47.0,
+            "atlas_bytes": 100,
+            "selected_bytes": 50,
+        },
+        "c": {"role": "control", "zeroshot": 90.0, "negation": 85.0},
+    }
+    for key, value in over.items():
+        d, k = key.split("__")
+        doms[d][k] = value
+    return {
+        "domains": doms,
+        "tasks": ["a", "b"],
+        "targets": ["h"],
+        "negation": {"target": "b", "control": "c"},
+    }
+
+
+def test_claims_follow_their_definitions():
+    from tvtool.demo.report import check_claims
+
+    def held(**over):
+        return [c["held"] for c in check_claims(_results(**over))]
+
+    assert held() == [True, True, True, True, True]
+    assert held(a__finetuned=9.0)[0] is False  # one task domain not improved
+    assert held(a__addition=0.0, b__addition=50.0)[1] is False  # mean 25 < mean zero-shot 30
+    assert held(b__learned_addition=20.0)[1] is False  # learned mean 30 < isotropic 35
+    assert held(c__negation=70.0)[2] is False  # control dropped 20 > half the target's 30
+    assert held(b__negation=45.0)[2] is False  # target dropped only 5 points
+    assert held(h__atlas=19.0)[3] is False  # below the best isotropic scale
+    assert held(h__selected=40.0)[4] is False  # 10 points lost
+    assert held(h__selected_bytes=80)[4] is False  # 80% of the memory

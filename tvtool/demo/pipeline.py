@@ -250,6 +250,8 @@ def _prepare_out(out: Path, force: bool) -> None:
     (out / MARKER).touch()
     for sub in ("store", "models", "logs"):  # a fresh store and outputs for every run
         shutil.rmtree(out / sub, ignore_errors=True)
+    for name in ("cosine.png", "finetuned-acc.json", "results.json", "report.md"):
+        (out / name).unlink(missing_ok=True)
 
 
 def run_demo(

@@ -180,8 +180,9 @@ def markdown(r: dict[str, Any]) -> str:
             lines += ["", f"![cosine heatmap]({Path(r['plot']).name})"]
     lines += ["", "## Stage timings (s)", ""]
     lines += [f"- {k}: {v:.1f}" for k, v in r["stage_seconds"].items()]
-    lines += ["", "## Commands run", "", "```"]
-    lines += [f"{c['command']}  # {c['seconds']:.1f} s" for c in r["commands"]]
+    lines += ["", f"## Commands run (paths relative to {r['out']})", "", "```"]
+    prefix = f"{r['out'].rstrip('/')}/"
+    lines += [f"{c['command'].replace(prefix, '')}  # {c['seconds']:.1f} s" for c in r["commands"]]
     lines += ["```", ""]
     return "\n".join(lines)
 

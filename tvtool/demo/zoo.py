@@ -97,8 +97,12 @@ def _check_out_dir(root: Path, recipe: ZooRecipe, force: bool) -> None:
         raise TvtoolError(f"{root} is not empty and holds no example zoo; choose another --out")
     info = root / "zoo.json"
     if info.is_file() and not force:
-        old = ZooInfo.model_validate_json(info.read_text())
-        if old.recipe_hash != recipe.digest():
+        try:
+            old = ZooInfo.model_validate_json(info.read_text())
+        except ValueError:  # an older zoo.json format: a stale cache, rebuilt
+            return
+        # same size and seed under an older recipe (a tvtool upgrade): stale, rebuilt quietly
+        if (old.recipe.size, old.recipe.seed) != (recipe.size, recipe.seed):
             raise TvtoolError(
                 f"{root} holds a zoo built with another recipe (size {old.recipe.size}, "
                 f"seed {old.recipe.seed}); use --force to rebuild it or choose another --out"
