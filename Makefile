@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/merge.py
 	$(BIN)/python bench/compose.py
+	$(BIN)/python bench/zoo.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache tvtool-demo

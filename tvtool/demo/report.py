@@ -234,9 +234,9 @@ def render_table(r: dict[str, Any]) -> None:
     n_task = len(r["tasks"]) + 1  # with the mean row
     task_rows = rows[:n_task] + [row for row in rows if row[1] == "control"]
     held_rows = [row for row in rows if row[1] == "held-out"]
-    head = f"tvtool demo (zoo {r['size']}, seed {r['seed']}): test accuracy %"
-    err.print(_view(r, TASK_VIEW, task_rows, f"{head}, task domains"))
-    err.print(_view(r, HELD_VIEW, held_rows, f"{head}, held-out domains ({SHOTS} shots)"))
+    head = f"test accuracy % (zoo {r['size']}, seed {r['seed']})"
+    err.print(_view(r, TASK_VIEW, task_rows, f"{head}: task domains"))
+    err.print(_view(r, HELD_VIEW, held_rows, f"{head}: held-out domains, {SHOTS} shots"))
     for n in notes(r):
         err.print(f"[dim]{n}[/dim]", soft_wrap=False)
     for c in r["claims"]:
