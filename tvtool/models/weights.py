@@ -91,25 +91,16 @@ def coefs_delta(
     clip: LoadedClip, store: Store, ref: str, allow_other_base: bool = False
 ) -> tuple[Delta, Manifest]:
     """sum_t Lambda[t, block(i)] * tau_t,i for a stored `coefs` object (and its manifest)."""
-    from tvtool.vectors.blocks import CoefsLayout, coef_for_key
-    from tvtool.vectors.stored import load_tensor_object
+    from tvtool.vectors.blocks import coef_for_key
+    from tvtool.vectors.stored import load_coefs
 
-    manifest, tensors = load_tensor_object(store, ref, "coefs")
-    try:
-        layout = CoefsLayout.model_validate(manifest.params["layout"])
-        coefs = tensors["coefs"].to(clip.device, torch.float32)
-    except (KeyError, ValueError) as e:
-        raise TvtoolError(f"coefs {ref!r} has no valid layout/coefs tensor ({e})") from None
+    manifest, coefs, layout = load_coefs(store, ref)
+    coefs = coefs.to(clip.device)
     recorded = manifest.params.get("base_fingerprint")
     if recorded and recorded != clip.base_fingerprint and not allow_other_base:
         raise TvtoolError(
             f"coefs {ref!r} were learned on another base (sha256 {str(recorded)[:12]}, the model's "
             f"is {clip.base_fingerprint[:12]})"
-        )
-    if coefs.shape != (len(layout.vectors), layout.n_groups):
-        raise TvtoolError(
-            f"coefs {ref!r}: tensor shape {list(coefs.shape)} does not match its layout "
-            f"[{len(layout.vectors)}, {layout.n_groups}]"
         )
     bank = plan(clip, store, layout.vectors, allow_other_base)
     index = layout.key_index()

@@ -35,6 +35,7 @@ from tvtool.checkpoints.safetensors_file import SafetensorsFile
 from tvtool.checkpoints.writer import TensorSpec
 from tvtool.errors import TvtoolError
 from tvtool.store.store import Store
+from tvtool.vectors import stored
 from tvtool.vectors.blocks import CoefsLayout, coef_for_key
 from tvtool.vectors.methods import KthLargest, TermState, apply_steps, combine, topk_count
 from tvtool.vectors.stored import open_tensor_object
@@ -65,20 +66,7 @@ def keep_freed_memory() -> None:
 
 def load_coefs(store: Store, ref: str) -> tuple[str, torch.Tensor, CoefsLayout]:
     """A `coefs` object: (digest, the [T, G] float32 tensor, its layout), validated."""
-    manifest, reader = open_tensor_object(store, ref, "coefs")
-    with reader:
-        if "coefs" not in reader:
-            raise TvtoolError(f"coefs object {ref!r} has no 'coefs' tensor")
-        coefs = reader.get("coefs").to(torch.float32)
-    try:
-        layout = CoefsLayout.model_validate(manifest.params["layout"])
-    except (KeyError, ValueError) as e:
-        raise TvtoolError(f"coefs {ref!r} has no valid layout ({type(e).__name__})") from None
-    if tuple(coefs.shape) != (len(layout.vectors), layout.n_groups):
-        raise TvtoolError(
-            f"coefs {ref!r}: tensor {tuple(coefs.shape)} does not match its "
-            f"layout ({len(layout.vectors)} vectors x {layout.n_groups} groups)"
-        )
+    manifest, coefs, layout = stored.load_coefs(store, ref)
     return manifest.digest, coefs, layout
 
 

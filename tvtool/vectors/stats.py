@@ -314,7 +314,7 @@ def inspect_store(
 ) -> InspectReport:
     """Resolve and inspect stored vectors. With `coefs_ref`, the vectors its layout refers to
     are inspected too (when not given already), to weigh each coefficient by its block's norm."""
-    from tvtool.vectors.stored import load_tensor_object, open_tensor_object
+    from tvtool.vectors.stored import load_coefs, open_tensor_object
 
     digests = [store.resolve(n, kind="vector") for n in names]
     shown = [
@@ -323,17 +323,7 @@ def inspect_store(
     ]
     coefs_input = None
     if coefs_ref is not None:
-        manifest, tensors = load_tensor_object(store, coefs_ref, "coefs")
-        try:
-            layout = CoefsLayout.model_validate(manifest.params["layout"])
-            table = tensors["coefs"]
-        except (KeyError, ValueError) as e:
-            raise TvtoolError(f"{coefs_ref!r} is not a valid coefs object ({e})") from None
-        if tuple(table.shape) != (len(layout.vectors), layout.n_groups):
-            raise TvtoolError(
-                f"{coefs_ref!r}: coefs tensor has shape {list(table.shape)}, its layout says "
-                f"[{len(layout.vectors)}, {layout.n_groups}]"
-            )
+        manifest, table, layout = load_coefs(store, coefs_ref)
         rows: list[int | None] = []
         for d in layout.vectors:
             if d not in digests:

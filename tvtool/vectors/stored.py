@@ -9,6 +9,7 @@ import torch
 
 from tvtool.checkpoints.readers import SafetensorsReader
 from tvtool.checkpoints.writer import DTYPE_TO_ST, SafetensorsStreamWriter, TensorSpec
+from tvtool.errors import TvtoolError
 from tvtool.store.manifest import Manifest, ObjectKind, TensorInfo
 from tvtool.store.store import Store
 
@@ -74,3 +75,24 @@ def _numel(shape: tuple[int, ...]) -> int:
     for s in shape:
         n *= s
     return n
+
+
+def load_coefs(store: Store, ref: str):
+    """A `coefs` object, validated: (manifest, the [T, G] float32 tensor, its CoefsLayout)."""
+    from tvtool.vectors.blocks import CoefsLayout
+
+    manifest, reader = open_tensor_object(store, ref, "coefs")
+    with reader:
+        if "coefs" not in reader:
+            raise TvtoolError(f"coefs object {ref!r} has no 'coefs' tensor")
+        coefs = reader.get("coefs").to(torch.float32)
+    try:
+        layout = CoefsLayout.model_validate(manifest.params["layout"])
+    except (KeyError, ValueError) as e:
+        raise TvtoolError(f"coefs {ref!r} has no valid layout ({type(e).__name__})") from None
+    if tuple(coefs.shape) != (len(layout.vectors), layout.n_groups):
+        raise TvtoolError(
+            f"coefs {ref!r}: tensor {tuple(coefs.shape)} does not match its "
+            f"layout ({len(layout.vectors)} vectors x {layout.n_groups} groups)"
+        )
+    return manifest, coefs, layout
