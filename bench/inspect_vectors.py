@@ -12,7 +12,6 @@ Writes bench/results/inspect.json. Needs about vectors x 351 MB of disk at scale
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 # standard library's `inspect`, which torch imports)
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from measure import PEAK_FOOTER, print_rows_and_save  # noqa: E402
 
 CHILD = r"""
 import sys, time
@@ -51,13 +51,7 @@ elif mode == "naive":
     cos = (rows @ rows.T) / (norms * norms.T)
 elif mode != "import":
     raise SystemExit(f"unknown mode {mode}")
-wall = time.perf_counter() - t0
-hwm = 0
-for line in open("/proc/self/status"):
-    if line.startswith("VmHWM:"):
-        hwm = int(line.split()[1]) * 1024
-print(hwm, wall)
-"""
+""" + PEAK_FOOTER
 
 MODES = [
     ("import", "import only (python + torch + tvtool)"),
@@ -134,13 +128,7 @@ def main() -> None:
     }
     print(f"{args.vectors} vectors of {params / 1e6:.1f}M params ({params * 4 / 1e6:.0f} MB each), "
           f"largest tensor {largest * 4 / 1e6:.1f} MB")
-    print(f"{'mode':<40} {'peak RSS MB':>12} {'over import':>12} {'wall s':>8}")
-    for r in rows:
-        print(f"{r['label']:<40} {r['peak_rss_mb']:>12.0f} {r['over_import_mb']:>12.0f} "
-              f"{r['wall_s']:>8.2f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(info, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    print_rows_and_save(rows, info, args.out)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ Prints a table and writes bench/results/merge.json (merge-small.json with --smal
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -33,15 +32,8 @@ import zlib
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# bench/ holds scripts named like stdlib modules (inspect.py): keep it off the import path
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-
-
-def _synthetic():
-    spec = importlib.util.spec_from_file_location("bench_synthetic", HERE / "synthetic.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(HERE))
+from measure import PEAK_FOOTER  # noqa: E402
 
 CHILD = r"""
 import json, os, sys, time
@@ -129,13 +121,7 @@ elif mode != "import":
     raise SystemExit(f"unknown mode {mode}")
 if mode.startswith(("floor", "naive")):
     fsync(out)
-wall = time.perf_counter() - t0
-hwm = 0
-for line in open("/proc/self/status"):
-    if line.startswith("VmHWM:"):
-        hwm = int(line.split()[1]) * 1024
-print(hwm, wall)
-"""
+""" + PEAK_FOOTER
 
 MODES = [
     ("import", "import only (python + torch + tvtool)"),
@@ -208,11 +194,9 @@ def main() -> None:
     scale = 0.25 if args.small else 1.0
     out_json = args.out or HERE / "results" / ("merge-small.json" if args.small else "merge.json")
 
-    from tvtool.store.store import Store
+    from synthetic import make_vit_b32_like, n_params, vit_b32_shapes
 
-    syn = _synthetic()
-    make_vit_b32_like, n_params, vit_b32_shapes = (
-        syn.make_vit_b32_like, syn.n_params, syn.vit_b32_shapes)
+    from tvtool.store.store import Store
 
     shapes = vit_b32_shapes(scale)
     params = n_params(shapes)
