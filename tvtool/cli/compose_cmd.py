@@ -13,6 +13,7 @@ from tvtool.cli.model_options import (
     DataOpt,
     ModelConfigOpt,
     ModelOpt,
+    OtherBaseOpt,
     PretrainedOpt,
     SplitOpt,
     TemplatesOpt,
@@ -161,14 +162,6 @@ ResumeOpt = Annotated[
         help="Continue an interrupted run of the same configuration from its last epoch.",
     ),
 ]
-OtherBaseOpt = Annotated[
-    bool,
-    typer.Option(
-        "--allow-other-base", help="Accept vectors recorded as extracted from another base file."
-    ),
-]
-
-
 class RichReporter:
     """Progress bar per epoch and one line per finished epoch, on stderr."""
 

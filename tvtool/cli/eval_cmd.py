@@ -14,6 +14,7 @@ from tvtool.cli.model_options import (
     DataOpt,
     ModelConfigOpt,
     ModelOpt,
+    OtherBaseOpt,
     PretrainedOpt,
     SplitOpt,
     TemplatesOpt,
@@ -116,10 +117,7 @@ def eval_cmd(
     alphas: Annotated[
         str, typer.Option("--alphas", help="Alphas for --disentanglement.")
     ] = "0:1:0.25",
-    allow_other_base: Annotated[
-        bool,
-        typer.Option("--allow-other-base", help="Accept vectors extracted from another base file."),
-    ] = False,
+    allow_other_base: OtherBaseOpt = False,
     device: DeviceOpt = "auto",
     batch_size: BatchSizeOpt = 128,
     store: StoreOpt = None,

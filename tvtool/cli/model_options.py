@@ -99,3 +99,9 @@ def open_folders(
     from tvtool.models.data import open_folders as _open
 
     return _open(data, split, classnames, cache)
+OtherBaseOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-other-base", help="Accept vectors recorded as extracted from another base file."
+    ),
+]

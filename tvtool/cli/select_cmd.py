@@ -12,6 +12,7 @@ from tvtool.cli.model_options import (
     DataOpt,
     ModelConfigOpt,
     ModelOpt,
+    OtherBaseOpt,
     PretrainedOpt,
     SplitOpt,
     TemplatesOpt,
@@ -83,14 +84,6 @@ VecDtypeOpt = Annotated[
         "--vector-dtype", help="Device dtype the --budget-mb counts bytes in (fp32, fp16, bf16)."
     ),
 ]
-OtherBaseOpt = Annotated[
-    bool,
-    typer.Option(
-        "--allow-other-base", help="Accept vectors recorded as extracted from another base file."
-    ),
-]
-
-
 def _layer_rows(blocks: list[str]) -> dict[str, list[int]]:
     from tvtool.vectors.blocks import layer_of
 

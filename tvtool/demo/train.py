@@ -7,7 +7,6 @@ deterministic kernels so that the same recipe gives the same weights.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -39,14 +38,10 @@ def deterministic(seed: int, threads: int) -> Iterator[None]:
 
 
 def register_config(path: Path) -> str:
-    """Register an open_clip model config file (its stem is the model name); returns the name."""
-    import open_clip
+    """Register an open_clip model config file; returns the model name (its stem)."""
+    from tvtool.models.build import register_config as register
 
-    name = Path(path).stem
-    cfg = json.loads(Path(path).read_text())
-    if open_clip.get_model_config(name) != cfg:
-        open_clip.add_model_config(path)
-    return name
+    return register(path)[0]
 
 
 def create_model(config_path: Path, state: dict[str, torch.Tensor] | None = None):
@@ -99,6 +94,36 @@ def _scheduler(opt: torch.optim.Optimizer, total: int, warmup: float):
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def _fit(
+    model,
+    params: list[torch.Tensor],
+    n: int,
+    batch_loss: Callable[[torch.Tensor], torch.Tensor],
+    sched: Schedule,
+    g: torch.Generator,
+    tick: Tick | None,
+) -> list[float]:
+    """AdamW with warm-up + cosine over `sched.epochs` seeded passes of `n` examples;
+    `batch_loss(indices)` gives one batch's mean loss. Returns the mean loss per epoch."""
+    opt = torch.optim.AdamW(params, lr=sched.lr, weight_decay=sched.weight_decay)
+    lr_sched = _scheduler(opt, sched.epochs * math.ceil(n / sched.batch_size), sched.warmup)
+    model.train()
+    losses = []
+    for _ in range(sched.epochs):
+        total = 0.0
+        for b in torch.randperm(n, generator=g).split(sched.batch_size):
+            loss = batch_loss(b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            lr_sched.step()
+            total += loss.item() * len(b)
+        losses.append(total / n)
+        if tick:
+            tick(1)
+    return losses
+
+
 def caption_tokens(config_path: Path, templates: list[str]) -> torch.Tensor:
     """Tokens [classes * templates, ctx]: row c * T + t is template t filled with class c."""
     import open_clip
@@ -135,31 +160,18 @@ def pretrain_clip(
     # initialisation: training it would triple the optimiser's work for nothing.
     model.token_embedding.weight.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=sched.lr, weight_decay=sched.weight_decay)
-    steps_per_epoch = math.ceil(len(x_all) / sched.batch_size)
-    lr_sched = _scheduler(opt, sched.epochs * steps_per_epoch, sched.warmup)
-    model.train()
-    losses = []
-    for _ in range(sched.epochs):
-        perm = torch.randperm(len(x_all), generator=g)
-        total = 0.0
-        for b in perm.split(sched.batch_size):
-            xb = random_shift(x_all[b], sched.shift, g)
-            t = torch.randint(0, n_templates, (len(b),), generator=g)
-            rows = labels[b] * n_templates + t
-            img = model.encode_image(xb, normalize=True)
-            # each distinct caption goes through the text tower once per step
-            uniq, inverse = torch.unique(rows, return_inverse=True)
-            txt = model.encode_text(tokens[uniq], normalize=True)[inverse]
-            loss = loss_fn(img, txt, model.logit_scale.exp())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            lr_sched.step()
-            total += loss.item() * len(b)
-        losses.append(total / len(x_all))
-        if tick:
-            tick(1)
+
+    def batch_loss(b: torch.Tensor) -> torch.Tensor:
+        xb = random_shift(x_all[b], sched.shift, g)
+        t = torch.randint(0, n_templates, (len(b),), generator=g)
+        rows = labels[b] * n_templates + t
+        img = model.encode_image(xb, normalize=True)
+        # each distinct caption goes through the text tower once per step
+        uniq, inverse = torch.unique(rows, return_inverse=True)
+        txt = model.encode_text(tokens[uniq], normalize=True)[inverse]
+        return loss_fn(img, txt, model.logit_scale.exp())
+
+    losses = _fit(model, params, len(x_all), batch_loss, sched, g, tick)
     model.eval()
     model.token_embedding.weight.requires_grad_(True)
     return losses
@@ -183,26 +195,13 @@ def finetune_image_tower(
     for p in params:
         p.requires_grad_(True)
     scale = model.logit_scale.exp().detach()
-    opt = torch.optim.AdamW(params, lr=sched.lr, weight_decay=sched.weight_decay)
-    steps_per_epoch = math.ceil(len(x_all) / sched.batch_size)
-    lr_sched = _scheduler(opt, sched.epochs * steps_per_epoch, sched.warmup)
-    model.train()
-    losses = []
-    for _ in range(sched.epochs):
-        perm = torch.randperm(len(x_all), generator=g)
-        total = 0.0
-        for b in perm.split(sched.batch_size):
-            xb = random_shift(x_all[b], sched.shift, g)
-            logits = scale * model.encode_image(xb, normalize=True) @ head.t()
-            loss = F.cross_entropy(logits, labels[b])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            lr_sched.step()
-            total += loss.item() * len(b)
-        losses.append(total / len(x_all))
-        if tick:
-            tick(1)
+
+    def batch_loss(b: torch.Tensor) -> torch.Tensor:
+        xb = random_shift(x_all[b], sched.shift, g)
+        logits = scale * model.encode_image(xb, normalize=True) @ head.t()
+        return F.cross_entropy(logits, labels[b])
+
+    losses = _fit(model, params, len(x_all), batch_loss, sched, g, tick)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
