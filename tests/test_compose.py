@@ -181,7 +181,7 @@ def test_selection_limits_learned_pairs_and_loaded_tensors(assets, clip, invoke)
 
 def test_resume_continues_bit_for_bit(assets, clip):  # noqa: F811
     from tvtool.compose.runner import ComposeOptions, compose
-    from tvtool.compose.tasks import DataSpec
+    from tvtool.datasets.prepare import DataSpec
 
     store = Store()
     d = extract(assets, assets.ft_colors, "c")

@@ -51,7 +51,7 @@ def finetune(
 ) -> Path:
     """Fine-tune the image tower on a folder (frozen zero-shot head) and save the whole model."""
     from tvtool.checkpoints.writer import save_safetensors
-    from tvtool.models import data as mdata
+    from tvtool.datasets import images as mdata
     from tvtool.models.build import load_clip
     from tvtool.models.functional import encode_images
     from tvtool.models.heads import compute_head
@@ -180,7 +180,7 @@ def clip(assets: Assets):
 
 
 def accuracy(clip, data: Path, override=None) -> float:
-    from tvtool.models import data as mdata
+    from tvtool.datasets import images as mdata
     from tvtool.models.functional import encode_images
     from tvtool.models.heads import zeroshot_head
 

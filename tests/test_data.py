@@ -1,4 +1,4 @@
-"""tvtool.models.data: image folders, few-shot sampling, validation splits, transforms."""
+"""tvtool.datasets.images: image folders, few-shot sampling, validation splits, transforms."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from tvtool.datasets import images as data
 from tvtool.errors import TvtoolError
-from tvtool.models import data
 
 
 def make_folder(root: Path, classes=("a_b", "c", "d"), n=6, size=16, seed=0) -> Path:

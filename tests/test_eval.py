@@ -187,10 +187,10 @@ def test_vector_at_weight_zero_is_base_and_weight_matches_finetuned(env, invoke,
 def test_predictions_of_vectors_coefs_and_weights_agree(env, vecs):
     """Core level: base + 0.7 tau0 - 0.3 tau1 (vectors), the same as a coefs object, and plain."""
     from tvtool.checkpoints.writer import save_safetensors
+    from tvtool.datasets.images import ImageFolder
     from tvtool.models import evaluate as ev
     from tvtool.models import weights as wt
     from tvtool.models.build import load_clip
-    from tvtool.models.data import ImageFolder
     from tvtool.store.store import Store
     from tvtool.vectors.blocks import CoefsLayout, make_blocks
     from tvtool.vectors.stored import save_tensor_object
@@ -277,10 +277,10 @@ def test_grid_search_on_validation(env, invoke, vecs, tmp_path):
 
 
 def test_disentanglement(env, vecs, invoke):
+    from tvtool.datasets.images import ImageFolder
     from tvtool.models import evaluate as ev
     from tvtool.models import weights as wt
     from tvtool.models.build import load_clip
-    from tvtool.models.data import ImageFolder
     from tvtool.store.store import Store
 
     store = Store(None)
@@ -391,9 +391,9 @@ def test_finetuned_acc_file_errors(env, invoke, vecs, tmp_path):
 
 
 def test_worker_processes_give_the_same_batches(env):
+    from tvtool.datasets.images import ImageFolder
     from tvtool.models import evaluate as ev
     from tvtool.models.build import load_clip
-    from tvtool.models.data import ImageFolder
 
     clip = load_clip(model_config=env["cfg"], base=env["dir"] / "base.safetensors")
     folder = ImageFolder(env["dir"] / "one", "test")

@@ -13,7 +13,7 @@ from tvtool.compose.bank import load_stacks, plan_bank
 from tvtool.compose.coefs import Coefs, build_layout, compose_params, learnable_mask
 from tvtool.compose.objectives import get_objective
 from tvtool.compose.select import base_gradient, grad_scores, keep_budget, keep_top, norm_scores
-from tvtool.models import data as mdata
+from tvtool.datasets import images as mdata
 from tvtool.models.functional import encode_images, visual_params
 from tvtool.models.heads import zeroshot_head
 from tvtool.store.store import Store

@@ -115,8 +115,8 @@ def test_zoo_and_tvtool_preprocess_the_same_way(small_zoo):  # noqa: F811
     import numpy as np
     from PIL import Image
 
+    from tvtool.datasets import images as mdata
     from tvtool.demo.train import normaliser
-    from tvtool.models import data as mdata
     from tvtool.models.build import load_clip
 
     z = small_zoo

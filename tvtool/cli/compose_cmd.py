@@ -288,7 +288,8 @@ def compose_command(
     from tvtool.cli.options import open_store
     from tvtool.cli.output import emit_json, emit_line, warn
     from tvtool.compose.ddp import init_from_env
-    from tvtool.compose.runner import ComposeOptions, compose, data_specs
+    from tvtool.compose.runner import ComposeOptions, compose
+    from tvtool.datasets.prepare import data_specs
     from tvtool.errors import TvtoolError
     from tvtool.models.heads import load_templates
 

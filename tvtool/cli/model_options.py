@@ -96,7 +96,7 @@ def open_folders(
     data: list[Path], split: str | None, classnames: list[Path] | None = None, cache: bool = False
 ) -> list[Any]:
     """One ImageFolder per --data (class names files matched one-for-all or pairwise)."""
-    from tvtool.models.data import open_folders as _open
+    from tvtool.datasets.images import open_folders as _open
 
     return _open(data, split, classnames, cache)
 OtherBaseOpt = Annotated[

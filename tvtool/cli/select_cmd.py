@@ -197,7 +197,8 @@ def select_command(
     from tvtool.cli.model_options import load_model
     from tvtool.cli.options import open_store
     from tvtool.cli.output import emit_json, emit_line, progress, warn
-    from tvtool.compose.select_run import SelectOptions, data_specs, output_kind, run_select
+    from tvtool.compose.select_run import SelectOptions, output_kind, run_select
+    from tvtool.datasets.prepare import data_specs
     from tvtool.errors import TvtoolError
     from tvtool.models.heads import load_templates
 

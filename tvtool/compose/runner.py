@@ -13,7 +13,6 @@ import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,8 +22,8 @@ from tvtool.compose.coefs import Coefs, attach_layout, build_layout, learnable_m
 from tvtool.compose.ddp import Dist
 from tvtool.compose.objectives import default_lr, get_objective
 from tvtool.compose.select import load_selection, selection_keep
-from tvtool.compose.tasks import DataSpec, prepare_task
 from tvtool.compose.train import Reporter, Settings, Trainer
+from tvtool.datasets.prepare import DataSpec, prepare_data
 from tvtool.errors import TvtoolError
 from tvtool.store.store import Store, check_ref_name
 from tvtool.vectors.stored import save_tensor_object
@@ -135,7 +134,7 @@ def compose(
         raise TvtoolError("the selection keeps no (vector, block) pair of these vectors")
 
     tasks = [
-        prepare_task(
+        prepare_data(
             clip,
             spec,
             objective,
@@ -293,27 +292,3 @@ def _unique_names(tasks: list) -> None:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in VECTOR_DTYPES.items()}[dtype]
-
-
-def data_specs(
-    data: list[Path],
-    val: list[Path] | None,
-    classnames: list[Path] | None,
-    negate: Path | None,
-    control: Path | None,
-) -> list[DataSpec]:
-    """--data/--val/--classnames/--negate/--control -> DataSpecs (val and class names paired)."""
-    val, names = list(val or []), list(classnames or [])
-    if val and len(val) != len(data):
-        raise TvtoolError(f"give one --val DIR per --data ({len(data)}), not {len(val)}")
-    if len(names) not in (0, 1, len(data)):
-        raise TvtoolError("give one --classnames file for all --data sets or one per set")
-    specs = []
-    for i, d in enumerate(data):
-        cn = names[0] if len(names) == 1 else (names[i] if names else None)
-        specs.append(DataSpec(Path(d), "task", val[i] if val else None, cn))
-    if negate is not None:
-        specs.append(DataSpec(Path(negate), "target"))
-    if control is not None:
-        specs.append(DataSpec(Path(control), "control"))
-    return specs

@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict
 
 from tvtool.compose.bank import BankPlan
 from tvtool.compose.objectives import Objective
+from tvtool.datasets import images as mdata
 from tvtool.errors import TvtoolError
-from tvtool.models import data as mdata
 from tvtool.models.functional import autocast, encode_images, visual_params
 from tvtool.store.store import Store
 from tvtool.vectors.blocks import BlockInfo

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +21,7 @@ from tvtool.compose.select import (
     norm_scores,
     pair_bytes,
 )
-from tvtool.compose.tasks import DataSpec, prepare_task
+from tvtool.datasets.prepare import DataSpec, prepare_data
 from tvtool.errors import TvtoolError
 from tvtool.store.store import Store, check_ref_name
 from tvtool.vectors.blocks import layer_of, make_blocks
@@ -112,7 +111,7 @@ def run_select(
         objective = get_objective(opts.objective)
         sets = []
         for spec in opts.data:
-            t = prepare_task(
+            t = prepare_data(
                 clip,
                 spec,
                 objective,
@@ -255,15 +254,3 @@ def _kept_by_layer(masks: dict[str, torch.Tensor]) -> dict[str, float]:
         acc[0] += int(m.sum())
         acc[1] += m.numel()
     return {layer: a / n for layer, (a, n) in kept.items()}
-
-
-def data_specs(data: list[Path], classnames: list[Path] | None) -> list[DataSpec]:
-    names = list(classnames or [])
-    if len(names) not in (0, 1, len(data)):
-        raise TvtoolError("give one --classnames file for all --data sets or one per set")
-    return [
-        DataSpec(
-            Path(d), "task", None, names[0] if len(names) == 1 else (names[i] if names else None)
-        )
-        for i, d in enumerate(data)
-    ]

@@ -27,9 +27,9 @@ from tvtool.compose.coefs import Coefs, compose_params
 from tvtool.compose.ddp import Dist
 from tvtool.compose.objectives import SIGN, Objective, keeps_control
 from tvtool.compose.sampling import SeededView, collate, epoch_plan, shard, steps_per_epoch
-from tvtool.compose.tasks import LabelledSubset, TaskData
+from tvtool.datasets import images as mdata
+from tvtool.datasets.prepare import LabelledSubset, PreparedData
 from tvtool.errors import TvtoolError
-from tvtool.models import data as mdata
 from tvtool.models.functional import autocast, encode_images, visual_params
 from tvtool.vectors.blocks import CoefsLayout
 
@@ -73,7 +73,7 @@ class Trainer:
         stacks: Sequence[Stack],
         layout: CoefsLayout,
         coefs: Coefs,
-        tasks: Sequence[TaskData],
+        tasks: Sequence[PreparedData],
         objective: Objective,
         settings: Settings,
         dist: Dist,

@@ -26,7 +26,7 @@ def linear_probe(
     import torch
     import torch.nn.functional as F
 
-    from tvtool.models import data as mdata
+    from tvtool.datasets import images as mdata
     from tvtool.models.build import load_clip
     from tvtool.models.functional import encode_images
     from tvtool.models.heads import compute_head, load_templates

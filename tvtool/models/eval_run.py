@@ -120,9 +120,9 @@ def run_eval(
     on_progress: Callable[[str, int], Callable[[], None]] | None = None,
 ) -> dict:
     """Evaluate as `o` says; returns the report."""
+    from tvtool.datasets.images import open_folders
     from tvtool.models import evaluate as ev
     from tvtool.models.build import load_clip
-    from tvtool.models.data import open_folders
     from tvtool.models.heads import load_templates
     from tvtool.models.weights import (
         apply_delta,

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+from tvtool.datasets.images import ImageFolder, eval_transform, iter_batches
 from tvtool.errors import TvtoolError
 from tvtool.models.build import LoadedClip
-from tvtool.models.data import ImageFolder, eval_transform, iter_batches
 from tvtool.models.functional import autocast, encode_images, logits, visual_params
 from tvtool.models.weights import Delta, apply_delta
 

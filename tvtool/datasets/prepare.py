@@ -1,4 +1,4 @@
-"""The data sets of a run: image folders -> training samples, validation samples and a head.
+"""The data sets of a run: data sources -> training samples, validation samples and a head.
 
 For each data set: open the folder (split `train` when DIR/train exists), split off validation
 images (`--val DIR`, or a stratified `--val-split` fraction of all images) *before* drawing
@@ -17,8 +17,9 @@ import torch
 
 from tvtool.compose.ddp import Dist
 from tvtool.compose.objectives import Objective, Role, confident
+from tvtool.datasets import images as mdata
+from tvtool.datasets.images import pair_classnames
 from tvtool.errors import TvtoolError
-from tvtool.models import data as mdata
 from tvtool.models.functional import autocast, encode_images
 
 
@@ -33,7 +34,7 @@ class DataSpec:
 
 
 @dataclass
-class TaskData:
+class PreparedData:
     name: str
     role: Role
     folder: Any  # ImageFolder
@@ -59,7 +60,7 @@ class LabelledSubset(torch.utils.data.Dataset):
         return self.transform(self.folder.load(self.indices[j])), self.labels[j]
 
 
-def prepare_task(
+def prepare_data(
     clip: Any,
     spec: DataSpec,
     objective: Objective,
@@ -73,7 +74,7 @@ def prepare_task(
     batch_size: int,
     dist: Dist,
     split: str = "train",
-) -> TaskData:
+) -> PreparedData:
     from tvtool.models.heads import zeroshot_head
 
     folder = mdata.ImageFolder(spec.path, split=split, classnames_file=spec.classnames)
@@ -126,12 +127,34 @@ def prepare_task(
     if not indices:
         raise TvtoolError(f"{spec.path}: no training images")
     info.update(train=len(indices), val=len(eval_idx))
-    task = TaskData(
+    task = PreparedData(
         folder.name, spec.role, folder, indices, targets, head, eval_folder, eval_idx, info=info
     )
     if eval_folder is None and spec.role != "task":  # negation must measure accuracy somewhere
         task.eval_folder, task.eval_idx, task.eval_is_train = folder, list(indices), True
     return task
+
+
+def data_specs(
+    data: list[Path],
+    val: list[Path] | None = None,
+    classnames: list[Path] | None = None,
+    negate: Path | None = None,
+    control: Path | None = None,
+) -> list[DataSpec]:
+    """--data/--val/--classnames/--negate/--control -> DataSpecs (val and class names paired)."""
+    val = list(val or [])
+    if val and len(val) != len(data):
+        raise TvtoolError(f"give one --val DIR per --data ({len(data)}), not {len(val)}")
+    names = pair_classnames(classnames, len(data))
+    specs = [
+        DataSpec(Path(d), "task", val[i] if val else None, names[i]) for i, d in enumerate(data)
+    ]
+    if negate is not None:
+        specs.append(DataSpec(Path(negate), "target"))
+    if control is not None:
+        specs.append(DataSpec(Path(control), "control"))
+    return specs
 
 
 @torch.no_grad()

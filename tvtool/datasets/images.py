@@ -161,16 +161,19 @@ def open_folders(
     """One ImageFolder per data directory; class-name files one-for-all or one per directory."""
     if not data:
         raise TvtoolError("give at least one --data DIR")
+    files = pair_classnames(classnames, len(data))
+    return [ImageFolder(d, split, f, cache) for d, f in zip(data, files, strict=True)]
+
+
+def pair_classnames(classnames: Sequence[Path] | None, n: int) -> list[Path | None]:
+    """`--classnames` files for `n` data sets: none, one for all, or one per set."""
     names = list(classnames or [])
-    if len(names) not in (0, 1, len(data)):
+    if len(names) not in (0, 1, n):
         raise TvtoolError(
-            f"give one --classnames file for all --data sets or one per set ({len(data)}), "
+            f"give one --classnames file for all --data sets or one per set ({n}), "
             f"not {len(names)}"
         )
-    files: list[Path | None] = (
-        names * len(data) if len(names) == 1 else (names or [None] * len(data))
-    )
-    return [ImageFolder(d, split, f, cache) for d, f in zip(data, files, strict=True)]
+    return names * n if len(names) == 1 else (names or [None] * n)
 
 
 def few_shot_indices(
