@@ -57,8 +57,8 @@ def child(cfg: dict) -> dict:
     import open_clip
     import torch
 
-    from tvtool.compose.bank import Stack, share_base
     from tvtool.compose.coefs import Coefs, attach_layout, compose_params, learnable_mask
+    from tvtool.models.bank import Stack, share_base
     from tvtool.models.build import register_config, resolve_device
     from tvtool.models.functional import autocast
     from tvtool.vectors.blocks import CoefsLayout, make_blocks

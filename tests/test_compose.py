@@ -180,7 +180,7 @@ def test_selection_limits_learned_pairs_and_loaded_tensors(assets, clip, invoke)
 
 
 def test_resume_continues_bit_for_bit(assets, clip):  # noqa: F811
-    from tvtool.compose.runner import ComposeOptions, compose
+    from tvtool.compose.compose_run import ComposeOptions, compose
     from tvtool.datasets.prepare import DataSpec
 
     store = Store()

@@ -107,8 +107,8 @@ def extract(a: Assets, ft: Path, name: str, base: Path | None = None, visual: bo
 
 def load_bank(model, store, names, granularity="tensor", partitions=1, seed=5, dtype=torch.float32):
     """(plan, layout, stacks on the CPU) for stored vectors `names`."""
-    from tvtool.compose.bank import load_stacks, plan_bank
     from tvtool.compose.coefs import attach_layout, build_layout
+    from tvtool.models.bank import load_stacks, plan_bank
     from tvtool.models.functional import visual_params
 
     tower, keys = visual_params(model), set(model.model.state_dict())

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from test_compose_support import assets, clip, extract, model_args  # noqa: F401
 
-from tvtool.compose.bank import load_stacks, plan_bank
 from tvtool.compose.coefs import Coefs, build_layout, compose_params, learnable_mask
 from tvtool.compose.objectives import get_objective
 from tvtool.compose.select import base_gradient, grad_scores, keep_budget, keep_top, norm_scores
 from tvtool.datasets import images as mdata
+from tvtool.models.bank import load_stacks, plan_bank
 from tvtool.models.functional import encode_images, visual_params
 from tvtool.models.heads import zeroshot_head
 from tvtool.store.store import Store
@@ -200,7 +200,7 @@ def test_norm_is_data_free(assets, invoke):  # noqa: F811
     )
     assert s.exit_code == 0, s.stderr
     rep = json.loads(s.stdout)
-    from tvtool.compose.bank import plan_from_vectors
+    from tvtool.models.bank import plan_from_vectors
 
     plan = plan_from_vectors(store, ["c", "s"])
     ref = norm_scores(store, plan, make_blocks(plan.shapes(), "layer"))

@@ -17,3 +17,9 @@ class IntegrityError(TvtoolError):
 
 class UnsafePickleError(TvtoolError):
     """A pickle asked for something the restricted unpickler refuses."""
+
+
+def few(items: list[str], n: int = 4, more: int = 0) -> str:
+    """The first `n` items for a one-line message: ``a, b, c and 5 more`` (`more` uncounted)."""
+    rest = len(items) - n + more
+    return ", ".join(items[:n]) + (f" and {rest} more" if rest > 0 else "")

@@ -133,6 +133,15 @@ class SafetensorsReader(CheckpointReader):
         self._raw = raw_to_file
         self._names = normalise_keys(sorted(raw_to_file))
 
+    @classmethod
+    def stored(cls, path: Path, digest: str) -> SafetensorsReader:
+        """A store object: names kept exactly as written (already normalised when stored) and
+        the digest as fingerprint (the store hashed it on write; no second pass over the file)."""
+        reader = cls(path, [path])
+        reader._names = {k: k for k in sorted(reader._raw)}
+        reader._fingerprint = digest
+        return reader
+
     def meta(self, key: str) -> TensorMeta:
         raw = self._names[key]
         sf = self._raw[raw]

@@ -7,6 +7,14 @@ from typing import Annotated, Any
 
 import typer
 
+from tvtool.cli.learn_options import (
+    BatchOpt,
+    GranularityOpt,
+    ObjectiveOpt,
+    ShotsOpt,
+    ThresholdOpt,
+    VecDtypeOpt,
+)
 from tvtool.cli.model_options import (
     BaseOpt,
     ClassnamesOpt,
@@ -37,33 +45,6 @@ OptVectors = Annotated[
         show_default=False,
     ),
 ]
-ObjectiveOpt = Annotated[
-    str,
-    typer.Option(
-        "--objective",
-        help="ce (few-shot labels), entropy (unlabelled) or pseudo (confident zero-shot labels).",
-    ),
-]
-ShotsOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--shots",
-        "-k",
-        help="Images per class, sampled with --seed (default: all).",
-        min=1,
-        show_default=False,
-    ),
-]
-ThresholdOpt = Annotated[
-    float,
-    typer.Option("--threshold", help="pseudo: minimum zero-shot confidence of a pseudo-label."),
-]
-GranularityOpt = Annotated[
-    str,
-    typer.Option(
-        "--granularity", help="One coefficient per tensor, per layer or per whole vector (task)."
-    ),
-]
 PartitionsOpt = Annotated[
     int,
     typer.Option(
@@ -80,9 +61,6 @@ LrOpt = Annotated[
         help="Learning rate (default 1e-1 for ce/pseudo, 1e-2 for entropy and --negate).",
         show_default=False,
     ),
-]
-BatchOpt = Annotated[
-    int, typer.Option("--batch-size", help="Images per micro-batch and data set.", min=1)
 ]
 AccumOpt = Annotated[
     int, typer.Option("--grad-accum", help="Micro-batches per optimisation step.", min=1)
@@ -134,13 +112,6 @@ SelectionOpt = Annotated[
         "--selection",
         help="Learn (and load) only the pairs this `tvtool select` result keeps.",
         show_default=False,
-    ),
-]
-VecDtypeOpt = Annotated[
-    str,
-    typer.Option(
-        "--vector-dtype",
-        help="Vectors on the device: auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16.",
     ),
 ]
 WorkersOpt = Annotated[
@@ -287,14 +258,12 @@ def compose_command(
     from tvtool.cli.model_options import load_model
     from tvtool.cli.options import open_store
     from tvtool.cli.output import emit_json, emit_line, warn
+    from tvtool.compose.compose_run import ComposeOptions, compose
     from tvtool.compose.ddp import init_from_env
-    from tvtool.compose.runner import ComposeOptions, compose
     from tvtool.datasets.prepare import data_specs
     from tvtool.errors import TvtoolError
     from tvtool.models.heads import load_templates
 
-    if granularity not in ("tensor", "layer", "task"):
-        raise TvtoolError(f"unknown --granularity {granularity!r}: use tensor, layer or task")
     specs = data_specs(list(data or []), val, classnames, negate, control)
     dist, device = init_from_env(device)
     try:

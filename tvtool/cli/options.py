@@ -10,14 +10,23 @@ import typer
 from tvtool.store.store import Store
 
 
-def complete_names(ctx: typer.Context, incomplete: str) -> list[str]:
-    """Shell completion of stored ref names (reads only the refs directory)."""
-    root = ctx.params.get("store") if ctx is not None else None
+def complete_refs(ctx: typer.Context, incomplete: str) -> list[str]:
+    """Shell completion of stored objects: ref names, and digest prefixes (12 hex) once two or
+    more hex characters are typed. Reads only the refs and manifest file names (torch-free)."""
     try:
-        names = Store(root).refs()
+        store = Store(ctx.params.get("store") if ctx is not None else None)
+        out = [n for n in store.refs() if n.startswith(incomplete)]
+        raw = incomplete.lower()
+        if len(raw) >= 2 and all(c in "0123456789abcdef" for c in raw):
+            fan = store.objects_dir / raw[:2]
+            if fan.is_dir():
+                out += sorted((raw[:2] + p.name[:-5])[:12] for p in fan.glob(raw[2:] + "*.json"))
+        return out
     except Exception:
         return []
-    return [n for n in names if n.startswith(incomplete)]
+
+
+complete_names = complete_refs  # the name command modules import
 
 
 def open_store(path: Path | None) -> Store:

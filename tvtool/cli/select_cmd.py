@@ -6,6 +6,14 @@ from typing import Annotated, Any
 
 import typer
 
+from tvtool.cli.learn_options import (
+    BatchOpt,
+    GranularityOpt,
+    ObjectiveOpt,
+    ShotsOpt,
+    ThresholdOpt,
+    VecDtypeOpt,
+)
 from tvtool.cli.model_options import (
     BaseOpt,
     ClassnamesOpt,
@@ -58,32 +66,8 @@ DensityOpt = Annotated[
         show_default=False,
     ),
 ]
-GranularityOpt = Annotated[
-    str, typer.Option("--granularity", help="Blocks of a selection: tensor, layer or task.")
-]
-ObjectiveOpt = Annotated[
-    str, typer.Option("--objective", help="Loss whose gradient scores: ce, entropy or pseudo.")
-]
-ShotsOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--shots",
-        "-k",
-        help="Images per class, sampled with --seed (default: all).",
-        min=1,
-        show_default=False,
-    ),
-]
-ThresholdOpt = Annotated[
-    float, typer.Option("--threshold", help="pseudo: minimum zero-shot confidence.")
-]
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images per forward pass.", min=1)]
-VecDtypeOpt = Annotated[
-    str,
-    typer.Option(
-        "--vector-dtype", help="Device dtype the --budget-mb counts bytes in (fp32, fp16, bf16)."
-    ),
-]
+
+
 def _layer_rows(blocks: list[str]) -> dict[str, list[int]]:
     from tvtool.vectors.blocks import layer_of
 
@@ -199,11 +183,8 @@ def select_command(
     from tvtool.cli.output import emit_json, emit_line, progress, warn
     from tvtool.compose.select_run import SelectOptions, output_kind, run_select
     from tvtool.datasets.prepare import data_specs
-    from tvtool.errors import TvtoolError
     from tvtool.models.heads import load_templates
 
-    if granularity not in ("tensor", "layer", "task"):
-        raise TvtoolError(f"unknown --granularity {granularity!r}: use tensor, layer or task")
     opts = SelectOptions(
         vectors=list(vectors),
         data=data_specs(list(data or []), classnames),

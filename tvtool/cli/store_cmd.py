@@ -9,7 +9,15 @@ from typing import Annotated, Any, get_args
 import typer
 
 from tvtool.cli.group import TvtoolGroup
-from tvtool.cli.options import DryRunOpt, ForceOpt, JsonOpt, QuietOpt, StoreOpt, YesOpt
+from tvtool.cli.options import (
+    DryRunOpt,
+    ForceOpt,
+    JsonOpt,
+    QuietOpt,
+    StoreOpt,
+    YesOpt,
+    complete_refs,
+)
 from tvtool.errors import IntegrityError, TvtoolError
 from tvtool.store.manifest import ObjectKind
 
@@ -21,25 +29,6 @@ store_app = typer.Typer(
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-
-
-def complete_refs(ctx: typer.Context, incomplete: str) -> list[str]:
-    """Ref names, and digest prefixes once a few hex characters are typed (torch-free)."""
-    from tvtool.store.store import Store
-
-    try:
-        store = Store(ctx.params.get("store") if ctx is not None else None)
-        out = [n for n in store.refs() if n.startswith(incomplete)]
-        raw = incomplete.lower()
-        if len(raw) >= 2 and all(c in "0123456789abcdef" for c in raw):
-            fan = store.objects_dir / raw[:2]
-            if fan.is_dir():
-                out += sorted(
-                    (raw[:2] + p.name[:-5])[:12] for p in fan.glob(raw[2:] + "*.json")
-                )
-        return out
-    except Exception:
-        return []
 
 
 RefArg = Annotated[

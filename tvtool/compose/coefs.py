@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from tvtool.compose.bank import BankPlan, Stack
+from tvtool.models.bank import BankPlan, Stack
 from tvtool.vectors.blocks import CoefsLayout, Granularity, make_blocks, partition_ids
 
 

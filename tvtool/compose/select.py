@@ -16,16 +16,17 @@ fit a budget (`--budget-mb`); compose then loads and learns only those pairs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from tvtool.compose.bank import BankPlan
 from tvtool.compose.objectives import Objective
 from tvtool.datasets import images as mdata
 from tvtool.errors import TvtoolError
+from tvtool.models.bank import BankPlan
 from tvtool.models.functional import autocast, encode_images, visual_params
 from tvtool.store.store import Store
 from tvtool.vectors.blocks import BlockInfo
@@ -139,7 +140,7 @@ def norm_scores(store: Store, plan: BankPlan, blocks: list[BlockInfo]) -> torch.
 
 def pair_bytes(plan: BankPlan, blocks: list[BlockInfo], element_size: int) -> torch.Tensor:
     """[T, B] device bytes of each (vector, block) pair."""
-    numel = {k.key: _numel(k.shape) for k in plan.keys}
+    numel = {k.key: math.prod(k.shape) for k in plan.keys}
     rows = {k.key: set(k.rows) for k in plan.keys}
     out = torch.zeros(len(plan.vectors), len(blocks), dtype=torch.int64)
     for b, blk in enumerate(blocks):
@@ -216,10 +217,3 @@ def element_masks(
         else:
             masks[key] = torch.zeros(shape, dtype=torch.bool)
     return masks, k, flat.numel()
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 
-from tvtool.compose.bank import BankPlan, plan_bank, plan_from_vectors
 from tvtool.compose.ddp import Dist
 from tvtool.compose.objectives import get_objective
 from tvtool.compose.select import (
@@ -23,6 +22,7 @@ from tvtool.compose.select import (
 )
 from tvtool.datasets.prepare import DataSpec, prepare_data
 from tvtool.errors import TvtoolError
+from tvtool.models.bank import BankPlan, plan_bank, plan_from_vectors
 from tvtool.store.store import Store, check_ref_name
 from tvtool.vectors.blocks import layer_of, make_blocks
 from tvtool.vectors.stored import save_tensor_object

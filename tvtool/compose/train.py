@@ -22,7 +22,6 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from tvtool.compose.bank import Stack, share_base
 from tvtool.compose.coefs import Coefs, compose_params
 from tvtool.compose.ddp import Dist
 from tvtool.compose.objectives import SIGN, Objective, keeps_control
@@ -30,6 +29,7 @@ from tvtool.compose.sampling import SeededView, collate, epoch_plan, shard, step
 from tvtool.datasets import images as mdata
 from tvtool.datasets.prepare import LabelledSubset, PreparedData
 from tvtool.errors import TvtoolError
+from tvtool.models.bank import Stack, share_base
 from tvtool.models.functional import autocast, encode_images, visual_params
 from tvtool.vectors.blocks import CoefsLayout
 

@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before open_clip imports hugging
 
 import torch  # noqa: E402
 
-from tvtool.errors import TvtoolError  # noqa: E402
+from tvtool.errors import TvtoolError, few  # noqa: E402
 
 _PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
 
@@ -304,8 +304,7 @@ def load_state(net: torch.nn.Module, path: Path, strict: bool = True) -> str:
 
 
 def _few(items: list[str], n: int = 5) -> str:
-    more = f", ... (+{len(items) - n})" if len(items) > n else ""
-    return ", ".join(items[:n]) + more
+    return few(items, n)
 
 
 def _first(e: Exception) -> str:

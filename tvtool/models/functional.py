@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping
 import torch
 import torch.nn.functional as F
 
-from tvtool.errors import TvtoolError
+from tvtool.errors import TvtoolError, few
 from tvtool.models.build import LoadedClip
 
 PREFIX = "visual."
@@ -36,10 +36,9 @@ def check_keys(
     params = visual_params(clip)
     unknown = sorted(k for k in shapes if k not in params)
     if unknown:
-        more = f", ... (+{len(unknown) - 4})" if len(unknown) > 4 else ""
         raise TvtoolError(
             f"{what} has {len(unknown)} tensor(s) that are not image-tower parameters of "
-            f"{clip.name}: {', '.join(unknown[:4])}{more} "
+            f"{clip.name}: {few(unknown)} "
             "(vectors from another architecture, or not restricted to `visual`?)"
         )
     bad = [

@@ -9,7 +9,7 @@ override ``theta_0 + s * delta`` that `functional.encode_images` runs with.
 * weights: a fine-tuned checkpoint's image-tower tensors used as the override.
 
 Vectors are mapped onto the model, checked (keys, shapes, recorded base) and streamed key by key
-by `tvtool.compose.bank.plan_bank`, the same checks compose applies.
+by `tvtool.models.bank.plan_bank`, the same checks compose applies.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def parse_weighted(spec: str, default: float = 1.0) -> tuple[str, float]:
 
 def plan(clip: LoadedClip, store: Store, names: Sequence[str], allow_other_base: bool = False):
     """A compose BankPlan of `names` against the model's image tower (checks everything)."""
-    from tvtool.compose.bank import plan_bank
+    from tvtool.models.bank import plan_bank
 
     return plan_bank(
         store,

@@ -19,7 +19,7 @@ import torch
 
 from tvtool.checkpoints.readers import CheckpointReader, open_checkpoint
 from tvtool.checkpoints.writer import TensorSpec
-from tvtool.errors import TvtoolError
+from tvtool.errors import TvtoolError, few
 from tvtool.store.manifest import Manifest
 from tvtool.store.store import Store, check_ref_name
 from tvtool.vectors.filters import TensorFilter
@@ -50,9 +50,7 @@ class _Accum:
 
 
 def _names(keys: list[str], more: int = 0) -> str:
-    shown = ", ".join(keys[:SHOW])
-    rest = len(keys) - SHOW + more
-    return shown + (f" and {rest} more" if rest > 0 else "")
+    return few(keys, SHOW, more)
 
 
 def _is_float(dtype: torch.dtype) -> bool:

@@ -21,7 +21,7 @@ import torch
 
 from tvtool.checkpoints.readers import TensorMeta, open_checkpoint
 from tvtool.checkpoints.writer import TensorSpec, atomic_output, build_header, parse_dtype
-from tvtool.errors import TvtoolError
+from tvtool.errors import TvtoolError, few
 from tvtool.store.manifest import canonical_json
 from tvtool.store.store import Store
 from tvtool.vectors.filters import TensorFilter
@@ -106,8 +106,7 @@ class MergePlan:
 
 
 def _few(items: list[str], n: int = 3) -> str:
-    more = f" and {len(items) - n} more" if len(items) > n else ""
-    return ", ".join(items[:n]) + more
+    return few(items, n)
 
 
 def _attach_masks(store: Store, req: MergeRequest, terms: list[PlannedTerm]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +36,7 @@ def write_tensor_object(
                 TensorInfo(name=s.name, shape=list(s.shape), dtype=DTYPE_TO_ST[s.dtype])
                 for s in specs
             ],
-            "numel": sum(_numel(s.shape) for s in specs),
+            "numel": sum(math.prod(s.shape) for s in specs),
             "dtype": dtypes[0] if len(dtypes) == 1 else ",".join(dtypes),
             **manifest_fields,
         }
@@ -56,10 +57,7 @@ def open_tensor_object(
     """Resolve `name` and open its blob for streaming reads (keys are stored names, unchanged)."""
     digest = store.resolve(name, kind=kind)
     manifest = store.manifest(digest)
-    reader = SafetensorsReader(store.blob_path(digest), [store.blob_path(digest)])
-    reader._names = {k: k for k in sorted(reader._raw)}  # stored names are already normalised
-    reader._fingerprint = digest
-    return manifest, reader
+    return manifest, SafetensorsReader.stored(store.blob_path(digest), digest)
 
 
 def load_tensor_object(
@@ -68,13 +66,6 @@ def load_tensor_object(
     manifest, reader = open_tensor_object(store, name, kind)
     with reader:
         return manifest, {k: reader.get(k) for k in reader.keys()}
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def load_coefs(store: Store, ref: str):

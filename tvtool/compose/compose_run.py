@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from tvtool.compose.bank import load_stacks, plan_bank, stored_bytes
 from tvtool.compose.coefs import Coefs, attach_layout, build_layout, learnable_mask
 from tvtool.compose.ddp import Dist
 from tvtool.compose.objectives import default_lr, get_objective
@@ -25,6 +24,7 @@ from tvtool.compose.select import load_selection, selection_keep
 from tvtool.compose.train import Reporter, Settings, Trainer
 from tvtool.datasets.prepare import DataSpec, prepare_data
 from tvtool.errors import TvtoolError
+from tvtool.models.bank import load_stacks, plan_bank, stored_bytes
 from tvtool.store.store import Store, check_ref_name
 from tvtool.vectors.stored import save_tensor_object
 

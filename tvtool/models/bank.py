@@ -12,12 +12,13 @@ stack [n, *shape] in the chosen dtype, reading one tensor at a time (host peak: 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
-from tvtool.errors import TvtoolError
+from tvtool.errors import TvtoolError, few
 from tvtool.store.manifest import Manifest
 from tvtool.store.store import Store
 from tvtool.vectors.stored import open_tensor_object
@@ -75,11 +76,6 @@ class Stack:
     @property
     def nbytes(self) -> int:
         return self.tensor.numel() * self.tensor.element_size()
-
-
-def _few(items: list[str]) -> str:
-    more = f", ... (+{len(items) - SHOW})" if len(items) > SHOW else ""
-    return ", ".join(items[:SHOW]) + more
 
 
 def recorded_base(manifest: Manifest) -> str | None:
@@ -176,8 +172,8 @@ def _map_keys(
         return {k: VISUAL + k for k in keys}
     unknown = [k for k in keys if k not in model_keys]
     raise TvtoolError(
-        f"vector {label} has {len(unknown)} tensor(s) the model does not have: {_few(unknown)} "
-        "(vector from another architecture?)"
+        f"vector {label} has {len(unknown)} tensor(s) the model does not have: "
+        f"{few(unknown, SHOW)} (vector from another architecture?)"
     )
 
 
@@ -233,13 +229,10 @@ def stored_bytes(
 ) -> int:
     """Device bytes `load_stacks` would allocate."""
     size = torch.empty((), dtype=dtype).element_size()
-    total = 0
-    for k in plan.keys:
-        n = 1
-        for s in k.shape:
-            n *= s
-        total += n * size * sum(1 for t in k.rows if keep is None or keep(t, k.key))
-    return total
+    return sum(
+        math.prod(k.shape) * size * sum(1 for t in k.rows if keep is None or keep(t, k.key))
+        for k in plan.keys
+    )
 
 
 def plan_from_vectors(store: Store, names: list[str]) -> BankPlan:
