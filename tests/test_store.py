@@ -238,8 +238,14 @@ _CRASH_BEFORE_MANIFEST = textwrap.dedent(
     from tvtool.store import Store
     store = Store(sys.argv[1])
     store._write_manifest = lambda m: os.kill(os.getpid(), signal.SIGKILL)
-    store.put_bytes(b"y" * 300_000, kind="vector", format="safetensors")
+    store.put_bytes(PAYLOAD, kind="vector", format="safetensors")
     """
+)
+# a valid safetensors file with no tensors (a 300 kB header, padded with spaces)
+PAYLOAD = struct.pack("<Q", 299_992) + b"{}" + b" " * 299_990
+_CRASH_BEFORE_MANIFEST = (
+    'import struct\nPAYLOAD = struct.pack("<Q", 299_992) + b"{}" + b" " * 299_990\n'
+    + _CRASH_BEFORE_MANIFEST
 )
 
 
@@ -268,7 +274,7 @@ def test_killed_before_manifest_is_absent_then_rewritable(isolated_store: Path) 
     proc = subprocess.run([sys.executable, "-c", _CRASH_BEFORE_MANIFEST, str(isolated_store)])
     assert proc.returncode == -signal.SIGKILL
     store = Store()
-    digest = hashlib.sha256(b"y" * 300_000).hexdigest()
+    digest = hashlib.sha256(PAYLOAD).hexdigest()
     assert store.blob_path(digest).exists() and not store.has(digest)  # orphan data only
     assert verify(store) == (0, [])
     with pytest.raises(TvtoolError):
@@ -278,7 +284,7 @@ def test_killed_before_manifest_is_absent_then_rewritable(isolated_store: Path) 
     assert gc(store, 0).removed == [digest] and not store.blob_path(digest).exists()
     # the same crash again, then the write succeeds on top of the orphan
     subprocess.run([sys.executable, "-c", _CRASH_BEFORE_MANIFEST, str(isolated_store)])
-    m = store.put_bytes(b"y" * 300_000, kind="vector", format="safetensors")
+    m = store.put_bytes(PAYLOAD, kind="vector", format="safetensors")
     assert m.digest == digest and verify(store) == (1, [])
 
 
@@ -288,7 +294,7 @@ def _concurrent_writer(root: str, barrier, index: int) -> None:
         for _ in range(8):
             w.write(b"z" * (1 << 18))
         barrier.wait()
-        w.commit({"kind": "vector", "format": "safetensors", "params": {"writer": index}})
+        w.commit({"kind": "vector", "format": "json", "params": {"writer": index}})
 
 
 def test_concurrent_writers_make_one_object(isolated_store: Path) -> None:

@@ -248,23 +248,25 @@ def tag_cmd(
 
 @store_app.command("rm")
 def rm_cmd(
-    names: Annotated[list[str], typer.Argument(help="Ref names to remove.",
-                                               autocompletion=complete_refs, show_default=False)],
+    names: Annotated[list[str], typer.Argument(
+        help="Ref names to remove, or digests (8+ hex): a digest removes every ref naming it.",
+        autocompletion=complete_refs, show_default=False)],
     yes: YesOpt = False,
     dry_run: DryRunOpt = False,
     store: StoreOpt = None,
 ) -> None:
-    """Remove refs. The objects stay until `tvtool store gc` sweeps them."""
+    """Remove refs. The objects stay until `tvtool store gc` sweeps them.
+
+    A digest or unique prefix (digests win over names) removes every ref that names the object;
+    an object no ref names is refused (gc removes unnamed objects).
+    """
     from tvtool.cli.output import info
     from tvtool.store.store import Store
 
     st = Store(store)
-    targets = {}
+    targets: dict[str, str] = {}
     for n in names:
-        d = st.get_ref(n)
-        if d is None:
-            raise TvtoolError(f"no ref named {n!r} (see `tvtool store ls`)")
-        targets[n] = d
+        targets.update(_rm_targets(st, n))
     listing = ", ".join(f"{n} ({d[:12]})" for n, d in targets.items())
     if dry_run:
         info(f"would remove {len(targets)} ref(s): {listing}")
@@ -276,29 +278,65 @@ def rm_cmd(
     info(f"removed {len(targets)} ref(s): {listing}; run `tvtool store gc` to free space")
 
 
+def _rm_targets(st: Any, name: str) -> dict[str, str]:
+    """The refs `store rm NAME` removes: NAME itself, or every ref naming a digest."""
+    from tvtool.store.names import looks_like_digest
+
+    raw = name.strip().removeprefix("sha256:").lower()
+    hits = st.digests_with_prefix(raw) if looks_like_digest(name) else []
+    if len(hits) > 1:
+        st.resolve(name)  # raises: ambiguous
+    if hits:
+        naming = {n: hits[0] for n in st.names_for(hits[0])}
+        if not naming:
+            raise TvtoolError(
+                f"no ref names object {hits[0][:12]}; unnamed objects are removed by"
+                " `tvtool store gc`"
+            )
+        return naming
+    d = st.get_ref(name)
+    if d is None:
+        raise TvtoolError(f"no ref named {name!r} (see `tvtool store ls`)")
+    return {name: d}
+
+
 @store_app.command("verify")
 def verify_cmd(as_json: JsonOpt = False, store: StoreOpt = None) -> None:
-    """Re-hash every object; exit 3 naming each corrupt one."""
+    """Check every object and ref; exit 3 naming each inconsistent one.
+
+    Re-hashes all data and checks each manifest against it (tensors, shapes, dtypes, numel),
+    that every input and every ref target is present, and that reached data has a manifest.
+    """
     from tvtool.cli.output import emit_json, err, progress
-    from tvtool.store.maintenance import verify
+    from tvtool.store.maintenance import Problem, verify
     from tvtool.store.store import Store
 
     st = Store(store)
     total = sum(1 for _ in st.iter_digests())
+    warnings: list[Problem] = []
     with progress() as bar:
         task = bar.add_task("verifying", total=total)
-        checked, problems = verify(st, on_object=lambda _d: bar.advance(task))
+        checked, problems = verify(st, on_object=lambda _d: bar.advance(task), warnings=warnings)
     by_digest = st.names_by_digest()
-    listed = [{"digest": p.digest, "names": by_digest.get(p.digest, []), "problem": p.what,
-               "dangling_ref": p.ref} for p in problems]
+
+    def listed(items: list[Problem]) -> list[dict]:
+        return [{"digest": p.digest, "names": by_digest.get(p.digest, []), "problem": p.what,
+                 "dangling_ref": p.ref} for p in items]
+
     if as_json:
         emit_json({"store": str(st.root), "checked": checked, "ok": not problems,
-                   "problems": listed})
+                   "problems": listed(problems), "warnings": listed(warnings)})
     else:
-        for p, item in zip(problems, listed, strict=True):
+        from rich.markup import escape
+
+        for p, item in zip(problems, listed(problems), strict=True):
             names = f" ({', '.join(item['names'])})" if item["names"] else ""
             label = "dangling" if p.ref else "corrupt"
-            err.print(f"[red]{label}[/red] {p.digest}{names}: {p.what}", soft_wrap=True)
+            err.print(f"[red]{label}[/red] {escape(p.digest + names)}: {escape(p.what)}",
+                      soft_wrap=True, highlight=False)
+        for p in warnings:
+            err.print(f"[yellow]warning[/yellow] {escape(p.digest[:12])}: {escape(p.what)}",
+                      soft_wrap=True, highlight=False)
     if problems:
         bad = len({p.digest for p in problems if p.ref is None})
         dangling = sum(1 for p in problems if p.ref is not None)
@@ -320,7 +358,7 @@ def gc_cmd(
     store: StoreOpt = None,
 ) -> None:
     """Sweep objects no ref reaches (nor their inputs), crashed writes and temp files."""
-    from tvtool.cli.output import emit_json, human_bytes, info
+    from tvtool.cli.output import emit_json, human_bytes, info, warn
     from tvtool.store.maintenance import format_duration, gc, parse_duration
     from tvtool.store.store import Store
 
@@ -330,7 +368,8 @@ def gc_cmd(
     if as_json:
         emit_json({"store": str(st.root), "dry_run": dry_run, "grace_seconds": seconds,
                    "removed": report.removed, "reclaimed_bytes": report.reclaimed_bytes,
-                   "kept_recent": report.kept_recent, "tmp_removed": report.tmp_removed})
+                   "kept_recent": report.kept_recent, "kept_damaged": report.kept_damaged,
+                   "tmp_removed": report.tmp_removed})
         return
     verb = "would remove" if dry_run else "removed"
     for d in report.removed:
@@ -340,6 +379,9 @@ def gc_cmd(
     if report.kept_recent:
         info(f"kept {len(report.kept_recent)} unreferenced object(s) younger than"
              f" {format_duration(seconds)} (--grace)")
+    for d in report.kept_damaged:
+        warn(f"kept {d[:12]}: a ref reaches it but its manifest is missing or corrupt"
+             " (see `tvtool store verify`)")
 
 
 @store_app.command("export")

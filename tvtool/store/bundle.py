@@ -17,25 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from tvtool.errors import IntegrityError, TvtoolError
+from tvtool.store.graph import walk
 from tvtool.store.manifest import Manifest, canonical_json
 from tvtool.store.store import ObjectWriter, Store, is_valid_ref_name
 
 BUNDLE_FORMAT = 1
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
-
-
-def closure(store: Store, digests: list[str]) -> list[str]:
-    """The objects and everything their manifests name as inputs (that the store holds),
-    in a stable order: each root, then its inputs depth-first."""
-    seen: list[str] = []
-    stack = list(reversed(digests))
-    while stack:
-        d = stack.pop()
-        if d in seen or not store.has(d):
-            continue
-        seen.append(d)
-        stack.extend(reversed(store.manifest(d).inputs))
-    return seen
 
 
 def expand_names(store: Store, names: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -68,7 +55,14 @@ def export_bundle(store: Store, names: list[str], out: Path, *, force: bool = Fa
     if out.is_dir():
         raise TvtoolError(f"{out} is a directory")
     refs, roots = expand_names(store, names)
-    objects = closure(store, roots)
+    reach = walk(store, ((d, "given") for d in roots))
+    bad = [*reach.damaged, *reach.missing]
+    if bad:
+        raise IntegrityError(
+            f"cannot export: object {bad[0][:12]} is damaged or missing"
+            f"{f' (and {len(bad) - 1} more)' if len(bad) > 1 else ''}; run `tvtool store verify`"
+        )
+    objects = reach.order
     index = {"format": BUNDLE_FORMAT, "refs": refs, "objects": objects}
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.part")
     try:

@@ -1,4 +1,4 @@
-"""`verify` (re-hash every object) and `gc` (sweep what nothing reaches). Torch-free."""
+"""`verify` (check every object and ref) and `gc` (sweep what nothing reaches). Torch-free."""
 
 from __future__ import annotations
 
@@ -6,13 +6,16 @@ import hashlib
 import os
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tvtool.errors import TvtoolError
+from tvtool.store.claims import claim_problems, entries_from_file
 from tvtool.store.files import lock_file
+from tvtool.store.graph import closure, edges, from_refs
 from tvtool.store.manifest import Manifest
+from tvtool.store.names import is_digest, ref_name_problem
 from tvtool.store.store import Store
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)")
@@ -45,7 +48,7 @@ def format_duration(seconds: float) -> str:
 class Problem:
     digest: str
     what: str
-    ref: str | None = None  # set for a ref that points at a missing object
+    ref: str | None = None  # set for a problem of a ref (dangling, corrupt, or a warning)
 
 
 def hash_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -57,24 +60,52 @@ def hash_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def verify(
-    store: Store, on_object: Callable[[str], None] | None = None
+    store: Store,
+    on_object: Callable[[str], None] | None = None,
+    warnings: list[Problem] | None = None,
 ) -> tuple[int, list[Problem]]:
-    """Re-hash every object; returns (objects checked, problems). Dangling refs are problems
-    too. `on_object(digest)` is called after each object (for progress)."""
+    """Check every object and ref; returns (objects checked, problems).
+
+    Problems (integrity failures): a manifest that is unreadable, names another digest or
+    claims other tensors, shapes, dtypes or numel than the data holds; data that is missing,
+    unreadable or hashes to another digest; an input (or coefs vector) that is missing; data
+    without a manifest that a ref or another object reaches; a ref that holds no digest or
+    points at a missing object. Warnings (appended to `warnings`): data without a manifest
+    that nothing reaches (an interrupted write, swept by gc) and refs made by older versions
+    under names that can no longer be created. `on_object(digest)` reports progress.
+    """
     problems: list[Problem] = []
+    notes: list[Problem] = [] if warnings is None else warnings
     checked = 0
+    named: set[str] = set()
     for digest in list(store.iter_digests()):
         checked += 1
-        problems.extend(_check_object(store, digest))
+        problems.extend(_check_object(store, digest, named))
         if on_object is not None:
             on_object(digest)
-    for name, digest in store.refs().items():
-        if not store.has(digest):
-            problems.append(Problem(digest, f"ref {name!r} points at a missing object", name))
+    refs = store.refs()
+    reached = set(from_refs(store).order) | named
+    for blob in _orphan_blobs(store):
+        digest = blob.parent.name + blob.name
+        if digest in reached:
+            problems.append(Problem(digest, "manifest missing (its data is kept: it is reached)"))
+        elif is_digest(digest):
+            notes.append(Problem(digest, "data without a manifest (an interrupted write;"
+                                         " `tvtool store gc` sweeps it)"))
+    for name, target in refs.items():
+        if not is_digest(target):
+            problems.append(Problem(target[:64] or "-", f"ref {name!r} holds no digest", name))
+        elif not store.has(target) and not store.blob_path(target).exists():
+            problems.append(Problem(target, f"ref {name!r} points at a missing object", name))
+        why = ref_name_problem(name)
+        if why is not None:
+            notes.append(Problem(target[:64], f"ref {name!r} has a name tvtool no longer"
+                                 f" creates ({why}); rename it with `tvtool store tag` and"
+                                 " `tvtool store rm`", name))
     return checked, problems
 
 
-def _check_object(store: Store, digest: str) -> list[Problem]:
+def _check_object(store: Store, digest: str, named: set[str]) -> list[Problem]:
     try:
         manifest = Manifest.model_validate_json(store.manifest_path(digest).read_bytes())
     except (OSError, ValueError):
@@ -82,6 +113,10 @@ def _check_object(store: Store, digest: str) -> list[Problem]:
     out = []
     if manifest.digest != digest:
         out.append(Problem(digest, f"manifest names another digest ({manifest.digest[:12]})"))
+    for e in edges(manifest):
+        named.add(e)
+        if not store.has(e) and not store.blob_path(e).exists():
+            out.append(Problem(digest, f"input {e[:12]} is missing"))
     blob = store.blob_path(digest)
     try:
         actual = hash_file(blob)
@@ -93,34 +128,25 @@ def _check_object(store: Store, digest: str) -> list[Problem]:
         out.append(Problem(digest, f"content hashes to {actual[:12]}"))
     elif blob.stat().st_size != manifest.size:
         out.append(Problem(digest, "size differs from manifest"))
+    elif manifest.format == "safetensors":
+        try:
+            entries = entries_from_file(blob)
+        except (OSError, TvtoolError) as e:
+            return [*out, Problem(digest, f"data is not valid safetensors ({e})")]
+        out += [Problem(digest, what) for what in claim_problems(manifest, entries)]
     return out
 
 
-def closure(store: Store, roots: Iterable[str]) -> set[str]:
-    """The given objects and, transitively, every input their manifests name (that exist)."""
-    seen: set[str] = set()
-    stack = list(roots)
-    while stack:
-        d = stack.pop()
-        if d in seen or not store.has(d):
-            continue
-        seen.add(d)
-        try:
-            stack.extend(store.manifest(d).inputs)
-        except TvtoolError:  # a corrupt manifest still keeps its own object
-            pass
-    return seen
-
-
 def reachable(store: Store) -> set[str]:
-    """Digests reached from refs, following manifests' `inputs`."""
-    return closure(store, store.refs().values())
+    """Digests reached from refs, following manifests' inputs (present objects only)."""
+    return set(from_refs(store).order)
 
 
 @dataclass
 class GcReport:
     removed: list[str] = field(default_factory=list)
     kept_recent: list[str] = field(default_factory=list)
+    kept_damaged: list[str] = field(default_factory=list)  # reached, manifest missing/corrupt
     reclaimed_bytes: int = 0
     tmp_removed: int = 0
     dry_run: bool = False
@@ -132,6 +158,9 @@ def gc(store: Store, grace_seconds: float, dry_run: bool = False) -> GcReport:
 
     Unreferenced objects younger than the grace period are kept together with their inputs
     (a fresh merge result that is about to be tagged keeps the vectors it was made from).
+    Refs are the roots and reachability never trusts a manifest to exist: when a ref reaches
+    an object whose manifest is missing or corrupt, its inputs are unknown, so no object is
+    swept at all (only temp files) and the object is reported in `kept_damaged`.
     Files a live writer holds locked are never touched. Runs under the store lock, so a
     concurrent `tag` either lands before the sweep (and is honoured) or fails cleanly after.
     """
@@ -142,13 +171,19 @@ def gc(store: Store, grace_seconds: float, dry_run: bool = False) -> GcReport:
     with store.lock():
         digests = list(store.iter_digests())
         recent = [d for d in digests if _mtime(store.manifest_path(d)) > cutoff]
-        referenced = reachable(store)
-        keep = referenced | closure(store, recent)
+        reach = from_refs(store)
+        referenced = set(reach.order)
+        keep = referenced | set(closure(store, recent))
         report.kept_recent = sorted(set(recent) - referenced)
+        report.kept_damaged = sorted(reach.damaged)
+        if reach.damaged:  # their inputs are unknown: sweeping anything could lose data
+            digests = []
         for digest in digests:
             if digest not in keep and _sweep_object(store, digest, cutoff, report, dry_run):
                 report.removed.append(digest)
         for blob in _orphan_blobs(store):  # data whose manifest never got written
+            if reach.damaged or blob.parent.name + blob.name in keep:  # ...or was lost
+                continue
             size = _size(blob)
             if _mtime(blob) <= cutoff and _sweep_file(blob, dry_run):
                 report.removed.append(blob.parent.name + blob.name)
@@ -258,5 +293,5 @@ def list_objects(store: Store, kind: str | None = None, *, caches: bool = True) 
 
 
 def dangling_refs(store: Store) -> dict[str, str]:
-    """Refs that point at objects the store does not hold."""
-    return {n: d for n, d in store.refs().items() if not store.has(d)}
+    """Refs that point at objects the store does not hold (or hold no digest)."""
+    return {n: d for n, d in store.refs().items() if not is_digest(d) or not store.has(d)}

@@ -13,26 +13,33 @@ An object exists iff its manifest exists. Torch-free, so that completion and `--
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from tvtool.errors import IntegrityError, TvtoolError
-from tvtool.store.files import create_locked, fsync_dir, lock_file, open_whole_blob, touch
+from tvtool.store.files import create_locked, fsync_dir, lock_file, touch
 from tvtool.store.manifest import Manifest, ObjectKind, canonical_json
+from tvtool.store.names import (
+    MIN_PREFIX,
+    _shown,
+    check_ref_name,
+    is_digest,
+    is_ref_path,
+    is_valid_ref_name,
+    looks_like_digest,
+)
+from tvtool.store.writer import ObjectWriter
 
-__all__ = ["ObjectWriter", "Store", "check_ref_name", "default_root", "is_valid_ref_name",
-           "lock_file"]
+__all__ = ["ObjectWriter", "Store", "check_namespaces", "check_ref_name", "default_root",
+           "is_digest", "is_valid_ref_name", "lock_file"]
 
 STORE_FORMAT = 1
-MIN_PREFIX = 8
-_HEX = re.compile(r"^[0-9a-f]+$")
-_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
+_HEX = re.compile(r"[0-9a-f]+")
 
 
 def default_root() -> Path:
@@ -42,94 +49,6 @@ def default_root() -> Path:
     if os.environ.get("XDG_CACHE_HOME"):
         return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "tvtool"
     return Path.home() / ".cache" / "tvtool"
-
-
-def is_valid_ref_name(name: str) -> bool:
-    return bool(_REF.match(name)) and ".." not in name.split("/")
-
-
-def check_ref_name(name: str) -> str:
-    if not is_valid_ref_name(name):
-        raise TvtoolError(
-            f"invalid name {name!r}: use letters, digits, '.', '_', '-' and '/' for namespaces"
-        )
-    return name
-
-
-class ObjectWriter:
-    """A locked temp file in `tmp/` that hashes what is written; `commit` moves it into place.
-
-    Use as a context manager: an exception before `commit` removes the temp file.
-    """
-
-    def __init__(self, store: Store):
-        self.store = store
-        self.path = store.tmp_dir / f"{uuid.uuid4().hex}.part"
-        self._file: IO[bytes] = create_locked(self.path)
-        self._hash = hashlib.sha256()
-        self.size = 0
-        self._done = False
-
-    @property
-    def digest(self) -> str:
-        """sha256 of everything written so far."""
-        return self._hash.hexdigest()
-
-    def write(self, data: bytes | memoryview) -> int:
-        self._file.write(data)
-        self._hash.update(data)
-        self.size += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self.size
-
-    def flush(self) -> None:
-        self._file.flush()
-
-    def finish(self) -> str:
-        """Flush and fsync the data (the file stays open and locked); returns the digest."""
-        if not self._done:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._done = True
-        return self.digest
-
-    def commit(self, manifest_fields: dict[str, Any]) -> Manifest:
-        """Move the blob into place and record its manifest (the commit point).
-
-        The same bytes twice give one object and the first manifest wins. The temp file's lock
-        travels with it into `objects/`, so gc cannot take the blob before its manifest exists.
-        """
-        digest = self.finish()
-        manifest = Manifest(digest=digest, size=self.size, **manifest_fields)  # validate first
-        blob = self.store.blob_path(digest)
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            existing = open_whole_blob(blob, self.size)
-            if existing is not None:  # dedup: keep the blob that is there, refresh it for gc
-                with existing:
-                    touch(blob)
-                    self.path.unlink()
-                    return self.store._write_manifest(manifest)
-            os.chmod(self.path, 0o444)
-            os.replace(self.path, blob)
-            fsync_dir(blob.parent)
-            return self.store._write_manifest(manifest)
-        finally:
-            self._file.close()
-
-    def abort(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-        self.path.unlink(missing_ok=True)
-
-    def __enter__(self) -> ObjectWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.abort()
 
 
 class Store:
@@ -250,7 +169,11 @@ class Store:
 
     # -- names --------------------------------------------------------------------------------
     def resolve(self, name: str, kind: ObjectKind | tuple[str, ...] | None = None) -> str:
-        """A ref name, a full digest or a unique prefix (>= 8 hex chars) -> full digest."""
+        """A full digest, a unique prefix (>= 8 hex chars) or a ref name -> full digest.
+
+        Digests always win: hex of 8+ characters is looked up as a digest first, and only a
+        ref made by an older version with such a name is read when no object matches.
+        """
         digest = self._resolve(name.strip())
         if kind is not None:
             kinds = (kind,) if isinstance(kind, str) else kind
@@ -262,20 +185,9 @@ class Store:
     def _resolve(self, name: str) -> str:
         if not name:
             raise TvtoolError("empty name: give a ref name or a digest")
-        if is_valid_ref_name(name):
-            ref = self.get_ref(name)
-            if ref is not None:
-                return ref
         raw = name.removeprefix("sha256:").lower()
-        if _HEX.match(raw):
-            if len(raw) < MIN_PREFIX:
-                raise TvtoolError(
-                    f"{name!r}: a digest prefix needs at least {MIN_PREFIX} hex characters"
-                )
-            fan = self.objects_dir / raw[:2]
-            hits = sorted(
-                raw[:2] + p.name[:-5] for p in fan.glob(raw[2:] + "*.json")
-            ) if fan.is_dir() else []
+        if looks_like_digest(name):
+            hits = self.digests_with_prefix(raw)
             if len(hits) == 1:
                 return hits[0]
             if len(hits) > 1:
@@ -284,38 +196,75 @@ class Store:
                     f"{name!r} is ambiguous: matches {len(hits)} objects ({shown});"
                     " give more characters"
                 )
+        target = self._ref_target(name)
+        if target is not None:
+            return target
+        if _HEX.fullmatch(raw) and len(raw) < MIN_PREFIX:
+            raise TvtoolError(
+                f"{name!r}: a digest prefix needs at least {MIN_PREFIX} hex characters"
+            )
         raise TvtoolError(
-            f"no ref or object named {name!r} in store {self.root} (see `tvtool store ls`)"
+            f"no ref or object named {_shown(name)} in store {self.root} (see `tvtool store ls`)"
         )
 
+    def digests_with_prefix(self, prefix: str) -> list[str]:
+        """Committed objects whose digest starts with `prefix` (hex, >= 2 characters)."""
+        prefix = prefix.lower()
+        if len(prefix) < 2 or not _HEX.fullmatch(prefix):
+            return []
+        fan = self.objects_dir / prefix[:2]
+        if not fan.is_dir():
+            return []
+        return sorted(prefix[:2] + p.name[:-5] for p in fan.glob(prefix[2:] + "*.json"))
+
+    def _ref_target(self, name: str) -> str | None:
+        """A ref's digest, checked: a ref that holds anything else is an integrity failure."""
+        target = self.get_ref(name)
+        if target is not None and not is_digest(target):
+            raise IntegrityError(
+                f"ref {_shown(name)} is corrupt (it holds no digest); run `tvtool store verify`"
+            )
+        return target
+
     def ref_path(self, name: str) -> Path:
+        """The file of a ref that may be created (strict name check)."""
         return self.refs_dir / check_ref_name(name)
 
     def get_ref(self, name: str) -> str | None:
-        """The digest a ref points at, or None (also for names that cannot be refs)."""
-        if not is_valid_ref_name(name):
+        """What a ref holds (a digest unless corrupt), or None (also for names that cannot be
+        refs). Refs made by older versions under names no longer accepted are read too."""
+        if not is_ref_path(name):
             return None
         path = self.refs_dir / name
         try:
-            return path.read_text().strip() if path.is_file() else None
+            return path.read_text(errors="replace").strip() if path.is_file() else None
         except OSError:
             return None
 
     def refs(self) -> dict[str, str]:
-        """Every ref name -> digest, sorted by name."""
+        """Every ref name -> what it holds, sorted by name: every file under refs/ except
+        hidden ones (ref writes in flight), whatever its name; nothing is skipped silently."""
         if not self.refs_dir.exists():
             return {}
         out = {}
-        for p in sorted(self.refs_dir.rglob("*")):
-            if p.is_file() and not p.name.startswith(".") and not p.name.endswith(".tmp"):
-                try:
-                    out[p.relative_to(self.refs_dir).as_posix()] = p.read_text().strip()
-                except FileNotFoundError:  # removed meanwhile
+        for top, dirs, files in os.walk(self.refs_dir):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            for f in files:
+                if f.startswith("."):
                     continue
-        return out
+                p = Path(top) / f
+                try:
+                    out[p.relative_to(self.refs_dir).as_posix()] = (
+                        p.read_text(errors="replace").strip()
+                    )
+                except (FileNotFoundError, IsADirectoryError):  # removed meanwhile
+                    continue
+                except OSError:
+                    out[p.relative_to(self.refs_dir).as_posix()] = ""
+        return dict(sorted(out.items()))
 
     def lock(self):
-        """The store-wide lock held around ref updates and gc."""
+        """The store-wide lock held around ref updates and gc (not re-entrant)."""
         from filelock import FileLock
 
         self.init()
@@ -323,42 +272,88 @@ class Store:
 
     def set_ref(self, name: str, digest: str, *, force: bool = True) -> str | None:
         """Point `name` at `digest` atomically; returns the previous digest, if any."""
-        path = self.ref_path(name)
+        return self.set_refs({name: digest}, force=force).get(name)
+
+    def set_refs(self, refs: dict[str, str], *, force: bool = True) -> dict[str, str]:
+        """Set several refs at once, all or none: every name is checked (syntax, namespaces,
+        each other, existing refs unless `force`) before any is written, under the store lock;
+        a failure while writing restores the refs already written. Returns previous targets."""
+        for name in refs:
+            check_ref_name(name)
+        check_namespaces(refs)
         with self.lock():
+            return self.set_refs_locked(refs, force=force)
+
+    def set_refs_locked(self, refs: dict[str, str], *, force: bool) -> dict[str, str]:
+        """`set_refs` for a caller that holds `lock()`."""
+        old: dict[str, str] = {}
+        for name, digest in refs.items():
+            path = self.ref_path(name)
             if not self.has(digest):
-                raise TvtoolError(f"cannot tag {digest[:12]}: no such object")
-            old = self.get_ref(name)
-            if old is not None and old != digest and not force:
-                raise TvtoolError(
-                    f"ref {name!r} already points at {old[:12]}; use --force to move it"
-                )
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            except (FileExistsError, NotADirectoryError):
-                raise TvtoolError(
-                    f"cannot create ref {name!r}: a ref named like its namespace exists"
-                ) from None
-            if path.is_dir():
-                raise TvtoolError(f"cannot create ref {name!r}: it is a namespace of other refs")
-            tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-            tmp.write_text(digest + "\n")
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
+                raise TvtoolError(f"cannot tag {digest[:12]} as {name!r}: no such object")
+            prev = self.get_ref(name)
+            if prev is not None:
+                old[name] = prev
+                if prev != digest and not force:
+                    raise TvtoolError(
+                        f"ref {name!r} already points at {prev[:12]}; use --force to move it"
+                    )
+            self._check_free(name, path)
+        done: list[str] = []
+        try:
+            for name, digest in refs.items():
+                self._write_ref(name, digest)
+                done.append(name)
+        except BaseException:
+            for name in done:  # roll back: nothing or everything
+                if name in old:
+                    self._write_ref(name, old[name])
+                else:
+                    self._unlink_ref(name)
+            raise
         return old
 
+    def _check_free(self, name: str, path: Path) -> None:
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            if (self.refs_dir.joinpath(*parts[:i])).is_file():
+                raise TvtoolError(
+                    f"cannot create ref {name!r}: ref {'/'.join(parts[:i])!r} exists"
+                    " (a name cannot be both a ref and a namespace)"
+                )
+        if path.is_dir():
+            raise TvtoolError(f"cannot create ref {name!r}: it is a namespace of other refs")
+
+    def _write_ref(self, name: str, digest: str) -> None:
+        path = self.refs_dir / name
+        tmp = path.parent / f".{uuid.uuid4().hex}.tmp"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "x") as f:
+                f.write(digest + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise TvtoolError(f"cannot write ref {name!r}: {e.strerror or e}") from None
+        fsync_dir(path.parent)
+
+    def _unlink_ref(self, name: str) -> None:
+        path = self.refs_dir / name
+        path.unlink(missing_ok=True)
+        parent = path.parent
+        while parent != self.refs_dir and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent
+
     def remove_ref(self, name: str) -> str:
-        path = self.ref_path(name)
-        if self.get_ref(name) is None:
-            raise TvtoolError(f"no ref named {name!r} (see `tvtool store ls`)")
+        """Remove a ref (also one made by an older version under a name no longer accepted)."""
         with self.lock():
             digest = self.get_ref(name)
             if digest is None:
-                raise TvtoolError(f"no ref named {name!r} (see `tvtool store ls`)")
-            path.unlink()
-            parent = path.parent
-            while parent != self.refs_dir and not any(parent.iterdir()):
-                parent.rmdir()
-                parent = parent.parent
+                raise TvtoolError(f"no ref named {_shown(name)} (see `tvtool store ls`)")
+            self._unlink_ref(name)
         return digest
 
     def names_for(self, digest: str) -> list[str]:
@@ -374,3 +369,16 @@ class Store:
     def display_name(self, digest: str) -> str:
         names = self.names_for(digest)
         return names[0] if names else digest[:12]
+
+
+def check_namespaces(names) -> None:
+    """Refuse a set of ref names in which one is the namespace of another (`a` and `a/b`)."""
+    given = set(names)
+    for name in sorted(given):
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in given:
+                raise TvtoolError(
+                    f"refs {'/'.join(parts[:i])!r} and {name!r} conflict"
+                    " (a name cannot be both a ref and a namespace)"
+                )

@@ -1,0 +1,94 @@
+"""`ObjectWriter`: the one way bytes become a store object (temp file, hash, fsync, place).
+
+A crash at any moment leaves either the whole object or none: the blob is renamed into place
+only when complete, and the manifest (the commit point) is linked in last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from typing import IO, TYPE_CHECKING, Any
+
+from tvtool.store.files import create_locked, fsync_dir, open_whole_blob, touch
+from tvtool.store.manifest import Manifest
+
+if TYPE_CHECKING:
+    from tvtool.store.store import Store
+
+
+class ObjectWriter:
+    """A locked temp file in `tmp/` that hashes what is written; `commit` moves it into place.
+
+    Use as a context manager: an exception before `commit` removes the temp file.
+    """
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.path = store.tmp_dir / f"{uuid.uuid4().hex}.part"
+        self._file: IO[bytes] = create_locked(self.path)
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self._done = False
+
+    @property
+    def digest(self) -> str:
+        """sha256 of everything written so far."""
+        return self._hash.hexdigest()
+
+    def write(self, data: bytes | memoryview) -> int:
+        self._file.write(data)
+        self._hash.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def finish(self) -> str:
+        """Flush and fsync the data (the file stays open and locked); returns the digest."""
+        if not self._done:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._done = True
+        return self.digest
+
+    def commit(self, manifest_fields: dict[str, Any]) -> Manifest:
+        """Move the blob into place and record its manifest (the commit point).
+
+        The same bytes twice give one object and the first manifest wins. The temp file's lock
+        travels with it into `objects/`, so gc cannot take the blob before its manifest exists.
+        """
+        digest = self.finish()
+        manifest = Manifest(digest=digest, size=self.size, **manifest_fields)  # validate first
+        blob = self.store.blob_path(digest)
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            existing = open_whole_blob(blob, self.size)
+            if existing is not None:  # dedup: keep the blob that is there, refresh it for gc
+                with existing:
+                    touch(blob)
+                    self.path.unlink()
+                    return self.store._write_manifest(manifest)
+            os.chmod(self.path, 0o444)
+            os.replace(self.path, blob)
+            fsync_dir(blob.parent)
+            return self.store._write_manifest(manifest)
+        finally:
+            self._file.close()
+
+    def abort(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> ObjectWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
