@@ -206,7 +206,9 @@ def select_command(
         force=force,
     )
     output_kind(opts)  # option errors before loading anything
-    has_model = model is not None or model_config is not None
+    from tvtool.models.hf_clip import is_hf_clip
+
+    has_model = model is not None or model_config is not None or is_hf_clip(base)
     clip = load_model(model, model_config, base, pretrained, device) if has_model else None
     with progress() as bar:
         task = bar.add_task("scoring", total=None)

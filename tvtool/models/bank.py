@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tvtool.checkpoints.keymaps import BARE_TOWER_PREFIXES
 from tvtool.errors import TvtoolError, few
 from tvtool.store.manifest import Manifest
 from tvtool.store.store import Store
@@ -168,8 +169,9 @@ def _map_keys(
     keys = list(vshapes)
     if all(k in model_keys for k in keys):
         return {k: k for k in keys if k in params}
-    if all(VISUAL + k in params for k in keys):  # a vector of a bare image tower
-        return {k: VISUAL + k for k in keys}
+    for prefix in BARE_TOWER_PREFIXES:  # a vector of a bare image tower (open_clip, HF 5.x)
+        if all(prefix + k in params for k in keys):
+            return {k: prefix + k for k in keys}
     unknown = [k for k in keys if k not in model_keys]
     raise TvtoolError(
         f"vector {label} has {len(unknown)} tensor(s) the model does not have: "

@@ -48,6 +48,8 @@ class LoadedClip:
     tokenizer: Any
     device: torch.device
     source: str = ""
+    tower_prefix: str = "visual."  # image-tower parameter names: prefix + the tower's own names
+    family: str = "open_clip"  # or "hf-clip" (tvtool.models.hf_clip)
 
     @property
     def logit_scale(self) -> float:
@@ -58,8 +60,8 @@ class LoadedClip:
         return float(ls.detach().float().exp().clamp(max=100.0).item())
 
     def visual_keys(self) -> list[str]:
-        """State-dict names of the image tower's parameters (``visual.*``)."""
-        return [f"visual.{n}" for n, _ in self.model.visual.named_parameters()]
+        """State-dict names of the image tower's parameters (``visual.*`` for open_clip)."""
+        return [self.tower_prefix + n for n, _ in self.model.visual.named_parameters()]
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
@@ -181,7 +183,18 @@ def load_clip(
     pretrained: str | None = None,
     device: str | torch.device = "cpu",
 ) -> LoadedClip:
-    """Build the architecture and load its weights (see the module docstring). Eval mode."""
+    """Build the architecture and load its weights (see the module docstring). Eval mode.
+
+    An HF CLIP folder as `base` (config.json, model_type clip), or an HF config.json as
+    `model_config`, builds transformers' model instead (`tvtool.models.hf_clip`)."""
+    from tvtool.models.hf_clip import is_hf_clip, load_hf_clip
+
+    if model is None and pretrained is None and (
+        is_hf_clip(model_config) or (model_config is None and is_hf_clip(base))
+    ):
+        if base is None:
+            raise TvtoolError("an HF config.json needs its weights: give --base FILE or DIR")
+        return load_hf_clip(Path(base), model_config, device)
     import open_clip
 
     if (model is None) == (model_config is None):

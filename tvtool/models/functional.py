@@ -25,8 +25,9 @@ PREFIX = "visual."
 
 
 def visual_params(clip: LoadedClip) -> dict[str, torch.Tensor]:
-    """The image tower's parameters keyed like the checkpoint (frozen, shared with the model)."""
-    return {PREFIX + n: p for n, p in clip.model.visual.named_parameters()}
+    """The image tower's parameters keyed like the checkpoint (frozen, shared with the model):
+    ``visual.*`` for open_clip, the `CLIPModel` names (``vision_model.*``) for HF CLIP."""
+    return {clip.tower_prefix + n: p for n, p in clip.model.visual.named_parameters()}
 
 
 def check_keys(
@@ -64,12 +65,13 @@ def encode_images(
         feats = visual(images)
     else:
         params = {}
+        prefix = clip.tower_prefix
         for k, v in override.items():
-            if not k.startswith(PREFIX):
+            if not k.startswith(prefix):
                 raise TvtoolError(
-                    f"{k!r} is not an image-tower parameter (expected a 'visual.' key)"
+                    f"{k!r} is not an image-tower parameter (expected a {prefix!r} key)"
                 )
-            params[k[len(PREFIX) :]] = v
+            params[k[len(prefix) :]] = v
         feats = torch.func.functional_call(visual, params, (images,), strict=False)
     if isinstance(feats, (tuple, list)):
         feats = feats[0]

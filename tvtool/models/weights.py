@@ -127,9 +127,15 @@ def checkpoint_override(clip: LoadedClip, path: Path) -> tuple[Delta, int]:
     params = visual_params(clip)
     out: Delta = {}
     with open_checkpoint(path) as reader:
-        keys = reader.keys()
-        bare = bool(keys) and not any(k in params for k in keys)
-        bare = bare and all("visual." + k in params for k in keys)
+        from tvtool.checkpoints.keymaps import BARE_TOWER_PREFIXES, is_buffer
+
+        keys = [k for k in reader.keys() if not (clip.family == "hf-clip" and is_buffer(k))]
+        prefix = ""
+        if keys and not any(k in params for k in keys):
+            prefix = next(
+                (p for p in BARE_TOWER_PREFIXES if all(p + k in params for k in keys)), ""
+            )
+        bare = bool(prefix)
         model_keys = set(clip.model.state_dict())
         unknown = [k for k in keys if not bare and k not in model_keys]
         if unknown:
@@ -139,7 +145,7 @@ def checkpoint_override(clip: LoadedClip, path: Path) -> tuple[Delta, int]:
             )
         ignored = 0
         for k in keys:
-            param = "visual." + k if bare else k
+            param = prefix + k
             if param not in params:
                 ignored += 1
                 continue

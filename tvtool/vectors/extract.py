@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from tvtool.checkpoints.keymaps import align_submodel
 from tvtool.checkpoints.readers import CheckpointReader, open_checkpoint
 from tvtool.checkpoints.writer import TensorSpec
 from tvtool.errors import TvtoolError, few
@@ -139,6 +140,7 @@ def extract_vector(
         check_ref_name(name)
     keep = keep or TensorFilter()
     with open_checkpoint(base_path) as base, open_checkpoint(finetuned_path) as ft:
+        base, ft, submodel = align_submodel(base, ft)  # HF CLIPVisionModel of a CLIPModel
         fp32_specs, skipped, filtered_out = plan_keys(base, ft, keep)
         specs = [TensorSpec(s.name, s.shape, dtype) for s in fp32_specs]
         created = datetime.now(timezone.utc).isoformat()
@@ -150,6 +152,8 @@ def extract_vector(
             "filtered_out": filtered_out,
             "storage_dtype": STORAGE_NAMES[dtype],
         }
+        if submodel:
+            params["submodel"] = submodel
         skipped_objects = sorted(
             {*getattr(base, "skipped_non_tensor", []), *getattr(ft, "skipped_non_tensor", [])}
         )

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from tvtool.errors import TvtoolError
 
 PRESETS: dict[str, str] = {
-    # the image tower of an open_clip model
-    "visual": r"^visual\.",
+    # the image tower: open_clip (visual.*) or HF CLIP (vision_model.*, visual_projection)
+    "visual": r"^(visual|vision_model|visual_projection)\.",
     # attention projections only (q, k, v, out), fused or separate, in either tower
     "attn": r"(^|\.)(attn|attention|self_attn)\."
     r"(in_proj_weight|in_proj_bias|(q|k|v|out|o)_proj\.(weight|bias))$",

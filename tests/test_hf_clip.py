@@ -1,0 +1,306 @@
+"""HF CLIP end to end: tiny `CLIPModel`s from a `CLIPConfig` (random weights), fine-tunes saved as
+`CLIPVisionModel` in the transformers 4.x and 5.x layouts; tvtool's model against transformers'
+own forward; extract, compose, select, eval and merge on an HF bank."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_compose_support import write_task
+
+transformers = pytest.importorskip("transformers")
+
+VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    image_size=16, patch_size=4, hidden_act="quick_gelu",
+)
+TEXT = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+    vocab_size=49408, max_position_embeddings=16, hidden_act="quick_gelu",
+)
+
+
+def clip_config():
+    return transformers.CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=16)
+
+
+def save_vision_4x(vision_state: dict[str, torch.Tensor], out: Path, dtype=torch.float32) -> Path:
+    """A `CLIPVisionModel` as transformers 4.x saved it: keys under `vision_model.`, with the
+    persistent `position_ids` buffer of transformers < 4.31."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    n = (VISION["image_size"] // VISION["patch_size"]) ** 2 + 1
+    state = {f"vision_model.{k}": v.to(dtype).contiguous() for k, v in vision_state.items()}
+    state["vision_model.embeddings.position_ids"] = torch.arange(n).unsqueeze(0)
+    save_file(state, str(out / "model.safetensors"), {"format": "pt"})
+    cfg = transformers.CLIPVisionConfig(**VISION).to_dict()
+    cfg.update(architectures=["CLIPVisionModel"], transformers_version="4.40.0")
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def save_vision_5x(vision_state: dict[str, torch.Tensor], out: Path, **kw) -> Path:
+    """A `CLIPVisionModel` saved by the installed transformers (5.x: keys without a prefix)."""
+    model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION))
+    target = getattr(model, "vision_model", model)  # 4.x wraps the transformer
+    target.load_state_dict(vision_state)
+    model.save_pretrained(out, **kw)
+    return out
+
+
+def finetune(base: Path, data: Path, steps: int = 40, lr: float = 2e-3) -> dict:
+    """Fine-tune the vision tower (not the projection, as FusionBench) with the base's head."""
+    from tvtool.models import data as mdata
+    from tvtool.models.build import load_clip
+    from tvtool.models.functional import encode_images
+    from tvtool.models.heads import compute_head
+
+    clip = load_clip(base=base)
+    folder = mdata.ImageFolder(data)
+    head = compute_head(clip, folder.classnames, ["a photo of {}."])
+    images, labels = mdata.load_tensors(
+        folder, list(range(len(folder))), mdata.eval_transform(clip)
+    )
+    params = list(clip.model.vision_model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    torch.manual_seed(0)
+    for _ in range(steps):
+        opt.zero_grad()
+        logits = clip.logit_scale * encode_images(clip, None, images) @ head.T
+        F.cross_entropy(logits, labels).backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in clip.model.vision_model.state_dict().items()}
+
+
+@dataclass
+class HF:
+    root: Path
+    base: Path  # CLIPModel folder (installed transformers' layout)
+    colors: Path
+    colors_val: Path
+    stripes: Path
+    ft_colors_4x: Path
+    ft_colors_5x: Path
+    ft_stripes_5x: Path
+
+
+_CACHE: dict[str, HF] = {}
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory) -> HF:
+    if "hf" not in _CACHE:
+        root = tmp_path_factory.mktemp("hf-clip")
+        torch.manual_seed(0)
+        transformers.CLIPModel(clip_config()).save_pretrained(root / "base")
+        colors = write_task(root / "colors", "colors", 12, seed=1)
+        colors_val = write_task(root / "colors_val", "colors", 8, seed=2)
+        stripes = write_task(root / "stripes", "stripes", 12, seed=3)
+        c = finetune(root / "base", colors)
+        s = finetune(root / "base", stripes)
+        _CACHE["hf"] = HF(
+            root,
+            root / "base",
+            colors,
+            colors_val,
+            stripes,
+            save_vision_4x(c, root / "ft_colors_4x"),
+            save_vision_5x(c, root / "ft_colors_5x"),
+            save_vision_5x(s, root / "ft_stripes_5x", max_shard_size="20KB"),
+        )
+    return _CACHE["hf"]
+
+
+def _extract(base: Path, ft: Path, name: str) -> str:
+    from tvtool.store.store import Store
+    from tvtool.vectors.extract import extract_vector
+
+    return extract_vector(Store(), base, ft, name=name).digest
+
+
+def _accuracy(clip, data: Path, override=None) -> float:
+    from tvtool.models import data as mdata
+    from tvtool.models.functional import encode_images
+    from tvtool.models.heads import zeroshot_head
+
+    folder = mdata.ImageFolder(data)
+    head = zeroshot_head(clip, folder.classnames)
+    images, labels = mdata.load_tensors(
+        folder, list(range(len(folder))), mdata.eval_transform(clip)
+    )
+    with torch.no_grad():
+        pred = (encode_images(clip, override, images) @ head.T).argmax(-1)
+    return float((pred == labels).float().mean())
+
+
+def test_features_equal_transformers_forward(hf, tmp_path):
+    from tvtool.models.build import load_clip
+    from tvtool.models.functional import encode_images, visual_params
+
+    clip = load_clip(base=hf.base)
+    ref = transformers.CLIPModel.from_pretrained(hf.base).eval()
+    assert clip.tower_prefix == "" and set(clip.model.state_dict()) == set(ref.state_dict())
+    tower = visual_params(clip)
+    assert "vision_model.encoder.layers.0.self_attn.q_proj.weight" in tower  # q, k, v separate
+    assert "visual_projection.weight" in tower and not any(k.startswith("text") for k in tower)
+    images = torch.randn(3, 3, 16, 16)
+    tokens = clip.tokenizer(["a photo of a cat.", "a dog"])
+    with torch.no_grad():
+        got = encode_images(clip, None, images, normalize=False)
+        want = ref.get_image_features(pixel_values=images)
+        want = getattr(want, "pooler_output", want)
+        assert (got - want).abs().max() < 1e-5
+        text = ref.get_text_features(input_ids=tokens)
+        text = getattr(text, "pooler_output", text)
+        assert (clip.model.encode_text(tokens) - text).abs().max() < 1e-5
+        # a functional override equals transformers' forward on the changed weights
+        bumped = {k: v + 0.01 * torch.randn_like(v) for k, v in tower.items()}
+        ref.load_state_dict(bumped, strict=False)
+        want = ref.get_image_features(pixel_values=images)
+        want = getattr(want, "pooler_output", want)
+        assert (encode_images(clip, bumped, images, normalize=False) - want).abs().max() < 1e-5
+    # a half-precision copy of the base loads into the same (fp32) architecture
+    half = tmp_path / "half"
+    transformers.CLIPModel.from_pretrained(hf.base, dtype=torch.bfloat16).save_pretrained(half)
+    lo = load_clip(base=half)
+    with torch.no_grad():
+        err = (encode_images(lo, None, images) - encode_images(clip, None, images)).abs().max()
+    assert 0 < err < 0.1
+
+
+def test_vision_only_base_gives_pooled_features(hf):
+    from tvtool.models.build import load_clip
+    from tvtool.models.functional import encode_images
+
+    clip = load_clip(base=hf.ft_colors_4x)  # 4.x layout, position_ids buffer in the file
+    ref = transformers.CLIPVisionModel.from_pretrained(hf.ft_colors_5x).eval()
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        got = encode_images(clip, None, images, normalize=False)
+        assert (got - ref(pixel_values=images).pooler_output).abs().max() < 1e-5
+    with pytest.raises(Exception, match="CLIPVisionModel"):
+        clip.model.encode_text(torch.zeros(1, 16, dtype=torch.long))
+
+
+def test_both_layouts_and_shards_give_one_vector(hf):
+    from tvtool.store.store import Store
+    from tvtool.vectors.stored import load_tensor_object
+
+    a = _extract(hf.base, hf.ft_colors_4x, "c4")
+    b = _extract(hf.base, hf.ft_colors_5x, "c5")
+    store = Store()
+    ma, ta = load_tensor_object(store, a, "vector")
+    _, tb = load_tensor_object(store, b, "vector")
+    assert set(ta) == set(tb) and all(k.startswith("vision_model.") for k in ta)
+    assert not any(k.endswith("position_ids") for k in ta)
+    assert "visual_projection.weight" not in ta  # FusionBench: the base's projection is kept
+    for k in ta:
+        torch.testing.assert_close(ta[k], tb[k], rtol=0, atol=0)
+    assert ma.params["submodel"] == "vision_model"
+    base = transformers.CLIPModel.from_pretrained(hf.base).state_dict()
+    ft = transformers.CLIPVisionModel.from_pretrained(hf.ft_colors_5x).state_dict()
+    for k, v in ft.items():
+        name = k if k.startswith("vision_model.") else "vision_model." + k
+        if name in ta:
+            torch.testing.assert_close(ta[name], v - base[name], rtol=0, atol=1e-7)
+    assert len(list(hf.ft_stripes_5x.glob("*.safetensors"))) > 1  # sharded fine-tune
+    _extract(hf.base, hf.ft_stripes_5x, "s5")
+
+
+def test_presets_know_hf_and_open_clip_names():
+    from tvtool.checkpoints.keymaps import open_clip_to_hf
+    from tvtool.vectors.filters import TensorFilter
+
+    attn, visual = TensorFilter(presets=["attn"]), TensorFilter(presets=["visual"])
+    hf_q = "vision_model.encoder.layers.3.self_attn.q_proj.weight"
+    oc = "visual.transformer.resblocks.3.attn.in_proj_weight"
+    for key in (hf_q, oc, "vision_model.encoder.layers.0.self_attn.out_proj.bias"):
+        assert attn(key) and visual(key)
+    for key in ("vision_model.encoder.layers.0.mlp.fc1.weight", "visual.conv1.weight"):
+        assert visual(key) and not attn(key)
+    assert visual("visual_projection.weight") and not visual("text_model.final_layer_norm.bias")
+    assert attn("model.layers.0.self_attn.o_proj.weight")  # an LLM's attention
+    assert open_clip_to_hf(oc) == [hf_q, hf_q.replace("q_proj", "k_proj"),
+                                   hf_q.replace("q_proj", "v_proj")]
+    assert open_clip_to_hf("visual.proj") == ["visual_projection.weight"]
+
+
+def test_open_clip_key_map_covers_a_matching_tower():
+    """Every open_clip image-tower tensor maps to HF tensors of the same total size."""
+    open_clip = pytest.importorskip("open_clip")
+    from tvtool.checkpoints.keymaps import open_clip_to_hf
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "patch_size": 4, "width": 32,
+           "layers": 2, "head_width": 8, "mlp_ratio": 2.0},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
+                        "layers": 1}}
+    oc = open_clip.CLIP(**cfg).visual.state_dict()
+    hf_model = transformers.CLIPModel(clip_config())
+    hf_state = hf_model.state_dict()
+    seen = set()
+    for k, v in oc.items():
+        names = open_clip_to_hf("visual." + k)
+        assert names and all(n in hf_state for n in names), k
+        assert sum(hf_state[n].numel() for n in names) == v.numel(), k
+        seen.update(names)
+    assert seen == {k for k in hf_state if k.startswith(("vision_model.", "visual_projection"))
+                    and not k.endswith("position_ids")}
+
+
+@pytest.mark.slow
+def test_compose_select_eval_merge_on_an_hf_bank(hf, invoke, tmp_path):
+    from tvtool.models.build import load_clip
+    from tvtool.models.functional import visual_params
+    from tvtool.models.weights import apply_delta, coefs_delta
+    from tvtool.store.store import Store
+
+    _extract(hf.base, hf.ft_colors_4x, "hf/colors")
+    _extract(hf.base, hf.ft_stripes_5x, "hf/stripes")
+    clip = load_clip(base=hf.base)
+    base_acc = _accuracy(clip, hf.colors_val)
+    model = ["--base", hf.base, "--device", "cpu"]
+    r = invoke(
+        "compose", "hf/colors", "hf/stripes", *model, "--data", hf.colors, "--val",
+        hf.colors_val, "--shots", "4", "--epochs", "4", "--name", "hf/learned", "--json",
+    )
+    assert r.exit_code == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["val_acc"]["colors"] >= base_acc + 0.4
+    n_keys = len([k for k in visual_params(clip) if k.startswith("vision_model.")])
+    assert rep["learnable"] == 2 * n_keys  # one coefficient per HF tensor and vector
+    # eval applies the same coefficients, and a fine-tuned CLIPVisionModel as --weights
+    e = invoke("eval", *model, "--coefs", "hf/learned", "--data", hf.colors_val, "--json")
+    assert e.exit_code == 0, e.stderr
+    assert json.loads(e.stdout)["results"][0]["accuracy"] == pytest.approx(
+        rep["val_acc"]["colors"])
+    w = invoke("eval", *model, "--weights", hf.ft_colors_5x, "--data", hf.colors_val, "-q")
+    assert w.exit_code == 0, w.stderr
+    v = invoke("eval", *model, "hf/colors", "--data", hf.colors_val, "-q")
+    assert float(v.stdout) == pytest.approx(float(w.stdout))
+    # select scores the HF bank with gradients
+    s = invoke("select", "hf/colors", "hf/stripes", *model, "--data", hf.colors, "--shots", "2",
+               "--score", "grad", "--top", "1", "--json")
+    assert s.exit_code == 0, s.stderr
+    # merge --coefs writes the base's (CLIPModel) layout; transformers loads it
+    out = tmp_path / "merged.safetensors"
+    m = invoke("merge", "--base", hf.base / "model.safetensors", "--coefs", "hf/learned",
+               "--out", out, "-q")
+    assert m.exit_code == 0, m.stderr
+    from safetensors.torch import load_file
+
+    merged = load_file(out)
+    ref = transformers.CLIPModel.from_pretrained(hf.base).eval()
+    assert set(merged) == set(ref.state_dict())
+    ref.load_state_dict(merged)
+    delta, _ = coefs_delta(clip, Store(), "hf/learned")
+    applied = apply_delta(clip, delta)
+    for k, t in applied.items():
+        torch.testing.assert_close(merged[k], t, rtol=1e-5, atol=1e-6)
