@@ -56,7 +56,7 @@ def save_vision_5x(vision_state: dict[str, torch.Tensor], out: Path, **kw) -> Pa
 
 def finetune(base: Path, data: Path, steps: int = 40, lr: float = 2e-3) -> dict:
     """Fine-tune the vision tower (not the projection, as FusionBench) with the base's head."""
-    from tvtool.models import data as mdata
+    from tvtool.datasets import images as mdata
     from tvtool.models.build import load_clip
     from tvtool.models.functional import encode_images
     from tvtool.models.heads import compute_head
@@ -127,7 +127,7 @@ def _extract(base: Path, ft: Path, name: str) -> str:
 
 
 def _accuracy(clip, data: Path, override=None) -> float:
-    from tvtool.models import data as mdata
+    from tvtool.datasets import images as mdata
     from tvtool.models.functional import encode_images
     from tvtool.models.heads import zeroshot_head
 
