@@ -421,7 +421,7 @@ def import_cmd(
 ) -> None:
     """Import a bundle: every object is verified; a corrupt bundle imports nothing (exit 3)."""
     from tvtool.cli.output import emit_json, emit_line, info
-    from tvtool.store.bundle import import_bundle
+    from tvtool.store.bundle_import import import_bundle
     from tvtool.store.store import Store
 
     if not bundle.is_file():

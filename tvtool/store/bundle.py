@@ -1,8 +1,9 @@
 """Self-contained bundles (a plain tar) for moving objects and their names between stores.
 
-Layout: `bundle.json` (format, refs, object digests in order), then for each object
-`objects/<digest>.json` (its manifest) and `objects/<digest>` (its data). Import never extracts
-to disk: it streams each member into the store's writer, so member names cannot escape.
+Layout: `bundle.json` (format, refs, object digests in order) first, then for each object
+`objects/<digest>.json` (its manifest) and then `objects/<digest>` (its data), regular files
+only. Import (`bundle_import`) relies on that order to check every declared size before it
+reads the data it describes.
 """
 
 from __future__ import annotations
@@ -10,19 +11,18 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import tarfile
 import uuid
 from pathlib import Path
-from typing import Any
 
 from tvtool.errors import IntegrityError, TvtoolError
 from tvtool.store.graph import walk
-from tvtool.store.manifest import Manifest, canonical_json
-from tvtool.store.store import ObjectWriter, Store, is_valid_ref_name
+from tvtool.store.manifest import canonical_json
+from tvtool.store.names import is_digest, ref_name_problem
+from tvtool.store.store import Store, check_namespaces, check_ref_name
 
 BUNDLE_FORMAT = 1
-_DIGEST = re.compile(r"^[0-9a-f]{64}$")
+MAX_INDEX = 64 << 20  # bytes of bundle.json (a million objects is ~70 MB: refuse beyond)
 
 
 def expand_names(store: Store, names: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -55,6 +55,9 @@ def export_bundle(store: Store, names: list[str], out: Path, *, force: bool = Fa
     if out.is_dir():
         raise TvtoolError(f"{out} is a directory")
     refs, roots = expand_names(store, names)
+    for name in refs:
+        if ref_name_problem(name) is not None:
+            check_ref_name(name)  # raises, naming the problem
     reach = walk(store, ((d, "given") for d in roots))
     bad = [*reach.damaged, *reach.missing]
     if bad:
@@ -67,11 +70,14 @@ def export_bundle(store: Store, names: list[str], out: Path, *, force: bool = Fa
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.part")
     try:
         with open(tmp, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w") as tar:
-                _add_bytes(tar, "bundle.json", canonical_json(index))
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                data = canonical_json(index)
+                _add(tar, "bundle.json", io.BytesIO(data), len(data))
                 for d in objects:
-                    tar.add(store.manifest_path(d), arcname=f"objects/{d}.json")
-                    tar.add(store.blob_path(d), arcname=f"objects/{d}")
+                    for arcname, src in ((f"objects/{d}.json", store.manifest_path(d)),
+                                         (f"objects/{d}", store.blob_path(d))):
+                        with open(src, "rb") as m:
+                            _add(tar, arcname, m, os.fstat(m.fileno()).st_size)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out)
@@ -81,119 +87,38 @@ def export_bundle(store: Store, names: list[str], out: Path, *, force: bool = Fa
     return {**index, "size": out.stat().st_size}
 
 
-def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def _add(tar: tarfile.TarFile, name: str, f, size: int) -> None:
+    """One regular member, no owner or time (the same objects give the same bytes)."""
     info = tarfile.TarInfo(name)
-    info.size = len(data)
+    info.size = size
     info.mode = 0o444
-    tar.addfile(info, io.BytesIO(data))
+    tar.addfile(info, f)
 
 
-def read_index(tar: tarfile.TarFile, path: Path) -> tuple[dict[str, str], list[str]]:
-    """Validated (refs, object digests) from a bundle's `bundle.json`."""
+def parse_index(data: bytes, path: Path) -> tuple[dict[str, str], list[str]]:
+    """Validated (refs, object digests) from a bundle's `bundle.json`: well-formed digests,
+    ref names tvtool would create, no ref that is another's namespace."""
     try:
-        index = json.loads(_member(tar, "bundle.json", path, integrity=False))
-    except ValueError:
+        index = json.loads(data)
+    except (ValueError, RecursionError):
         raise TvtoolError(f"{path} is not a tvtool bundle (bundle.json is not JSON)") from None
     if not isinstance(index, dict) or index.get("format") != BUNDLE_FORMAT:
         fmt = index.get("format") if isinstance(index, dict) else None
-        raise TvtoolError(f"{path}: unsupported bundle format {fmt!r}")
+        raise TvtoolError(f"{path}: unsupported bundle format {str(fmt)[:40]!r}")
     objects, refs = index.get("objects"), index.get("refs", {})
-    if not isinstance(objects, list) or not all(
-        isinstance(d, str) and _DIGEST.match(d) for d in objects
-    ):
+    if not isinstance(objects, list) or not all(is_digest(d) for d in objects):
         raise IntegrityError(f"bundle {path}: malformed object list")
     if not isinstance(refs, dict) or not all(
-        isinstance(n, str) and is_valid_ref_name(n) and isinstance(d, str) and _DIGEST.match(d)
-        for n, d in refs.items()
+        isinstance(n, str) and is_digest(d) for n, d in refs.items()
     ):
         raise IntegrityError(f"bundle {path}: malformed refs")
+    for name in refs:
+        try:
+            check_ref_name(name)
+        except TvtoolError as e:
+            raise TvtoolError(f"bundle {path}: {e}; nothing imported") from None
+    try:
+        check_namespaces(refs)
+    except TvtoolError as e:
+        raise TvtoolError(f"bundle {path}: {e}; nothing imported") from None
     return refs, list(dict.fromkeys(objects))
-
-
-def _member(tar: tarfile.TarFile, name: str, path: Path, *, integrity: bool = True) -> bytes:
-    try:
-        f = tar.extractfile(name)
-    except KeyError:
-        f = None
-    if f is None:
-        what = "is not a tvtool bundle (no bundle.json)" if not integrity else f"lacks {name}"
-        raise (IntegrityError if integrity else TvtoolError)(f"{path} {what}")
-    return f.read()
-
-
-def import_bundle(store: Store, path: Path, *, force: bool = False) -> dict[str, Any]:
-    """Copy a bundle's objects into the store, then set its refs.
-
-    Every object is hashed while it streams into a temp file; only when all of them check out
-    (and no ref would be moved without `force`) is anything committed, so a corrupt bundle
-    imports nothing. Objects the store already holds are verified and kept as they are.
-    """
-    try:
-        tar = tarfile.open(path, "r")
-    except (OSError, tarfile.TarError) as e:
-        raise TvtoolError(f"{path} is not a tvtool bundle: {e}") from None
-    pending: list[tuple[ObjectWriter, dict[str, Any]]] = []
-    try:
-        with tar:
-            refs, objects = read_index(tar, path)
-            _check_refs(store, refs, objects, force, path)
-            for digest in objects:
-                pending.append(_stage(store, tar, digest, path))
-        new = [w.digest for w, _ in pending if not store.has(w.digest)]
-        for w, fields in pending:
-            w.commit(fields)
-        pending = []
-    except tarfile.TarError as e:
-        raise IntegrityError(f"bundle {path} is damaged ({e}); nothing imported") from None
-    finally:
-        for w, _ in pending:
-            w.abort()
-    for name, digest in refs.items():
-        store.set_ref(name, digest, force=force)
-    return {"objects": objects, "new": new, "refs": refs}
-
-
-def _check_refs(
-    store: Store, refs: dict[str, str], objects: list[str], force: bool, path: Path
-) -> None:
-    for name, digest in refs.items():
-        if digest not in objects and not store.has(digest):
-            raise IntegrityError(f"bundle {path}: ref {name!r} names an object it does not hold")
-        old = store.get_ref(name)
-        if old is not None and old != digest and not force:
-            raise TvtoolError(
-                f"ref {name!r} already points at {old[:12]} here, the bundle has {digest[:12]};"
-                " use --force to move it (nothing imported)"
-            )
-
-
-def _stage(
-    store: Store, tar: tarfile.TarFile, digest: str, path: Path
-) -> tuple[ObjectWriter, dict[str, Any]]:
-    """Stream one object into a temp file and check it; returns the writer, not committed."""
-    try:
-        manifest = Manifest.model_validate_json(_member(tar, f"objects/{digest}.json", path))
-    except ValueError:
-        raise IntegrityError(f"bundle {path}: manifest of {digest[:12]} is corrupt") from None
-    if manifest.digest != digest:
-        raise IntegrityError(f"bundle {path}: manifest of {digest[:12]} names another digest")
-    try:
-        blob = tar.extractfile(f"objects/{digest}")
-    except KeyError:
-        blob = None
-    if blob is None:
-        raise IntegrityError(f"bundle {path} lacks the data of {digest[:12]}")
-    w = store.writer()
-    try:
-        while chunk := blob.read(1 << 20):
-            w.write(chunk)
-        w.finish()
-        if w.digest != digest or w.size != manifest.size:
-            raise IntegrityError(
-                f"bundle {path}: object {digest[:12]} is corrupt (its data hashes to"
-                f" {w.digest[:12]}); nothing imported"
-            )
-    except BaseException:
-        w.abort()
-        raise
-    return w, manifest.model_dump(exclude={"digest", "size"})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -248,17 +249,28 @@ def _stale_temp_files(store: Store) -> list[Path]:
     """Temp files of object writes, and leftovers of ref writes (we hold the store lock)."""
     out = []
     if store.tmp_dir.exists():
-        out += sorted(p for p in store.tmp_dir.iterdir() if p.is_file())
+        out += sorted(store.tmp_dir.iterdir())  # files, and staging directories of imports
     if store.refs_dir.exists():
         out += sorted(p for p in store.refs_dir.rglob(".*.tmp") if p.is_file())
     return out
 
 
 def _sweep_file(path: Path, dry_run: bool) -> bool:
-    """Remove a file unless someone holds its lock (a write in flight)."""
+    """Remove a file unless someone holds its lock (a write in flight); a directory (an
+    import's staging area) unless its `lock` file is held, or it has none and is young."""
+    if path.is_dir() and not path.is_symlink():
+        lock = path / "lock"
+        if lock.exists():
+            if not _sweep_file(lock, dry_run=True):
+                return False
+        elif _mtime(path) > time.time() - 60:  # being set up right now
+            return False
+        if not dry_run:
+            shutil.rmtree(path, ignore_errors=True)
+        return True
     try:
         f = open(path, "rb")  # noqa: SIM115
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError):
         return False
     with f:
         if not lock_file(f, exclusive=True, blocking=False):

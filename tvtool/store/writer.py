@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from tvtool.store.files import create_locked, fsync_dir, open_whole_blob, touch
@@ -65,19 +66,8 @@ class ObjectWriter:
         """
         digest = self.finish()
         manifest = Manifest(digest=digest, size=self.size, **manifest_fields)  # validate first
-        blob = self.store.blob_path(digest)
-        blob.parent.mkdir(parents=True, exist_ok=True)
         try:
-            existing = open_whole_blob(blob, self.size)
-            if existing is not None:  # dedup: keep the blob that is there, refresh it for gc
-                with existing:
-                    touch(blob)
-                    self.path.unlink()
-                    return self.store._write_manifest(manifest)
-            os.chmod(self.path, 0o444)
-            os.replace(self.path, blob)
-            fsync_dir(blob.parent)
-            return self.store._write_manifest(manifest)
+            return place(self.store, self.path, manifest)[0]
         finally:
             self._file.close()
 
@@ -92,3 +82,21 @@ class ObjectWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
+
+
+def place(store: Store, tmp: Path, manifest: Manifest) -> tuple[Manifest, bool]:
+    """Move a complete temp file (its bytes hash to `manifest.digest`) into place and record
+    its manifest; (the manifest, whether the file was moved rather than deduplicated). The
+    same bytes twice give one object and the first manifest wins."""
+    blob = store.blob_path(manifest.digest)
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    existing = open_whole_blob(blob, manifest.size)
+    if existing is not None:  # dedup: keep the blob that is there, refresh it for gc
+        with existing:
+            touch(blob)
+            tmp.unlink()
+            return store._write_manifest(manifest), False
+    os.chmod(tmp, 0o444)
+    os.replace(tmp, blob)
+    fsync_dir(blob.parent)
+    return store._write_manifest(manifest), True
