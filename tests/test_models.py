@@ -251,3 +251,128 @@ def test_check_keys(clip):
         check_keys(clip, {"transformer.resblocks.0.attn.in_proj_weight": (1,)})
     with pytest.raises(TvtoolError, match="shape mismatch"):
         check_keys(clip, {"visual.proj": (1, 2)})
+
+
+# -- the activation the weights were trained with --------------------------------------------
+def _reference(name: str, quick: bool, seed: int = 3):
+    """An independent open_clip model of `name` (random weights from `seed`)."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    return open_clip.create_model(name, pretrained=None, force_quick_gelu=quick).eval()
+
+
+def _images(n: int = 4, size: int = 16) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("how", ["option", "name", "module-pickle"])
+def test_quickgelu_features_equal_open_clip_quickgelu(tiny, tmp_path, how):
+    """The tvtool-built model computes what open_clip's QuickGELU model computes, and clearly not
+    what the same weights give with nn.GELU."""
+    from public_bank import public_names
+
+    from tvtool.checkpoints.writer import save_safetensors
+    from tvtool.models.build import load_clip
+    from tvtool.models.functional import encode_images
+
+    ref = _reference("tvtool-test-models", quick=True)
+    state = {k: v.detach().clone() for k, v in ref.state_dict().items()}
+    kwargs: dict = {"model_config": tiny["cfg"]}
+    if how == "option":
+        save_safetensors(tmp_path / "w.safetensors", state, {})
+        kwargs.update(base=tmp_path / "w.safetensors", quick_gelu=True)
+    elif how == "name":  # a config file named -quickgelu
+        cfg = tmp_path / "tvtool-test-models-quickgelu.json"
+        cfg.write_text(tiny["cfg"].read_text())
+        save_safetensors(tmp_path / "w.safetensors", state, {})
+        kwargs.update(model_config=cfg, base=tmp_path / "w.safetensors")
+    else:  # a whole pickled module names open_clip.transformer.QuickGELU
+        with public_names():
+            torch.save(ref, tmp_path / "module.pt")
+        kwargs.update(base=tmp_path / "module.pt")
+    loaded = load_clip(**kwargs)
+    assert loaded.activation == "quick_gelu"
+    plain = load_clip(**{**kwargs, "quick_gelu": False}, warn=lambda m: None)
+    assert plain.activation == "gelu"
+    x = _images()
+    with torch.no_grad():
+        want = F.normalize(ref.encode_image(x), dim=-1)
+        got = encode_images(loaded, None, x)
+        gelu = encode_images(plain, None, x)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert (gelu - want).abs().max() > 1e-3  # nn.GELU would shift the features measurably
+
+
+def test_module_pickle_with_gelu_is_detected_and_conflicts_warn(tiny, tmp_path):
+    from tvtool.models.build import load_clip
+
+    torch.save(_reference("tvtool-test-models", quick=False), tmp_path / "gelu.pt")
+    notes: list[str] = []
+    assert load_clip(model_config=tiny["cfg"], base=tmp_path / "gelu.pt").activation == "gelu"
+    forced = load_clip(
+        model_config=tiny["cfg"], base=tmp_path / "gelu.pt", quick_gelu=True, warn=notes.append
+    )
+    assert forced.activation == "quick_gelu" and "following the option" in notes[0]
+
+
+def test_resolve_activation_warns_for_openai_architectures_only():
+    from tvtool.models.activation import resolve_activation
+
+    quick, why, note = resolve_activation("ViT-B-32", None, None)
+    assert (quick, why) == (False, "default") and "--quick-gelu" in note
+    assert resolve_activation("ViT-B-32", "quick_gelu", None)[:2] == (True, "checkpoint")
+    assert resolve_activation("ViT-B-32-quickgelu", None, None)[:2] == (True, "architecture")
+    assert resolve_activation("ViT-B-32", None, False) == (False, "option", None)
+    assert resolve_activation("tvtool-test-models", None, None) == (False, "default", None)
+
+
+def test_image_tower_only_base_needs_a_head_source(tiny, tmp_path):
+    from tvtool.checkpoints.writer import save_safetensors
+    from tvtool.models.build import load_clip
+    from tvtool.models.heads import compute_head, zeroshot_head
+
+    visual = {k: v for k, v in tiny["state"].items() if not k.startswith("transformer.")}
+    save_safetensors(tmp_path / "img.safetensors", visual, {})
+    img = load_clip(model_config=tiny["cfg"], base=tmp_path / "img.safetensors")
+    assert not img.has_text and not hasattr(img.model, "transformer")
+    with pytest.raises(TvtoolError, match="image tower only.*--head FILE.*--text-tower"):
+        zeroshot_head(img, ["a", "b"], ["{}"])
+    # the text tower of another checkpoint gives the heads of the full model
+    both = load_clip(
+        model_config=tiny["cfg"], base=tmp_path / "img.safetensors", text_tower=str(tiny["st"])
+    )
+    full = load_clip(model_config=tiny["cfg"], base=tiny["st"])
+    assert both.has_text and both.text_fingerprint
+    assert torch.allclose(
+        compute_head(both, ["a", "b"], ["{}"]), compute_head(full, ["a", "b"], ["{}"])
+    )
+    with pytest.raises(TvtoolError, match="no text tower"):
+        load_clip(
+            model_config=tiny["cfg"], base=tiny["st"], text_tower=str(tmp_path / "img.safetensors")
+        )
+
+
+def test_head_files_classification_head_and_tensor(clip, tmp_path):
+    from public_bank import ClassificationHead, save_module
+
+    from tvtool.models.heads import compute_head, zeroshot_head
+    from tvtool.store.store import Store
+
+    want = compute_head(clip, ["x", "y", "z"], ["a {}."])
+    w = want * clip.logit_scale
+    save_module(ClassificationHead(True, w), tmp_path / "head.pt")
+    save_module(ClassificationHead(True, w), tmp_path / "head.pkl", plain=True)
+    torch.save(w.clone(), tmp_path / "tensor.pt")
+    store = Store()
+    for f in ("head.pt", "head.pkl", "tensor.pt"):
+        got = zeroshot_head(clip, ["x", "y", "z"], None, store, head_file=tmp_path / f)
+        assert torch.allclose(got, want, atol=1e-6), f
+    from tvtool.checkpoints.readers import file_sha256
+
+    assert store.get_ref(f"cache/heads/file-{file_sha256(tmp_path / 'head.pt')}")  # kept
+    with pytest.raises(TvtoolError, match="3 classes, the data set 2"):
+        zeroshot_head(clip, ["x", "y"], None, None, head_file=tmp_path / "tensor.pt")
+    torch.save(torch.zeros(3, 5), tmp_path / "wide.pt")
+    with pytest.raises(TvtoolError, match="5 dimensions"):
+        zeroshot_head(clip, ["x", "y", "z"], None, None, head_file=tmp_path / "wide.pt")

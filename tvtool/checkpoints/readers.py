@@ -172,6 +172,9 @@ class TorchReader(CheckpointReader):
         super().__init__(path, [path])
         obj = _torch_load(path)
         self.format = "torch-module" if not isinstance(obj, dict) else "torch"
+        from tvtool.checkpoints.safe_unpickle import module_classes
+
+        self.module_classes = module_classes(obj)  # e.g. which activation a pickled CLIP used
         state = _unwrap_state(obj)
         self._tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
         self.skipped_non_tensor = sorted(
@@ -216,6 +219,13 @@ def _torch_load(path: Path) -> Any:
     try:
         with warnings.catch_warnings():  # e.g. "couldn't retrieve source code" for stubs
             warnings.simplefilter("ignore")
+            if not _is_zip(path):  # a plain `pickle.dump` file, or torch's legacy format
+                from tvtool.checkpoints.safe_unpickle import RestrictedUnpickler
+
+                with open(path, "rb") as f:
+                    obj = RestrictedUnpickler(f).load()
+                if not (isinstance(obj, int) and obj == _LEGACY_MAGIC):
+                    return obj
             return torch.load(
                 path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle,
                 mmap=_is_zip(path),
@@ -224,6 +234,9 @@ def _torch_load(path: Path) -> Any:
         raise UnsafePickleError(f"{path}: {e}") from None
     except Exception as e:
         raise TvtoolError(f"{path}: not a readable torch checkpoint ({_first(e)})") from None
+
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickle of torch's legacy (non-zip) format
 
 
 def _is_zip(path: Path) -> bool:

@@ -105,6 +105,8 @@ class RestrictedUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "torch" and name in {"strided", "sparse_coo"}:
             return super().find_class(module, name)
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            return _storage_from_bytes  # how a plain `pickle.dump` of tensors stores them
         root = module.split(".")[0]
         if root in _REFUSED_ROOTS or name.startswith("__") or name in _REFUSED_NAMES:
             raise UnsafePickleError(
@@ -114,6 +116,15 @@ class RestrictedUnpickler(pickle.Unpickler):
         if key not in self._stubs:
             self._stubs[key] = _stub_class(module, name)
         return self._stubs[key]
+
+
+def _storage_from_bytes(data: bytes) -> Any:
+    """A storage serialised inside a plain pickle (torch's legacy format), read weights-only."""
+    import io
+
+    import torch
+
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 class _PickleModule:
@@ -170,3 +181,24 @@ def tensors_from_object(obj: Any) -> OrderedDict:
 
     walk(obj, "")
     return out
+
+
+def module_classes(obj: Any) -> set[str]:
+    """Qualified names of every class a module pickle instantiated (e.g. to tell which activation
+    a pickled CLIP was built with: `open_clip.transformer.QuickGELU` vs `torch.nn...GELU`)."""
+    found: set[str] = set()
+    seen: set[int] = set()
+    todo = [obj]
+    while todo:
+        o = todo.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        if isinstance(o, Stub):
+            found.add(type(o)._tv_qualname)
+            todo.extend(v for k, v in o.__dict__.items() if not k.startswith("_tv_"))
+        elif isinstance(o, dict):
+            todo.extend(o.values())
+        elif isinstance(o, (list, tuple)):
+            todo.extend(o)
+    return found

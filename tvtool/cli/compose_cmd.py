@@ -19,12 +19,15 @@ from tvtool.cli.model_options import (
     BaseOpt,
     ClassnamesOpt,
     DataOpt,
+    HeadOpt,
     ModelConfigOpt,
     ModelOpt,
     OtherBaseOpt,
     PretrainedOpt,
+    QuickGeluOpt,
     SplitOpt,
     TemplatesOpt,
+    TextTowerOpt,
 )
 from tvtool.cli.options import (
     DeviceOpt,
@@ -217,6 +220,9 @@ def compose_command(
     model_config: ModelConfigOpt = None,
     base: BaseOpt = None,
     pretrained: PretrainedOpt = None,
+    quick_gelu: QuickGeluOpt = None,
+    text_tower: TextTowerOpt = None,
+    head: HeadOpt = None,
     data: DataOpt = None,  # type: ignore[assignment]
     classnames: ClassnamesOpt = None,
     templates: TemplatesOpt = None,
@@ -264,10 +270,10 @@ def compose_command(
     from tvtool.errors import TvtoolError
     from tvtool.models.heads import load_templates
 
-    specs = data_specs(list(data or []), val, classnames, negate, control)
+    specs = data_specs(list(data or []), val, classnames, negate, control, head)
     dist, device = init_from_env(device)
     try:
-        clip = load_model(model, model_config, base, pretrained, device)
+        clip = load_model(model, model_config, base, pretrained, device, quick_gelu, text_tower)
         opts = ComposeOptions(
             vectors=list(vectors or []),
             data=specs,

@@ -12,12 +12,15 @@ from tvtool.cli.model_options import (
     BatchSizeOpt,
     ClassnamesOpt,
     DataOpt,
+    HeadOpt,
     ModelConfigOpt,
     ModelOpt,
     OtherBaseOpt,
     PretrainedOpt,
+    QuickGeluOpt,
     SplitOpt,
     TemplatesOpt,
+    TextTowerOpt,
 )
 from tvtool.cli.options import DeviceOpt, JsonOpt, QuietOpt, StoreOpt, complete_names
 
@@ -58,6 +61,9 @@ def eval_cmd(
     model_config: ModelConfigOpt = None,
     base: BaseOpt = None,
     pretrained: PretrainedOpt = None,
+    quick_gelu: QuickGeluOpt = None,
+    text_tower: TextTowerOpt = None,
+    head: HeadOpt = None,
     weights: Annotated[
         Path | None,
         typer.Option("--weights", help="Fine-tuned checkpoint to evaluate.", show_default=False),
@@ -133,6 +139,9 @@ def eval_cmd(
         model_config=model_config,
         base=base,
         pretrained=pretrained,
+        quick_gelu=quick_gelu,
+        text_tower=text_tower,
+        heads=head,
         vectors=list(vectors or []),
         weights=weights,
         coefs=coefs,

@@ -186,6 +186,13 @@ def merge(
     plan = plan_merge(st, req, hash_base=dry_run)  # a real run hashes the base while merging
     for s in plan.skipped:
         warn(f"skipped {s}")
+    if plan.image_tower_only and not quiet:
+        from tvtool.cli.output import info
+
+        info(
+            f"{req.base} is an image tower only (no text transformer): the merged file holds "
+            "what the base had; evaluate it with --head FILE or --text-tower"
+        )
     if dry_run:
         _warn_foreign(plan)
         doc = _plan_doc(st, plan)

@@ -68,6 +68,34 @@ TemplatesOpt = Annotated[
         dir_okay=False,
     ),
 ]
+QuickGeluOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--quick-gelu/--no-quick-gelu",
+        help="Force QuickGELU (OpenAI CLIP weights) or nn.GELU; default: what the checkpoint "
+        "says, or the architecture name (-quickgelu).",
+        show_default=False,
+    ),
+]
+TextTowerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--text-tower",
+        help="Text tower for the zero-shot heads: a full CLIP checkpoint FILE or a cached "
+        "open_clip TAG (for image-tower-only bases).",
+        show_default=False,
+    ),
+]
+HeadOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--head",
+        help="Zero-shot head file per data set (ClassificationHead pickle or [C, D] tensor), "
+        "in the order the data sets are given; instead of the text tower.",
+        show_default=False,
+        dir_okay=False,
+    ),
+]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", help="Images per forward pass.", min=1)]
 SplitOpt = Annotated[
     str,
@@ -83,12 +111,23 @@ def load_model(
     base: Path | None,
     pretrained: str | None,
     device: str,
+    quick_gelu: bool | None = None,
+    text_tower: str | None = None,
 ) -> Any:
-    """--model/--model-config + --base/--pretrained + --device -> LoadedClip."""
+    """--model/--model-config + --base/--pretrained + --device (+ --quick-gelu, --text-tower)
+    -> LoadedClip; warnings (e.g. an OpenAI architecture with an unknown activation) on stderr."""
+    from tvtool.cli.output import warn
     from tvtool.models.build import load_clip
 
     return load_clip(
-        model=model, model_config=model_config, base=base, pretrained=pretrained, device=device
+        model=model,
+        model_config=model_config,
+        base=base,
+        pretrained=pretrained,
+        device=device,
+        quick_gelu=quick_gelu,
+        text_tower=text_tower,
+        warn=warn,
     )
 
 
@@ -99,6 +138,8 @@ def open_folders(
     from tvtool.datasets.images import open_folders as _open
 
     return _open(data, split, classnames, cache)
+
+
 OtherBaseOpt = Annotated[
     bool,
     typer.Option(

@@ -18,12 +18,15 @@ from tvtool.cli.model_options import (
     BaseOpt,
     ClassnamesOpt,
     DataOpt,
+    HeadOpt,
     ModelConfigOpt,
     ModelOpt,
     OtherBaseOpt,
     PretrainedOpt,
+    QuickGeluOpt,
     SplitOpt,
     TemplatesOpt,
+    TextTowerOpt,
 )
 from tvtool.cli.options import (
     DeviceOpt,
@@ -148,6 +151,9 @@ def select_command(
     model_config: ModelConfigOpt = None,
     base: BaseOpt = None,
     pretrained: PretrainedOpt = None,
+    quick_gelu: QuickGeluOpt = None,
+    text_tower: TextTowerOpt = None,
+    head: HeadOpt = None,
     data: DataOpt = None,  # type: ignore[assignment]
     classnames: ClassnamesOpt = None,
     templates: TemplatesOpt = None,
@@ -187,7 +193,7 @@ def select_command(
 
     opts = SelectOptions(
         vectors=list(vectors),
-        data=data_specs(list(data or []), classnames),
+        data=data_specs(list(data or []), classnames=classnames, heads=head),
         score=score,
         top=top,
         budget_mb=budget_mb,
@@ -209,7 +215,11 @@ def select_command(
     from tvtool.models.hf_clip import is_hf_clip
 
     has_model = model is not None or model_config is not None or is_hf_clip(base)
-    clip = load_model(model, model_config, base, pretrained, device) if has_model else None
+    clip = (
+        load_model(model, model_config, base, pretrained, device, quick_gelu, text_tower)
+        if has_model
+        else None
+    )
     with progress() as bar:
         task = bar.add_task("scoring", total=None)
         report = run_select(

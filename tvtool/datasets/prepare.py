@@ -31,6 +31,7 @@ class DataSpec:
     role: Role = "task"
     val: Path | None = None
     classnames: Path | None = None
+    head: Path | None = None  # a head file instead of the text tower's head
 
 
 @dataclass
@@ -111,7 +112,7 @@ def prepare_data(
             raise TvtoolError(f"--shots on {spec.path}: few-shot sampling needs class folders")
         sub = mdata.few_shot_indices([labels[i] for i in indices], shots, seed, folder.classnames)
         indices = [indices[j] for j in sub]
-    head = zeroshot_head(clip, folder.classnames, templates, store)
+    head = zeroshot_head(clip, folder.classnames, templates, store, head_file=spec.head)
     targets = [labels[i] for i in indices]
     info: dict[str, Any] = {"path": str(Path(spec.path).resolve()), "classes": folder.num_classes}
     if objective.pseudo_labels:
@@ -141,8 +142,10 @@ def data_specs(
     classnames: list[Path] | None = None,
     negate: Path | None = None,
     control: Path | None = None,
+    heads: list[Path] | None = None,
 ) -> list[DataSpec]:
-    """--data/--val/--classnames/--negate/--control -> DataSpecs (val and class names paired)."""
+    """--data/--val/--classnames/--negate/--control -> DataSpecs (val and class names paired;
+    --head files one per data set in the order --data..., --negate, --control)."""
     val = list(val or [])
     if val and len(val) != len(data):
         raise TvtoolError(f"give one --val DIR per --data ({len(data)}), not {len(val)}")
@@ -154,6 +157,14 @@ def data_specs(
         specs.append(DataSpec(Path(negate), "target"))
     if control is not None:
         specs.append(DataSpec(Path(control), "control"))
+    if heads:
+        if len(heads) != len(specs):
+            raise TvtoolError(
+                f"give one --head file per data set ({len(specs)}, in the order --data..., "
+                f"--negate, --control), not {len(heads)}"
+            )
+        for spec, h in zip(specs, heads, strict=True):
+            spec.head = Path(h)
     return specs
 
 

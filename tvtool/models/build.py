@@ -9,6 +9,13 @@
   are already in the local cache (Hugging Face hub cache or ~/.cache/clip). tvtool never
   downloads: a weight that is not cached is a TvtoolError that says how to supply a file.
 
+* The activation is the one the weights were trained with (`resolve_activation`): OpenAI CLIP
+  and every bank fine-tuned from it uses QuickGELU, open_clip's default is nn.GELU; the wrong one
+  shifts every feature. A pickled module names its activation class, so it is read from there.
+* Image-tower-only bases (the public task-arithmetic / aTLAS `ImageEncoder` pickles delete the
+  text `transformer`) load with `has_text=False`; heads then come from head files or from
+  `--text-tower FILE|TAG` (another checkpoint's, or a cached pretrained tag's, text tower).
+
 `base_fingerprint` identifies the weights (sha256 of the checkpoint file or shards): heads are
 cached under it, and stored task vectors/coefficients record it.
 """
@@ -20,7 +27,8 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before open_clip imports hugging
 import torch  # noqa: E402
 
 from tvtool.errors import TvtoolError, few  # noqa: E402
+from tvtool.models.activation import checkpoint_activation, resolve_activation  # noqa: E402
 
 _PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
 
@@ -50,6 +59,10 @@ class LoadedClip:
     source: str = ""
     tower_prefix: str = "visual."  # image-tower parameter names: prefix + the tower's own names
     family: str = "open_clip"  # or "hf-clip" (tvtool.models.hf_clip)
+    activation: str = "gelu"  # "quick_gelu" (OpenAI CLIP) or "gelu"
+    activation_source: str = "default"  # option | architecture | checkpoint | default
+    has_text: bool = True  # False: an image-tower-only base (heads from files or a text tower)
+    text_fingerprint: str = ""  # sha256 of the --text-tower weights ("" : the base's own)
 
     @property
     def logit_scale(self) -> float:
@@ -182,11 +195,21 @@ def load_clip(
     base: Path | None = None,
     pretrained: str | None = None,
     device: str | torch.device = "cpu",
+    quick_gelu: bool | None = None,
+    text_tower: str | Path | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> LoadedClip:
     """Build the architecture and load its weights (see the module docstring). Eval mode.
 
+    quick_gelu: True/False force the activation; None takes it from the checkpoint, the
+    architecture name (`-quickgelu`) or the pretrained tag (see `resolve_activation`).
+    text_tower: a checkpoint file or a cached open_clip pretrained tag whose text tower (every
+    non-`visual.` tensor) replaces the base's; needed for zero-shot heads when the base is
+    image-tower-only and no head files are given.
+
     An HF CLIP folder as `base` (config.json, model_type clip), or an HF config.json as
-    `model_config`, builds transformers' model instead (`tvtool.models.hf_clip`)."""
+    `model_config`, builds transformers' model instead (`tvtool.models.hf_clip`; its activation
+    is the config's `hidden_act`)."""
     from tvtool.models.hf_clip import is_hf_clip, load_hf_clip
 
     if model is None and pretrained is None and (
@@ -200,12 +223,16 @@ def load_clip(
     if (model is None) == (model_config is None):
         raise TvtoolError("give exactly one of --model NAME or --model-config FILE")
     if base is not None and pretrained is not None:
-        raise TvtoolError("give either --base FILE or --pretrained TAG, not both")
+        raise TvtoolError(
+            "give either --base FILE or --pretrained TAG, not both (a text tower from a tag: "
+            "--text-tower TAG)"
+        )
     if base is None and pretrained is None:
         raise TvtoolError(
             "no weights: give --base FILE (a checkpoint) or --pretrained TAG (cached open_clip "
             "weights)"
         )
+    say = warn or (lambda m: warnings.warn(m, stacklevel=3))
     preprocess: dict[str, Any] = {}
     if model_config is not None:
         name, preprocess = register_config(Path(model_config))
@@ -217,32 +244,33 @@ def load_clip(
                 "or use --model-config FILE)"
             )
     dev = resolve_device(device)
+    from tvtool.checkpoints.readers import file_sha256, open_checkpoint
 
-    source = ""
-    with _quiet_open_clip():
+    source, image_only, text_fp = "", False, ""
+    with contextlib.ExitStack() as stack:
         if pretrained is not None:
             path, tag_cfg = _cached_pretrained(name, pretrained)
             preprocess = {**{k: tag_cfg[k] for k in _PREPROCESS_KEYS if k in tag_cfg}, **preprocess}
-            try:
-                net = open_clip.create_model(
-                    name, pretrained=path, force_preprocess_cfg=preprocess or None
-                )
-            except Exception as e:
-                raise TvtoolError(
-                    f"cannot load {name}/{pretrained} from {path}: {_first(e)}"
-                ) from None
-            from tvtool.checkpoints.readers import file_sha256
-
+            declared = "quick_gelu" if tag_cfg.get("quick_gelu") else None
+            quick, why, note = resolve_activation(name, declared, quick_gelu)
+            net = _create(name, preprocess, quick, path)
             fingerprint, source = file_sha256(Path(path)), f"{name}/{pretrained}"
         else:
-            try:
-                net = open_clip.create_model(
-                    name, pretrained=None, force_preprocess_cfg=preprocess or None
-                )
-            except Exception as e:
-                raise TvtoolError(f"cannot build open_clip model {name!r}: {_first(e)}") from None
-            fingerprint = load_state(net, Path(base), strict=True)  # type: ignore[arg-type]
-            source = str(base)
+            reader = stack.enter_context(open_checkpoint(Path(base)))  # type: ignore[arg-type]
+            quick, why, note = resolve_activation(name, checkpoint_activation(reader), quick_gelu)
+            net = _create(name, preprocess, quick)
+            fingerprint, source = reader.fingerprint(), str(base)
+            image_only = copy_state(net, reader, Path(base))  # type: ignore[arg-type]
+        if note:
+            say(note)
+        if text_tower is not None:
+            tpath = _text_tower_file(name, text_tower)
+            with open_checkpoint(tpath) as treader:
+                copy_text_tower(net, treader, tpath)
+                text_fp = treader.fingerprint()
+            image_only = False
+        elif image_only:
+            del net.transformer  # as the public image encoders do: no text tower to run
     try:
         tokenizer = _tokenizer(name)
     except Exception as e:
@@ -264,7 +292,98 @@ def load_clip(
         tokenizer=tokenizer,
         device=dev,
         source=source,
+        activation="quick_gelu" if quick else "gelu",
+        activation_source=why,
+        has_text=not image_only,
+        text_fingerprint=text_fp,
     )
+
+
+def _create(
+    name: str, preprocess: dict[str, Any], quick: bool, weights: str | None = None
+) -> torch.nn.Module:
+    """open_clip's model (random weights, or open_clip's own loading of a cached tag's file)."""
+    import open_clip
+
+    try:
+        with _quiet_open_clip():
+            return open_clip.create_model(
+                name,
+                pretrained=weights,
+                force_preprocess_cfg=preprocess or None,
+                force_quick_gelu=quick,
+            )
+    except Exception as e:
+        what = f"load {name} from {weights}" if weights else f"build open_clip model {name!r}"
+        raise TvtoolError(f"cannot {what}: {_first(e)}") from None
+
+
+def _is_text_key(key: str) -> bool:
+    return key.startswith("transformer.")
+
+
+def copy_state(net: torch.nn.Module, reader: Any, path: Path) -> bool:
+    """Copy a whole-model checkpoint into `net`; every key must fit. A checkpoint without the text
+    `transformer` (an image-tower-only base, as the public task-vector banks save) is accepted:
+    returns True then (the text transformer keeps random weights until replaced or deleted)."""
+    state = net.state_dict()
+    keys = set(reader.keys())
+    missing = set(state) - keys
+    image_only = (
+        bool(missing)
+        and all(_is_text_key(k) for k in missing)
+        and any(k.startswith("visual.") for k in keys)
+    )
+    _copy(state, reader, path, keys, set() if image_only else missing)
+    return image_only
+
+
+def copy_text_tower(net: torch.nn.Module, reader: Any, path: Path) -> None:
+    """Copy every non-image-tower tensor of the model from `reader` (a full CLIP checkpoint)."""
+    state = net.state_dict()
+    wanted = {k for k in state if not k.startswith("visual.")}
+    keys = set(reader.keys())
+    missing = wanted - keys
+    if missing:
+        raise TvtoolError(
+            f"{path} has no text tower for this architecture (missing {len(missing)} key(s): "
+            f"{_few(sorted(missing))})"
+        )
+    _copy(state, reader, path, wanted, set())
+
+
+def _copy(
+    state: dict[str, torch.Tensor], reader: Any, path: Path, keys: set[str], missing: set[str]
+) -> None:
+    unexpected = sorted(k for k in keys if k not in state)
+    if unexpected or missing:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s): {_few(sorted(missing))}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s): {_few(unexpected)}")
+        raise TvtoolError(f"{path} does not fit the model ({'; '.join(parts)})")
+    bad = [
+        f"{k} {tuple(reader.meta(k).shape)} vs {tuple(state[k].shape)}"
+        for k in sorted(keys)
+        if tuple(reader.meta(k).shape) != tuple(state[k].shape)
+    ]
+    if bad:
+        raise TvtoolError(f"{path}: shape mismatch for {len(bad)} tensor(s): {_few(bad)}")
+    with torch.no_grad():
+        for k in sorted(keys):
+            state[k].copy_(reader.get(k).to(state[k].dtype))
+
+
+def _text_tower_file(name: str, spec: str | Path) -> Path:
+    """--text-tower: an existing checkpoint path, else a cached open_clip pretrained tag."""
+    p = Path(spec).expanduser()
+    if p.exists():
+        return p
+    if "/" in str(spec) or str(spec).endswith((".pt", ".bin", ".safetensors", ".pth")):
+        raise TvtoolError(f"text tower checkpoint not found: {p}")
+    path, _ = _cached_pretrained(name, str(spec))
+    return Path(path)
 
 
 _TOKENIZERS: dict[tuple[str, str], Any] = {}
@@ -291,28 +410,10 @@ def load_state(net: torch.nn.Module, path: Path, strict: bool = True) -> str:
     """
     from tvtool.checkpoints.readers import open_checkpoint
 
-    state = net.state_dict()
     with open_checkpoint(path) as reader:
         keys = set(reader.keys())
-        unexpected = sorted(keys - set(state))
-        missing = sorted(set(state) - keys) if strict else []
-        if unexpected or missing:
-            parts = []
-            if missing:
-                parts.append(f"missing {len(missing)} key(s): {_few(missing)}")
-            if unexpected:
-                parts.append(f"unexpected {len(unexpected)} key(s): {_few(unexpected)}")
-            raise TvtoolError(f"{path} does not fit the model ({'; '.join(parts)})")
-        bad = [
-            f"{k} {tuple(reader.meta(k).shape)} vs {tuple(state[k].shape)}"
-            for k in sorted(keys)
-            if tuple(reader.meta(k).shape) != tuple(state[k].shape)
-        ]
-        if bad:
-            raise TvtoolError(f"{path}: shape mismatch for {len(bad)} tensor(s): {_few(bad)}")
-        with torch.no_grad():
-            for k in sorted(keys):
-                state[k].copy_(reader.get(k).to(state[k].dtype))
+        missing = set(net.state_dict()) - keys if strict else set()
+        _copy(net.state_dict(), reader, Path(path), keys, missing)
         return reader.fingerprint()
 
 

@@ -27,6 +27,9 @@ class EvalOptions:
     model_config: Path | None = None
     base: Path | None = None
     pretrained: str | None = None
+    quick_gelu: bool | None = None
+    text_tower: str | None = None
+    heads: list[Path] | None = None  # head files, one per --data (instead of the text tower)
     vectors: list[str] = field(default_factory=list)
     weights: Path | None = None
     coefs: str | None = None
@@ -134,12 +137,25 @@ def run_eval(
 
     mode = _check_modes(o)
     base = o.weights if mode == "weights-as-base" else o.base
-    clip = load_clip(o.model, o.model_config, base, o.pretrained, device=o.device)
+    clip = load_clip(
+        o.model,
+        o.model_config,
+        base,
+        o.pretrained,
+        device=o.device,
+        quick_gelu=o.quick_gelu,
+        text_tower=o.text_tower,
+        warn=on_note,
+    )
+    if o.heads and len(o.heads) != len(o.data):
+        raise TvtoolError(
+            f"give one --head file per --data set ({len(o.data)}), not {len(o.heads)}"
+        )
     templates = load_templates(o.templates)
     folders = open_folders(o.data, o.split, o.classnames)
     cached = o.grid is not None or mode == "disentanglement"
     workers = min(8, os.cpu_count() or 1) if clip.device.type == "cuda" else 0
-    sets = ev.prepare(clip, folders, templates, store, o.batch_size, cached, workers)
+    sets = ev.prepare(clip, folders, templates, store, o.batch_size, cached, workers, o.heads)
     names = [s.name for s in sets]
     if len(set(names)) != len(names):
         on_note("several --data sets share a name; reports key them by position")
@@ -203,7 +219,9 @@ def run_eval(
                 f"give one --val directory per --data set ({len(o.data)}), not {len(val_dirs)}"
             )
         val_folders = open_folders(val_dirs, "val", o.classnames)
-        val_sets = ev.prepare(clip, val_folders, templates, store, o.batch_size, True, workers)
+        val_sets = ev.prepare(
+            clip, val_folders, templates, store, o.batch_size, True, workers, o.heads
+        )
         for vs, ts in zip(val_sets, sets, strict=True):
             vs.folder.name = ts.name  # a validation set reports under its test set's name
         ft_val = _finetuned_accs(clip, o, val_sets, store, on_note)

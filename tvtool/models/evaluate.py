@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -65,15 +66,18 @@ def prepare(
     batch_size: int = 128,
     keep_in_memory: bool = False,
     workers: int = 0,
+    heads: Sequence[Path] | None = None,
 ) -> list[EvalSet]:
-    """One EvalSet per folder (head cached in `store` when given)."""
+    """One EvalSet per folder (head cached in `store` when given; from `heads[i]`, a head file,
+    when given)."""
     from tvtool.models.heads import zeroshot_head
 
     sets = []
-    for f in folders:
+    for i, f in enumerate(folders):
         if not f.labelled:
             raise TvtoolError(f"{f.root}: evaluation needs labelled data (class folders)")
-        head = zeroshot_head(clip, f.classnames, templates, store=store)
+        head_file = heads[i] if heads else None
+        head = zeroshot_head(clip, f.classnames, templates, store=store, head_file=head_file)
         es = EvalSet(f, head, batch_size, workers=workers)
         h, w = clip.image_size
         if keep_in_memory and len(f) * 3 * h * w * 4 <= CACHE_BYTES:

@@ -6,8 +6,11 @@ embedding, average them, L2-normalise the mean. The head is [C, D] in fp32; logi
 autocast) so the cached result does not depend on the device.
 
 With a store, a head is cached as a `head` object under the ref ``cache/heads/<sha256>`` where the
-sha256 is taken over (model name, base fingerprint, class names, templates); a later run with the
-same inputs reads it back instead of running the text tower.
+sha256 is taken over (model name, text-tower fingerprint, activation, class names, templates); a
+later run with the same inputs reads it back instead of running the text tower. Heads can also
+come from files (`--head FILE`: the public `ClassificationHead` pickles or a tensor), kept in the
+store the same way under ``cache/heads/file-<sha256 of the file>``; an image-tower-only base
+needs them (or `--text-tower`).
 """
 
 from __future__ import annotations
@@ -61,14 +64,109 @@ def load_templates(path: Path | None) -> list[str]:
 
 
 def head_key(clip: LoadedClip, classnames: Sequence[str], templates: Sequence[str]) -> str:
-    """sha256 identifying a head: (model name, base fingerprint, class names, templates)."""
-    doc = {
+    """sha256 identifying a head: (model name, text-tower weights, activation, class names,
+    templates). The text tower is the base's unless `--text-tower` replaced it."""
+    doc: dict = {
         "model": clip.name,
-        "base": clip.base_fingerprint,
+        "base": clip.text_fingerprint or clip.base_fingerprint,
         "classnames": list(classnames),
         "templates": list(templates),
     }
+    if clip.activation != "gelu":
+        doc["activation"] = clip.activation
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def read_head_file(path: Path, clip: LoadedClip, n_classes: int) -> torch.Tensor:
+    """A head [C, D] from a file: a pickled `ClassificationHead` (an nn.Linear whose weight is the
+    normalised class embeddings x exp(logit_scale), applied to normalised features; the public
+    task-arithmetic / aTLAS `head_<Dataset>.pt`), any checkpoint with one 2-D `weight`, or a file
+    holding one [C, D] tensor. Rows are L2-normalised: tvtool applies clip.logit_scale itself, the
+    same scale such heads were multiplied by, so logits match the head module's up to its bias."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise TvtoolError(f"head file not found: {path}")
+    weight, bias = _head_tensors(path)
+    if weight.dim() != 2:
+        raise TvtoolError(f"{path}: a head is a [classes, dim] matrix, not {list(weight.shape)}")
+    dim = int(clip.model.visual.output_dim) if hasattr(clip.model.visual, "output_dim") else None
+    if dim is not None and weight.shape[1] != dim:
+        raise TvtoolError(
+            f"{path}: head rows have {weight.shape[1]} dimensions, {clip.name}'s image features "
+            f"{dim}"
+        )
+    if weight.shape[0] != n_classes:
+        raise TvtoolError(
+            f"{path}: the head has {weight.shape[0]} classes, the data set {n_classes}"
+        )
+    if bias is not None and float(bias.abs().max()) > 0:
+        raise TvtoolError(f"{path}: the head has a non-zero bias, which zero-shot heads never have")
+    return F.normalize(weight.float(), dim=-1).to(clip.device)
+
+
+def _head_tensors(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    try:  # a bare tensor saved with torch.save
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(obj, torch.Tensor):
+            return obj, None
+    except Exception:  # noqa: BLE001 - not a bare tensor: read it as a checkpoint below
+        pass
+    from tvtool.checkpoints.readers import open_checkpoint
+
+    with open_checkpoint(path) as reader:
+        keys = reader.keys()
+        if "weight" in keys:
+            bias = reader.get("bias") if "bias" in keys else None
+            return reader.get("weight"), bias
+        matrices = [k for k in keys if len(reader.meta(k).shape) == 2]
+        if len(matrices) != 1:
+            raise TvtoolError(
+                f"{path}: expected a head (a `weight` or a single [classes, dim] tensor), found "
+                f"{', '.join(keys[:5]) or 'no tensors'}"
+            )
+        return reader.get(matrices[0]), None
+
+
+def _cached(store: Store, ref: str, device: torch.device) -> torch.Tensor | None:
+    digest = store.get_ref(ref)
+    if digest is None:
+        return None
+    try:
+        from tvtool.vectors.stored import load_tensor_object
+
+        _, tensors = load_tensor_object(store, digest, "head")
+        return tensors["head"].to(device, torch.float32)
+    except (TvtoolError, KeyError):
+        return None  # missing or unreadable cache entry: recompute and rewrite it
+
+
+def _cache(store: Store, ref: str, head: torch.Tensor, params: dict) -> None:
+    from tvtool.vectors.stored import save_tensor_object
+
+    manifest = save_tensor_object(
+        store, "head", {"head": head.detach().cpu().contiguous()}, params=params
+    )
+    store.set_ref(ref, manifest.digest, force=True)
+
+
+def file_head(
+    clip: LoadedClip, path: Path, classnames: Sequence[str], store: Store | None = None
+) -> torch.Tensor:
+    """The head of a head file (see `read_head_file`), kept in `store` as a `head` object under
+    ``cache/heads/<sha256 of the file>`` so runs record and reuse it."""
+    if store is None:
+        return read_head_file(path, clip, len(classnames))
+    from tvtool.checkpoints.readers import file_sha256
+
+    sha = file_sha256(Path(path).expanduser())
+    ref = f"cache/heads/file-{sha}"
+    head = _cached(store, ref, clip.device)
+    if head is not None and head.shape[0] == len(classnames):
+        return head
+    head = read_head_file(path, clip, len(classnames))
+    params = {"model": clip.name, "file": str(path), "file_sha256": sha}
+    _cache(store, ref, head, {**params, "classnames": list(classnames), "key": ref})
+    return head
 
 
 @torch.no_grad()
@@ -92,36 +190,36 @@ def zeroshot_head(
     classnames: Sequence[str],
     templates: Sequence[str] | None = None,
     store: Store | None = None,
+    head_file: Path | None = None,
 ) -> torch.Tensor:
-    """The zero-shot head [C, D] (fp32, on clip.device), cached in `store` when one is given."""
+    """The zero-shot head [C, D] (fp32, on clip.device), cached in `store` when one is given:
+    read from `head_file` when given, else computed with the (base's or --text-tower's) text
+    tower."""
+    if head_file is not None:
+        return file_head(clip, head_file, classnames, store)
+    if not clip.has_text:
+        raise TvtoolError(
+            f"{clip.source or 'the base'} is an image tower only (its text transformer was "
+            "deleted): give the zero-shot heads with --head FILE (one per data set), or a text "
+            "tower with --text-tower FILE|TAG"
+        )
     templates = list(templates) if templates is not None else list(DEFAULT_TEMPLATES)
     if store is None:
         return compute_head(clip, classnames, templates)
     key = head_key(clip, classnames, templates)
     ref = f"cache/heads/{key}"
-    digest = store.get_ref(ref)
-    if digest is not None:
-        try:
-            from tvtool.vectors.stored import load_tensor_object
-
-            _, tensors = load_tensor_object(store, digest, "head")
-            return tensors["head"].to(clip.device, torch.float32)
-        except (TvtoolError, KeyError):
-            pass  # missing or unreadable cache entry: recompute and rewrite it
+    head = _cached(store, ref, clip.device)
+    if head is not None:
+        return head
     head = compute_head(clip, classnames, templates)
-    from tvtool.vectors.stored import save_tensor_object
-
-    manifest = save_tensor_object(
-        store,
-        "head",
-        {"head": head.detach().cpu().contiguous()},
-        params={
-            "model": clip.name,
-            "base_fingerprint": clip.base_fingerprint,
-            "classnames": list(classnames),
-            "templates": templates,
-            "key": key,
-        },
-    )
-    store.set_ref(ref, manifest.digest, force=True)
+    params = {
+        "model": clip.name,
+        "base_fingerprint": clip.base_fingerprint,
+        "classnames": list(classnames),
+        "templates": templates,
+        "key": key,
+    }
+    if clip.text_fingerprint:
+        params["text_tower_fingerprint"] = clip.text_fingerprint
+    _cache(store, ref, head, params)
     return head

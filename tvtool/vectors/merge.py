@@ -72,6 +72,8 @@ class MergePlan:
     recipe: dict = field(default_factory=dict)
     digest: str = PENDING  # sha256 of the canonical recipe = the merge object's digest
     metadata: dict[str, str] = field(default_factory=dict)
+    extra_metadata: dict[str, str] = field(default_factory=dict)  # e.g. tvtool.activation
+    image_tower_only: bool = False  # a CLIP base whose text transformer was deleted
 
     def finalize(self, fingerprint: str | None) -> None:
         """Fill in what depends on the base's sha256: recipe, digest and metadata (None:
@@ -90,7 +92,7 @@ class MergePlan:
         self.digest = (
             hashlib.sha256(canonical_json(self.recipe)).hexdigest() if fingerprint else PENDING
         )
-        self.metadata = provenance_metadata(self.recipe, self.digest)
+        self.metadata = {**provenance_metadata(self.recipe, self.digest), **self.extra_metadata}
 
     def foreign_terms(self) -> list[PlannedTerm]:
         """Terms whose vector was extracted from another base file than this one (a warning:
@@ -200,9 +202,12 @@ def plan_merge(store: Store, req: MergeRequest, *, hash_base: bool = True) -> Me
         if isinstance(source, dict) and isinstance(source.get("fingerprint"), str):
             t.extracted_from = source["fingerprint"]
 
+    from tvtool.models.activation import checkpoint_activation
+
     with open_checkpoint(req.base) as base:
         metas = {k: base.meta(k) for k in base.keys()}
         fingerprint = base.fingerprint() if hash_base else None
+        activation = checkpoint_activation(base)  # carried over, so eval builds the same model
     index = layout.key_index() if layout else None
     keep = (lambda k: tfilter(k) and k in index) if index is not None else tfilter
     order = {k: i for i, k in enumerate(metas)}
@@ -228,6 +233,11 @@ def plan_merge(store: Store, req: MergeRequest, *, hash_base: bool = True) -> Me
     if exists and not req.force:
         raise TvtoolError(f"{_few(exists, 2)} exists; use --force to overwrite")
     plan = MergePlan(req, params, terms, coefs_digest, specs, touched, offenders, files, index_path)
+    if activation:
+        plan.extra_metadata["tvtool.activation"] = activation
+    plan.image_tower_only = any(k.startswith("visual.") for k in metas) and not any(
+        k.startswith("transformer.") for k in metas
+    ) and any(k.startswith(("token_embedding.", "text_projection")) for k in metas)
     plan.finalize(fingerprint)
     return plan
 
