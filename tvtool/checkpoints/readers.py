@@ -194,6 +194,12 @@ class TorchReader(CheckpointReader):
 
 
 def _torch_load(path: Path) -> Any:
+    with warnings.catch_warnings():  # weights_only's note on pickle protocols > 2: not for users
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return _torch_load_any(path)
+
+
+def _torch_load_any(path: Path) -> Any:
     import pickle
 
     from tvtool.checkpoints.safe_unpickle import restricted_pickle

@@ -1,0 +1,186 @@
+"""The public task-arithmetic / aTLAS bank layout end to end through the CLI.
+
+A random-weight bank in their layout (pickled `ImageEncoder`s with QuickGELU and no text
+transformer, `ClassificationHead` pickles, three fine-tuned variants by seeded perturbation; see
+public_bank.py), saved with torch.save (zip) and with plain pickle.dump, runs
+extract -> inspect -> select -> compose --shots 4 -> merge -> eval, with heads from the head
+pickles and, separately, from a text tower.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from public_bank import build_bank, register
+from test_compose_support import CLASSES, write_task
+
+TEMPLATES = ["a photo of a {}.", "an image of the {}."]
+DATASETS = {"Colors": CLASSES["colors"], "Stripes": CLASSES["stripes"], "Tints": CLASSES["colors"]}
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("bank")
+    name, cfg = register(root)
+    out = {"name": name, "cfg": cfg, "root": root}
+    out["zip"] = build_bank(root / "zip", name, DATASETS, TEMPLATES)
+    out["plain"] = build_bank(root / "plain", name, DATASETS, TEMPLATES, plain=True)
+    out["colors"] = write_task(root / "data" / "colors", "colors", 6, seed=1)
+    (root / "templates.txt").write_text("\n".join(TEMPLATES) + "\n")
+    out["templates"] = root / "templates.txt"
+    return out
+
+
+def _json(result) -> dict:
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_public_layout_loads_with_quickgelu_and_no_text(bank):
+    from tvtool.models.build import load_clip
+
+    for layout in ("zip", "plain"):
+        clip = load_clip(model_config=bank["cfg"], base=bank[layout]["zeroshot"])
+        assert clip.activation == "quick_gelu" and clip.activation_source == "checkpoint"
+        assert not clip.has_text
+
+
+def test_plain_pickle_and_zip_hold_the_same_tensors(bank):
+    from tvtool.checkpoints.readers import open_checkpoint
+
+    for key in ("zeroshot", "ft:Colors", "head:Colors"):
+        with open_checkpoint(bank["zip"][key]) as a, open_checkpoint(bank["plain"][key]) as b:
+            assert a.keys() == b.keys()
+            assert all(torch.equal(a.get(k), b.get(k)) for k in a.keys())
+
+
+def test_head_pickle_equals_the_text_tower_head(bank):
+    """The head a public `ClassificationHead` holds is what tvtool computes from the text tower
+    of the full checkpoint with the same templates."""
+    from tvtool.models.build import load_clip
+    from tvtool.models.heads import compute_head, read_head_file
+
+    clip = load_clip(
+        model_config=bank["cfg"], base=bank["zip"]["zeroshot"], text_tower=str(bank["zip"]["full"])
+    )
+    from_file = read_head_file(bank["zip"]["head:Colors"], clip, 3)
+    assert torch.allclose(from_file, compute_head(clip, DATASETS["Colors"], TEMPLATES), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_bank_end_to_end_through_the_cli(bank, invoke, tmp_path):
+    z = bank["zip"]
+    model = ["--model-config", bank["cfg"], "--base", z["zeroshot"], "--device", "cpu"]
+    head = ["--head", z["head:Colors"]]
+    names = []
+    for d in DATASETS:
+        r = invoke(
+            "extract", z["zeroshot"], z[f"ft:{d}"], "--preset", "visual", "--name", f"tv/{d}", "-q"
+        )
+        assert r.exit_code == 0, r.stderr
+        names.append(f"tv/{d}")
+    # the plain-pickle files give the very same vector
+    r = invoke(
+        "extract",
+        bank["plain"]["zeroshot"],
+        bank["plain"]["ft:Colors"],
+        "--preset",
+        "visual",
+        "--name",
+        "tv/plain",
+        "-q",
+    )
+    assert r.exit_code == 0, r.stderr
+    from tvtool.store.store import Store
+    from tvtool.vectors.stored import load_tensor_object
+
+    st = Store()
+    _, a = load_tensor_object(st, st.resolve("tv/Colors"), "vector")
+    _, b = load_tensor_object(st, st.resolve("tv/plain"), "vector")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    info = _json(invoke("inspect", *names, "--json"))
+    assert info
+    sel = _json(
+        invoke(
+            "select",
+            *names,
+            *model,
+            "--data",
+            bank["colors"],
+            *head,
+            "--shots",
+            "4",
+            "--top",
+            "2",
+            "--name",
+            "sel",
+            "--json",
+        )
+    )
+    assert sel["kind"] == "selection" and len(sel["keep"]) > 0
+    rep = _json(
+        invoke(
+            "compose",
+            *model,
+            "--selection",
+            "sel",
+            "--data",
+            bank["colors"],
+            *head,
+            "--shots",
+            "4",
+            "--epochs",
+            "2",
+            "--name",
+            "co",
+            "--json",
+        )
+    )
+    assert rep["data"][0]["train"] == 12 and any(abs(c) > 0 for row in rep["coefs"] for c in row)
+    out = tmp_path / "merged.safetensors"
+    r = invoke("merge", "--base", z["zeroshot"], "--coefs", "co", "--out", out)
+    assert r.exit_code == 0, r.stderr
+    assert "image tower only" in r.stderr
+    from tvtool.checkpoints.readers import open_checkpoint
+
+    with open_checkpoint(out) as merged, open_checkpoint(z["zeroshot"]) as base:
+        assert set(merged.keys()) == set(base.keys())  # what the base had, no text transformer
+        assert merged.metadata().get("tvtool.activation") == "quick_gelu"
+    data = ["--data", bank["colors"]]
+    by_coefs = _json(invoke("eval", *model, "--coefs", "co", *data, *head, "--json"))
+    by_file = _json(
+        invoke(
+            "eval",
+            "--model-config",
+            bank["cfg"],
+            "--weights",
+            out,
+            "--device",
+            "cpu",
+            *data,
+            *head,
+            "--json",
+        )
+    )
+    assert by_file["results"][0]["accuracy"] == pytest.approx(by_coefs["results"][0]["accuracy"])
+    # heads from the text tower of the full checkpoint instead of the head pickles
+    by_text = _json(
+        invoke(
+            "eval",
+            *model,
+            "--coefs",
+            "co",
+            *data,
+            "--text-tower",
+            z["full"],
+            "--templates",
+            bank["templates"],
+            "--json",
+        )
+    )
+    assert by_text["results"][0]["accuracy"] == pytest.approx(by_coefs["results"][0]["accuracy"])
+    # without any head source the error says what to give
+    r = invoke("eval", *model, *data)
+    assert r.exit_code == 1 and "--head FILE" in r.stderr
