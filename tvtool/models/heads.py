@@ -105,8 +105,12 @@ def read_head_file(path: Path, clip: LoadedClip, n_classes: int) -> torch.Tensor
 
 
 def _head_tensors(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    import warnings
+
     try:  # a bare tensor saved with torch.save
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. weights_only's note on pickle protocols
+            obj = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(obj, torch.Tensor):
             return obj, None
     except Exception:  # noqa: BLE001 - not a bare tensor: read it as a checkpoint below
