@@ -100,7 +100,8 @@ def io_floor():
 
 def tvtool(method, scope="global"):
     terms = [Term(ref=d) for d in cfg["digests"]]
-    req = MergeRequest(base=base, out=out, terms=terms, method=method, scope=scope, force=True)
+    extra = {} if method == "sum" else {"scope": scope}
+    req = MergeRequest(base=base, out=out, terms=terms, method=method, force=True, **extra)
     store = Store(cfg["store"])  # as the CLI: the base is hashed while merging
     execute_merge(store, plan_merge(store, req, hash_base=False))
 

@@ -14,7 +14,8 @@ from tvtool.store.store import Store
 from tvtool.vectors.blocks import CoefsLayout, make_blocks, partition_ids
 from tvtool.vectors.extract import extract_vector
 from tvtool.vectors.merge import execute_merge, plan_merge
-from tvtool.vectors.methods import dare_seed, topk_count
+from tvtool.vectors.methods.ops import dare_seed
+from tvtool.vectors.methods.topk import topk_count
 from tvtool.vectors.recipe import MergeRequest, request_from_recipe
 from tvtool.vectors.stored import save_tensor_object
 from tvtool.vectors.terms import parse_terms
@@ -68,7 +69,7 @@ def test_base_plus_extracted_vector_reproduces_finetuned_bit_for_bit(tmp_path):
     digest = extract_vector(store, tmp_path / "base.safetensors", tmp_path / "ft.safetensors")
     digest = digest.digest
     out, plan, _ = run(store, tmp_path, [f"{digest}:1.0"])
-    assert plan.params.scale == 1.0 and len(plan.touched) == len(SHAPES)
+    assert plan.scale == 1.0 and len(plan.touched) == len(SHAPES)
     for k, v in ft.items():
         assert out[k].dtype == v.dtype
         assert torch.equal(out[k].view(-1).view(torch.uint8), v.view(-1).view(torch.uint8)), k
@@ -107,11 +108,18 @@ def _ref_trim(x: torch.Tensor, density: float) -> torch.Tensor:
     return x * keep.reshape(x.shape)
 
 
-def _ref_ties(trimmed: list[torch.Tensor]) -> torch.Tensor:
-    stack = torch.stack(trimmed)
-    sign = torch.sign(stack.sum(0))
-    agree = (torch.sign(stack) == sign) & (sign != 0)
-    return (stack * agree).sum(0) / agree.sum(0).clamp(min=1)
+def _ref_ties(xs: list[torch.Tensor], weights=None, normalize: bool = True) -> torch.Tensor:
+    """mergekit's TIES merge of weighted trimmed tensors: sign of the sum (0 -> +1), agreeing
+    entries summed and, normalized, divided by their terms' summed |weight|."""
+    stack = torch.stack(xs)
+    w = torch.tensor(weights or [1.0] * len(xs)).abs().reshape(-1, *[1] * xs[0].dim())
+    sign = torch.where(stack.sum(0) >= 0, 1.0, -1.0)
+    agree = torch.sign(stack) == sign
+    total = (stack * agree).sum(0)
+    if not normalize:
+        return total
+    den = (w * agree).sum(0)
+    return torch.where(den > 0, total / den.clamp(min=1e-30), 0.0)
 
 
 def test_ties_global_scope_matches_ties_on_concatenated_vectors(world):
@@ -120,7 +128,12 @@ def test_ties_global_scope_matches_ties_on_concatenated_vectors(world):
     assert plan.params.scope == "global"
     xs = [_ref_trim(_flat(taus[0]), 0.3), _ref_trim(_flat(taus[1]), 0.3),
           -0.5 * _ref_trim(_flat(taus[2]), 0.3)]
-    merged = _unflat(_ref_ties(xs))
+    merged = _unflat(_ref_ties(xs, [1.0, 1.0, -0.5]))
+    for k in SHAPES:
+        assert torch.allclose(out[k], base[k] + 0.8 * merged[k], atol=1e-6), k
+    out, _, _ = run(store, tmp, ["t0", "t1", "-t2:0.5"], name="sum.safetensors", method="ties",
+                    density=0.3, scale=0.8, normalize=False)  # the disjoint sum (FusionBench)
+    merged = _unflat(_ref_ties(xs, normalize=False))
     for k in SHAPES:
         assert torch.allclose(out[k], base[k] + 0.8 * merged[k], atol=1e-6), k
 
@@ -318,11 +331,12 @@ def test_slices_and_whole_tensors_give_identical_bytes(world, monkeypatch, metho
 
     tmp, store, base, taus = world
     monkeypatch.setattr(merge_stream, "CHUNK", 7)  # many ragged slices per tensor
+    kw = {} if method == "sum" else {"density": 0.3}
     _, _, sliced = run(store, tmp, ["t0", "-t1:0.7", "t2"], name="s.safetensors", method=method,
-                       density=0.3)
+                       **kw)
     monkeypatch.setattr(merge_stream.SliceReader, "of", classmethod(lambda cls, r, stored: None))
     _, _, whole = run(store, tmp, ["t0", "-t1:0.7", "t2"], name="w.safetensors", method=method,
-                      density=0.3)
+                      **kw)
     assert sliced.files[0].read_bytes() == whole.files[0].read_bytes()
 
 
@@ -345,3 +359,109 @@ def test_torch_and_bf16_bases(world):
         for k in SHAPES:
             ref = (base[k].to(torch.bfloat16).float() + taus[0][k]).to(torch.bfloat16)
             assert r.get(k).dtype == torch.bfloat16 and torch.equal(r.get(k), ref)
+
+
+def test_dare_then_ties_does_not_trim_unless_density_is_given(world):
+    tmp, store, base, taus = world
+    d = [store.resolve(f"t{i}") for i in range(2)]
+    dd = [_ref_dare(taus[i], d[i], 0.5, 3) for i in range(2)]
+    out, plan, _ = run(store, tmp, ["t0", "t1"], name="dt0.safetensors", method="dare", drop=0.5,
+                       seed=3, then="ties")
+    merged = _unflat(_ref_ties([_flat(x) for x in dd]))  # mergekit's dare_ties: no top-k
+    for k in SHAPES:
+        assert torch.allclose(out[k], base[k] + merged[k], atol=1e-6)
+    kept = sum(int((out[k] != base[k]).sum()) for k in SHAPES)
+    assert kept > 0.6 * sum(torch.Size(s).numel() for s in SHAPES.values())  # ~75%, not 20%
+
+
+def _checkpoints(tmp, base, taus):
+    """Fine-tuned checkpoints base + tau_t, and their extracted vectors."""
+    paths = []
+    for t, tau in enumerate(taus):
+        ft = {k: (v + tau[k] if k in tau else v) for k, v in base.items()}
+        paths.append(tmp / f"ft{t}.safetensors")
+        save_safetensors(paths[-1], ft)
+    return paths
+
+
+@pytest.mark.parametrize("method,params", [
+    ("sum", {}), ("ties", {"density": 0.3}), ("ties", {"scope": "tensor"}),
+    ("magnitude", {"density": 0.5}), ("dare", {"drop": 0.3}), ("breadcrumbs", {}),
+    ("model_stock", {}),
+])
+def test_checkpoint_terms_equal_their_extracted_vectors(world, method, params):
+    tmp, store, base, taus = world
+    paths = _checkpoints(tmp, base, taus)
+    digests = [extract_vector(store, tmp / "base.safetensors", p).digest for p in paths]
+    stored, _, _ = run(store, tmp, [f"{digests[0]}:0.5", digests[1], f"-{digests[2]}"],
+                       name="v.safetensors", method=method, **params)
+    mixed, plan, res = run(store, tmp, [f"{paths[0]}:0.5", digests[1], f"-{paths[2]}"],
+                           name="c.safetensors", method=method, **params)
+    for k in stored:
+        if method == "dare":  # draws are seeded by the term's identity (digest vs sha256)
+            assert stored[k].shape == mixed[k].shape
+        else:
+            assert torch.equal(stored[k], mixed[k]), k
+    recipe = store.read_json(res.digest)
+    assert recipe["terms"][0]["checkpoint"] == plan.terms[0].fingerprint
+    assert recipe["terms"][0]["path"] == str(paths[0].resolve())
+    assert recipe["terms"][1]["vector"] == digests[1]
+    from tvtool.checkpoints.readers import file_sha256
+
+    assert plan.terms[0].fingerprint == file_sha256(paths[0])
+
+
+def test_checkpoint_recipe_rebuilds_and_checks_the_file(world):
+    tmp, store, base, taus = world
+    paths = _checkpoints(tmp, base, taus)
+    _, _, r1 = run(store, tmp, [str(paths[0]), "t1"], name="a.safetensors", method="ties")
+    req = request_from_recipe(store, r1.digest, tmp / "base.safetensors", tmp / "b.safetensors")
+    r2 = execute_merge(store, plan_merge(store, req, hash_base=False))
+    assert r2.files[0].read_bytes() == r1.files[0].read_bytes()
+    save_safetensors(paths[0], {k: v * 3 for k, v in base.items()}, force=True)
+    req = request_from_recipe(store, r1.digest, tmp / "base.safetensors", tmp / "c.safetensors")
+    with pytest.raises(TvtoolError, match="not the recipe's checkpoint"):
+        plan_merge(store, req)
+
+
+def test_name_tags_the_recipe(world):
+    tmp, store, base, taus = world
+    _, _, r = run(store, tmp, ["t0"], name="n.safetensors")
+    req = MergeRequest(base=tmp / "base.safetensors", out=tmp / "tagged.safetensors",
+                       terms=parse_terms(["t0"]), name="merges/first")
+    res = execute_merge(store, plan_merge(store, req))
+    assert store.resolve("merges/first") == res.digest == r.digest
+
+
+def test_crafted_recipes_give_one_clear_error(world):
+    tmp, store, base, taus = world
+    _, _, r = run(store, tmp, ["t0", "t1"], method="ties")
+    good = store.read_json(r.digest)
+    for bad, match in (
+        ({**good, "method": {"method": "ties", "density": 7}}, "density"),
+        ({**good, "method": {"method": "nope"}}, "does not match"),
+        ({**good, "terms": [{"vector": "x", "weight": 1.0}]}, "terms"),
+        ({**good, "terms": [{**good["terms"][0], "weight": 1e308}]}, "weight"),
+        ({**good, "scale": "lots"}, "scale"),
+        ({**good, "format": "tvtool.merge/1"}, "older tvtool"),
+        ([1, 2], "not a merge recipe"),
+    ):
+        d = store.put_json(bad, kind="merge").digest
+        with pytest.raises(TvtoolError, match=match):
+            request_from_recipe(store, d, tmp / "base.safetensors", tmp / "z.safetensors")
+
+
+@pytest.mark.parametrize("method,terms", [("slerp", ["t0", "t1:0.5"]), ("della", ["t0", "t1"]),
+                                          ("model_stock", ["t0", "t1", "t2"]),
+                                          ("breadcrumbs", ["t0", "-t2"])])
+def test_new_methods_end_to_end_and_rebuild(world, method, terms):
+    tmp, store, base, taus = world
+    out, plan, r1 = run(store, tmp, terms, method=method)
+    assert plan.params.method == method and set(out) == set(base)
+    assert any(not torch.equal(out[k], base[k]) for k in SHAPES)
+    req = request_from_recipe(store, r1.digest, tmp / "base.safetensors", tmp / "again.safetensors")
+    assert execute_merge(store, plan_merge(store, req)).files[0].read_bytes() == \
+        r1.files[0].read_bytes()
+    if method in ("slerp", "model_stock"):
+        with pytest.raises(TvtoolError, match="exactly 2|at least 2"):
+            run(store, tmp, ["t0"], name="one.safetensors", method=method)

@@ -225,7 +225,7 @@ def test_coefs_and_mask_options(invoke, setup):
     assert torch.allclose(got["enc.bias"], base["enc.bias"] - taus["mnist"]["enc.bias"])
 
 
-def test_warns_when_the_vector_came_from_another_base(invoke, setup):
+def test_refuses_a_vector_from_another_base_unless_allowed(invoke, setup):
     from tvtool.vectors.extract import extract_vector
 
     tmp, store, base, taus = setup
@@ -237,4 +237,91 @@ def test_warns_when_the_vector_came_from_another_base(invoke, setup):
     assert same.exit_code == 0 and "another base" not in same.stderr
     other = invoke("merge", "--base", tmp / "other.safetensors", "-o", tmp / "b.safetensors", d,
                    "-q")
+    assert other.exit_code == 1 and "--allow-other-base" in other.stderr
+    assert "Traceback" not in other.stderr and not (tmp / "b.safetensors").exists()
+    other = invoke("merge", "--base", tmp / "other.safetensors", "-o", tmp / "b.safetensors", d,
+                   "-q", "--allow-other-base")
     assert other.exit_code == 0 and "extracted from another base" in other.stderr
+
+
+def test_config_file_yaml_and_json_match_the_command_line(invoke, setup):
+    tmp, store, base, taus = setup
+    cli = invoke("merge", "--base", tmp / "base.safetensors", "-o", tmp / "cli.safetensors",
+                 "--method", "ties", "--density", "0.5", "--no-normalize", "cars", "-mnist:0.5",
+                 "--json")
+    assert cli.exit_code == 0, cli.stderr
+    (tmp / "r.yml").write_text(
+        "base_model: base.safetensors\nmerge_method: ties\nparameters: {density: 0.5, "
+        "normalize: false}\nmodels:\n  - model: cars\n  - model: -mnist\n"
+        "    parameters: {weight: 0.5}\nout: cfg.safetensors\nname: merges/cfg\n")
+    r = invoke("merge", "--config", tmp / "r.yml", "--json")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["merge"] == json.loads(cli.stdout)["merge"]  # the same recipe
+    assert (tmp / "cfg.safetensors").read_bytes() == (tmp / "cli.safetensors").read_bytes()
+    assert store.resolve("merges/cfg") == doc["merge"]
+    (tmp / "r.json").write_text(json.dumps({
+        "base": "base.safetensors", "method": "ties", "params": {"density": 0.5,
+                                                                 "normalize": False},
+        "terms": ["cars", "-mnist:0.5"]}))
+    r = invoke("merge", "--config", tmp / "r.json", "-o", tmp / "j.safetensors", "-q")
+    assert r.exit_code == 0, r.stderr and r.stdout.strip() == doc["merge"]
+
+
+@pytest.mark.parametrize("text,message", [
+    ("method: ties\nparams: {density: 3}\nterms: [cars]\nbase: base.safetensors\n", "--density"),
+    ("method: ties\nparams: {drop: 0.5}\nterms: [cars]\nbase: base.safetensors\n",
+     "does not apply"),
+    ("method: avg\nterms: [cars]\nbase: base.safetensors\n", "unknown method"),
+    ("terms: [cars]\nbase: base.safetensors\nbogus: 1\n", "bogus"),
+    ("terms: ['cars:nan']\nbase: base.safetensors\n", "not a number"),
+    ("models: [{model: cars, parameters: {density: 0.2}}]\nbase: base.safetensors\n",
+     "other than weight"),
+    ("[1, 2", "not valid YAML"),
+    ("terms: [cars]\n", "--base is required"),
+])
+def test_config_errors_are_one_line(invoke, setup, text, message):
+    tmp, *_ = setup
+    (tmp / "bad.yml").write_text(text)
+    r = invoke("merge", "--config", tmp / "bad.yml", "-o", tmp / "x.safetensors")
+    assert r.exit_code == 1 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and not (tmp / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["cars", "--scale", "1e308"], "--scale"),
+    (["cars:1e308"], "finite number"),
+    (["cars", "--method", "ties", "--drop", "0.5"], "--drop does not apply"),
+    (["cars", "--method", "slerp"], "exactly 2"),
+    (["cars", "mnist", "--method", "della", "--density", "0.1", "--epsilon", "0.2"],
+     "density - epsilon"),
+    (["cars", "--method", "dare", "--density", "0.5"], "--then ties"),
+])
+def test_method_option_errors(invoke, setup, args, message):
+    tmp, *_ = setup
+    r = invoke("merge", "--base", tmp / "base.safetensors", "--out", tmp / "x.safetensors", *args)
+    assert r.exit_code == 1 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_crafted_recipe_on_the_command_line(invoke, setup):
+    tmp, store, *_ = setup
+    d = store.put_json({"format": "tvtool.merge/2", "base": "0" * 64, "method": {"method": "x"},
+                        "scale": 1, "terms": []}, kind="merge").digest
+    r = invoke("merge", "--base", tmp / "base.safetensors", "-o", tmp / "x.safetensors",
+               "--recipe", d)
+    assert r.exit_code == 1 and "not a valid merge recipe" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_slerp_and_checkpoint_terms_from_the_cli(invoke, setup):
+    tmp, store, base, taus = setup
+    save_safetensors(tmp / "ft.safetensors", {k: v + taus["cars"][k] for k, v in base.items()})
+    r = invoke("merge", "--base", tmp / "base.safetensors", "-o", tmp / "s.safetensors",
+               "--method", "slerp", "--t", "0.0", tmp / "ft.safetensors", "mnist", "--json")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["terms"][0]["checkpoint"] == str((tmp / "ft.safetensors").resolve())
+    got = _load(tmp / "s.safetensors")
+    for k in SHAPES:  # t = 0: the first term's model
+        assert torch.allclose(got[k], base[k] + taus["cars"][k], atol=1e-5)

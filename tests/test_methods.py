@@ -1,6 +1,9 @@
-"""Merge-method maths against plain torch: top-k (per tensor and streamed global), DARE, TIES."""
+"""Merge-method maths against plain torch expressions of each paper's formula (and mergekit's
+rules where they differ), the registry, and the term grammar."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -8,21 +11,27 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tvtool.errors import TvtoolError
-from tvtool.vectors import methods
-from tvtool.vectors.methods import (
-    METHODS,
-    KthLargest,
-    MergeParams,
-    TermState,
-    apply_steps,
-    combine,
-    dare,
-    dare_seed,
-    ties_combine,
-    topk_count,
-    topk_mask,
-)
+from tvtool.vectors.methods import METHODS, make_params, param_fields, topk
+from tvtool.vectors.methods.base import TensorInfo, TermState
+from tvtool.vectors.methods.ops import dare, dare_seed, elect_and_merge
+from tvtool.vectors.methods.topk import KthLargest, topk_count, topk_mask
 from tvtool.vectors.terms import Term, default_scale, parse_size, parse_term
+
+
+def merge_tensor(name: str, base, taus, weights, scale: float = 1.0, **params):
+    """What the executor does for one whole tensor (per-tensor scopes, no pre-pass)."""
+    method = METHODS[name]
+    p = make_params(name, params)
+    info = TensorInfo("k", tuple(base.shape))
+    states = [TermState(vector=f"v{i}", weight=w) for i, w in enumerate(weights)]
+    xs = [method.term(t.clone().reshape(-1), info, s, p)
+          for t, s in zip(taus, states, strict=True)]
+    out = method.combine(base.clone().reshape(-1), xs, list(weights), scale, p, info)
+    return out.reshape(base.shape)
+
+
+def _rand(shape, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
 def ref_topk(a: torch.Tensor, k: int) -> torch.Tensor:
@@ -34,19 +43,18 @@ def ref_topk(a: torch.Tensor, k: int) -> torch.Tensor:
     return mask.reshape(a.shape)
 
 
-def test_topk_count_rounds_half_up_and_clamps():
-    assert topk_count(10, 0.2) == 2
-    assert topk_count(10, 0.25) == 3  # 2.5 -> 3
-    assert topk_count(7, 0.0) == 0
-    assert topk_count(7, 1.0) == 7
-    assert topk_count(1000, 0.2) == 200
+def test_topk_count_truncates_like_ties_peft_and_mergekit():
+    for n, d in [(10, 0.2), (10, 0.25), (7, 0.0), (7, 1.0), (1000, 0.2), (3, 0.5), (100, 0.29)]:
+        assert topk_count(n, d) == int(d * n)  # mergekit: int(density * numel)
+    assert topk_count(10, 0.25) == 2  # not rounded: 2.5 -> 2
+    assert topk_count(3, 0.1) == 0  # mergekit keeps max(1, ...): a documented difference
 
 
 @pytest.mark.parametrize("histogram", [False, True])
 @pytest.mark.parametrize("k", [0, 1, 5, 17, 40])
 def test_topk_mask_exact_k_with_ties_lower_index_first(k, histogram, monkeypatch):
     if histogram:  # large tensors take the histogram path: force it on a small one
-        monkeypatch.setattr(methods, "_KTHVALUE_MAX", 0)
+        monkeypatch.setattr(topk, "_KTHVALUE_MAX", 0)
     g = torch.Generator().manual_seed(k)
     a = torch.randint(0, 4, (5, 8), generator=g).float()  # many equal magnitudes
     got = topk_mask(a, k)
@@ -124,63 +132,212 @@ def test_dare_is_deterministic_and_unbiased():
     assert torch.equal(d(3, 0.0), tau)
 
 
+def test_dare_l1_rescale_matches_the_tensor_norm_and_none_keeps_values():
+    tau = _rand((40,), 3)
+    u = torch.rand(tau.shape, generator=torch.Generator().manual_seed(11))
+    kept = tau * (u >= 0.6)
+    got = dare(tau.clone(), 0.6, 11, "l1")
+    assert torch.allclose(got, kept * tau.abs().sum() / kept.abs().sum(), atol=1e-6)
+    assert torch.allclose(got.abs().sum(), tau.abs().sum(), rtol=1e-6)
+    assert torch.equal(dare(tau.clone(), 0.6, 11, "none"), kept)
+
+
 def test_dare_seed_depends_on_seed_vector_and_name():
     s = {dare_seed(0, "v1", "a"), dare_seed(1, "v1", "a"), dare_seed(0, "v2", "a"),
          dare_seed(0, "v1", "b")}
     assert len(s) == 4
 
 
-def ref_ties(xs: list[torch.Tensor]) -> torch.Tensor:
+def ref_ties(xs, weights, normalize=True):
+    """mergekit's TIES: sign of the weighted sum (0 -> +1); agreeing entries summed, divided
+    (normalize) by the agreeing terms' summed |weight|."""
     stack = torch.stack(xs)
-    sign = torch.sign(stack.sum(0))
-    agree = (torch.sign(stack) == sign) & (sign != 0)
+    sign = torch.where(stack.sum(0) >= 0, 1.0, -1.0)
+    agree = torch.sign(stack) == sign
     total = (stack * agree).sum(0)
-    return total / agree.sum(0).clamp(min=1)
+    if not normalize:
+        return total
+    w = torch.tensor(weights).abs().reshape(-1, *[1] * xs[0].dim())
+    den = (w * agree).sum(0)
+    return torch.where(den > 0, total / den.clamp(min=1e-30), 0.0)
 
 
-def test_ties_combine_matches_reference():
+def test_elect_and_merge_matches_mergekit_rules():
     g = torch.Generator().manual_seed(2)
-    xs = [torch.randn(50, generator=g) * (torch.rand(50, generator=g) > 0.5) for _ in range(4)]
-    assert torch.allclose(ties_combine(xs), ref_ties(xs), atol=1e-7)
-    # an entry whose values cancel exactly stays 0
-    assert ties_combine([torch.tensor([1.0]), torch.tensor([-1.0])]).item() == 0.0
-    # disjoint mean by example: elected +, mean of the positive entries
-    got = ties_combine([torch.tensor([3.0]), torch.tensor([1.0]), torch.tensor([-2.0])])
-    assert got.item() == 2.0
+    ws = [1.0, 0.5, 2.0, -1.0]
+    xs = [w * torch.randn(50, generator=g) * (torch.rand(50, generator=g) > 0.5) for w in ws]
+    got = elect_and_merge([x.clone() for x in xs], ws, True)
+    assert torch.allclose(got, ref_ties(xs, ws), atol=1e-6)
+    assert torch.allclose(elect_and_merge([x.clone() for x in xs], ws, False),
+                          ref_ties(xs, ws, False), atol=1e-6)
+    # the stated rules by example: a zero sum elects +, so the positive entries are kept
+    assert elect_and_merge([torch.tensor([1.0]), torch.tensor([-1.0])], [1, 1], True).item() == 1
+    # weights are relative inside the mean: (3*1 + 1*2) / (1 + 2) with w = (1, 2)
+    got = elect_and_merge([torch.tensor([3.0]), torch.tensor([2.0]), torch.tensor([-2.0])],
+                          [1.0, 2.0, 1.0], True)
+    assert got.item() == pytest.approx(5.0 / 3.0)
+    assert elect_and_merge([torch.zeros(2), torch.zeros(2)], [1, 1], True).tolist() == [0, 0]
 
 
-def test_combine_sum_and_ties_scale():
-    base = torch.ones(3)
-    xs = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, -2.0, 0.0])]
-    got = combine(base.clone(), [x.clone() for x in xs], [0.5, -1.0], "sum", 9.0)
-    assert torch.allclose(got, base + 0.5 * xs[0] - xs[1])
-    got = combine(base.clone(), [x.clone() for x in xs], [1.0, -2.0], "ties", 0.5)
-    assert torch.allclose(got, base + 0.5 * ref_ties([xs[0], -2.0 * xs[1]]))
+def test_ties_and_magnitude_per_tensor_against_reference():
+    base, taus = _rand((6, 5), 0), [_rand((6, 5), 10 + i) for i in range(3)]
+    ws = [1.0, -0.5, 2.0]
+    trimmed = [t * ref_topk(t.abs(), int(0.4 * t.numel())) for t in taus]
+    got = merge_tensor("ties", base, taus, ws, scale=0.7, density=0.4, scope="tensor")
+    ref = base + 0.7 * ref_ties([w * t for w, t in zip(ws, trimmed, strict=True)], ws)
+    assert torch.allclose(got, ref, atol=1e-6)
+    got = merge_tensor("magnitude", base, taus, ws, density=0.4, scope="tensor")
+    ref = base + sum(w * t for w, t in zip(ws, trimmed, strict=True))
+    assert torch.allclose(got, ref, atol=1e-6)
+
+
+def test_breadcrumbs_drops_the_largest_and_the_smallest():
+    base, taus = _rand((10, 10), 1), [_rand((10, 10), 20 + i) for i in range(2)]
+    ws = [0.3, 0.6]
+
+    def ref(t: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+        n = t.numel()
+        order = torch.sort(-t.abs().reshape(-1), stable=True).indices  # largest first
+        k, g = int(density * n), int(gamma * n)
+        g = min(g, n - k)
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[order[g:g + k]] = True
+        return t * keep.reshape(t.shape)
+
+    got = merge_tensor("breadcrumbs", base, taus, ws, density=0.8, gamma=0.05)
+    want = base + sum(w * ref(t, 0.8, 0.05) for w, t in zip(ws, taus, strict=True))
+    assert torch.allclose(got, want,
+                          atol=1e-6)
+    one = merge_tensor("breadcrumbs", torch.zeros(10, 10), taus[:1], [1.0], density=0.8,
+                       gamma=0.05)
+    assert int((one != 0).sum()) == 80  # 5 largest and 15 smallest dropped
+    assert one.abs().max() < taus[0].abs().max()
+    # gamma + density > 1: fewer outliers dropped, density still honoured
+    edge = merge_tensor("breadcrumbs", torch.zeros(10, 10), taus[:1], [1.0], density=0.9,
+                        gamma=0.5)
+    assert int((edge != 0).sum()) == 90 and torch.allclose(edge, ref(taus[0], 0.9, 0.5))
+
+
+def test_della_magnitude_ranked_keep_probabilities_and_rescale():
+    base, taus = _rand((4, 9), 2), [_rand((4, 9), 30 + i) for i in range(3)]
+    ws, density, eps = [1.0, 0.5, 1.5], 0.5, 0.2
+
+    def ref_drop(t: torch.Tensor, vector: str) -> torch.Tensor:
+        rows, n = t.shape
+        q = torch.empty_like(t)
+        for r in range(rows):  # rank within the row, ascending |tau|, lower index first
+            order = sorted(range(n), key=lambda j: (abs(float(t[r, j])), j))
+            for rank, j in enumerate(order):
+                q[r, j] = density - eps + 2 * eps * rank / (n - 1)
+        g = torch.Generator().manual_seed(dare_seed(0, vector, "k"))
+        u = torch.rand(t.shape, generator=g)
+        return torch.where(u < q, t / q, 0.0)
+
+    dropped = [ref_drop(t, f"v{i}") for i, t in enumerate(taus)]
+    got = merge_tensor("della", base, taus, ws, scale=0.9, density=density, epsilon=eps)
+    ref = base + 0.9 * ref_ties([w * d for w, d in zip(ws, dropped, strict=True)], ws)
+    assert torch.allclose(got, ref, atol=1e-5)
+    # unbiased: E[drop(tau)] = tau
+    tau = taus[0][0]
+    draws = torch.stack([METHODS["della"].term(
+        tau.clone(), TensorInfo("k", (9,)), TermState(f"s{s}", 1.0),
+        make_params("della", {"density": density, "epsilon": eps})) for s in range(3000)])
+    assert ((draws.mean(0) - tau).abs() / tau.abs()).max() < 0.15
+    with pytest.raises(TvtoolError, match="density - epsilon"):
+        make_params("della", {"density": 0.2, "epsilon": 0.3})
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_against_the_papers_interpolation(filter_wise):
+    base = _rand((5, 8), 3)
+    common = _rand((5, 8), 40)
+    fts = [base + common + 0.7 * _rand((5, 8), 41 + i) for i in range(3)]  # correlated fine-tunes
+    taus = [f - base for f in fts]
+    got = merge_tensor("model_stock", base, taus, [1.0] * 3, filter_wise=filter_wise)
+    k = 3
+
+    def ratio(vs: list[torch.Tensor]) -> torch.Tensor:
+        cos = [torch.nn.functional.cosine_similarity(vs[i], vs[j], dim=0)
+               for i in range(k) for j in range(i + 1, k)]
+        c = torch.stack(cos).mean()
+        return k * c / (1 + (k - 1) * c)
+
+    w_avg = torch.stack(fts).mean(0)
+    if filter_wise:
+        t = torch.stack([ratio([tau[r] for tau in taus]) for r in range(5)]).unsqueeze(1)
+    else:
+        t = ratio([tau.reshape(-1) for tau in taus])
+    ref = t * w_avg + (1 - t) * base  # Model Stock: w_H = t w_avg + (1 - t) w_0
+    assert torch.allclose(got, ref, atol=1e-5)
+    assert 0 < float(t.min()) < 1
+    assert "at least 2" in METHODS["model_stock"].check(make_params("model_stock"), 1)
+
+
+def test_slerp_against_the_formula_and_its_endpoints():
+    base = _rand((7, 3), 4)
+    taus = [_rand((7, 3), 50), _rand((7, 3), 51)]
+    ws = [1.0, 0.5]
+    v0, v1 = (base + ws[0] * taus[0]).double(), (base + ws[1] * taus[1]).double()
+    for t in (0.0, 0.3, 1.0):
+        got = merge_tensor("slerp", base, taus, ws, t=t)
+        a, b = v0.reshape(-1), v1.reshape(-1)
+        omega = torch.arccos(torch.dot(a / a.norm(), b / b.norm()))
+        ref = (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+        assert torch.allclose(got.double().reshape(-1), ref, atol=1e-5)
+    assert torch.allclose(merge_tensor("slerp", base, taus, ws, t=0.0), v0.float(), atol=1e-6)
+    # parallel tensors: linear interpolation
+    par = merge_tensor("slerp", base, [base, 2 * base], [1.0, 1.0], t=0.25)
+    assert torch.allclose(par, 0.75 * 2 * base + 0.25 * 3 * base, atol=1e-5)
+    assert "exactly 2" in METHODS["slerp"].check(make_params("slerp"), 3)
 
 
 def test_steps_mask_and_tensor_trim():
-    p = MergeParams(method="magnitude", scope="tensor", density=0.5)
+    info = TensorInfo("k", (4,))
     x = torch.tensor([1.0, -4.0, 3.0, -2.0])
-    got = apply_steps(x.clone(), "k", TermState("v", 1.0), p.steps, p)
+    p = make_params("magnitude", {"scope": "tensor", "density": 0.5})
+    got = METHODS["magnitude"].term(x.clone(), info, TermState("v", 1.0), p)
     assert got.tolist() == [0.0, -4.0, 3.0, 0.0]
-    pm = MergeParams(method="mask")
+    pm = make_params("mask")
     m = torch.tensor([1, 0, 1, 0], dtype=torch.uint8)
-    got = apply_steps(x.clone(), "k", TermState("v", 1.0), pm.steps, pm, m)
+    got = METHODS["mask"].term(x.clone(), info, TermState("v", 1.0), pm, m)
     assert got.tolist() == [1, 0, 3, 0]
-    assert apply_steps(x.clone(), "k", TermState("v", 1.0), pm.steps, pm, None).tolist() == [0] * 4
+    assert METHODS["mask"].term(x.clone(), info, TermState("v", 1.0), pm, None).tolist() == [0] * 4
 
 
-def test_registry_pipelines_and_recorded_params():
-    assert set(METHODS) == {"sum", "ties", "dare", "magnitude", "mask"}
-    assert MergeParams(method="dare", then="ties").steps == ("dare", "trim")
-    assert MergeParams(method="dare", then="ties").combiner == "ties"
-    assert MergeParams(method="dare").steps == ("dare",)
-    assert MergeParams(method="sum").recorded() == {"scale": 1.0}
-    assert set(MergeParams(method="ties").recorded()) == {"scale", "density", "scope"}
-    for bad in (dict(density=1.5), dict(drop=1.0), dict(scope="x"), dict(then="dare"),
-                dict(method="avg"), dict(scale=float("nan"))):
+def test_registry_capabilities_and_params():
+    assert {"sum", "ties", "dare", "magnitude", "mask", "breadcrumbs", "della", "model_stock",
+            "slerp"} <= set(METHODS)
+    dt = make_params("dare", {"then": "ties"})
+    assert dt.density is None and METHODS["dare"].global_density(dt) is None  # no silent trim
+    assert METHODS["dare"].global_density(make_params("dare", {"then": "ties", "density": 0.5}))
+    assert not METHODS["dare"].weighted_sum(dt) and METHODS["dare"].whole_tensor(dt)
+    assert METHODS["ties"].global_density(make_params("ties")) == 0.2
+    assert not METHODS["ties"].whole_tensor(make_params("ties"))
+    assert METHODS["ties"].whole_tensor(make_params("ties", {"scope": "tensor"}))
+    assert METHODS["slerp"].exact_terms == 2 and METHODS["mask"].uses_masks
+    for name, _m in METHODS.items():  # stored with model_dump, read back with model_validate
+        p = make_params(name)
+        assert type(p).model_validate(p.model_dump()) == p
+    for name, bad in (("ties", dict(density=1.5)), ("dare", dict(drop=1.0)),
+                      ("ties", dict(scope="x")), ("dare", dict(then="dare")),
+                      ("ties", dict(drop=0.5)), ("dare", dict(density=0.5))):
         with pytest.raises(TvtoolError):
-            MergeParams(**bad).validate()
+            make_params(name, bad)
+    with pytest.raises(TvtoolError, match="unknown method"):
+        make_params("avg")
+
+
+def test_every_params_field_has_a_cli_flag():
+    import typer
+
+    from tvtool.cli.app import app
+    from tvtool.vectors.methods import cli_flag
+
+    cmd = typer.main.get_command(app).commands["merge"]
+    flags = {o for p in cmd.params for o in [*p.opts, *p.secondary_opts]}
+    for m in METHODS.values():
+        for name, info in param_fields(m).items():
+            assert cli_flag(name, info) in flags, f"{m.name}.{name} has no flag"
 
 
 def test_parse_terms():
@@ -191,19 +348,34 @@ def test_parse_terms():
     assert parse_term("ns/cars:-1e-1").resolved_weight(1) == pytest.approx(-0.1)
     assert parse_term("sha256:abcdef12").ref == "sha256:abcdef12"
     assert parse_term("sha256:abcdef12:2") == Term("sha256:abcdef12", 2.0, False)
-    for bad in ("cars:x", "", "-", "cars:", "--x", "cars:inf"):
+    for bad in ("cars:x", "", "-", "cars:", "--x", "cars:inf", "cars:nan", "cars:1e308",
+                "cars:-1e7"):
         with pytest.raises(TvtoolError):
             parse_term(bad)
 
 
+def test_eval_uses_the_same_term_grammar():
+    from tvtool.models.weights import parse_weighted
+
+    assert parse_weighted("-v:0.5") == ("v", -0.5)
+    assert parse_weighted("v") == ("v", 1.0)
+    for bad in ("v:nan", "v:inf", "v:1e308"):
+        with pytest.raises(TvtoolError):
+            parse_weighted(bad)
+
+
 def test_scale_rule_and_sizes():
-    one, two = [Term("a")], [Term("a"), Term("b")]
-    assert default_scale("sum", "sum", one) == 1.0
-    assert default_scale("sum", "sum", two) == 0.3
-    assert default_scale("magnitude", "sum", two) == 0.3
-    assert default_scale("ties", "sum", two) == 1.0
-    assert default_scale("dare", "ties", two) == 1.0
-    assert default_scale("dare", "sum", two) == 0.3
+    from tvtool.vectors.terms import check_scale
+
+    assert default_scale(True, 1) == 1.0
+    assert default_scale(True, 2) == 0.3
+    assert default_scale(False, 2) == 1.0
+    for m, p, want in (("magnitude", {}, 0.3), ("ties", {}, 1.0), ("dare", {"then": "ties"}, 1.0),
+                       ("dare", {}, 0.3), ("slerp", {}, 1.0), ("della", {}, 1.0)):
+        assert default_scale(METHODS[m].weighted_sum(make_params(m, p)), 2) == want
+    for bad in (math.inf, math.nan, 1e308):
+        with pytest.raises(TvtoolError):
+            check_scale(bad)
     assert parse_size("5GB") == 5 * 10**9
     assert parse_size("2GiB") == 2 * 2**30
     assert parse_size("1500") == 1500

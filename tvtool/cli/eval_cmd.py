@@ -45,14 +45,16 @@ HELP = "\n\n".join(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("eval", help=HELP)(eval_cmd)
+    from tvtool.cli.terms_arg import TermsCommand
+
+    app.command("eval", cls=TermsCommand, help=HELP)(eval_cmd)
 
 
 def eval_cmd(
     vectors: Annotated[
         list[str] | None,
         typer.Argument(
-            help="Task vectors to add, as NAME or NAME:WEIGHT.",
+            help="Task vectors to add, as VECTOR[:WEIGHT] (a leading - negates: -mnist:0.5).",
             autocompletion=complete_names,
             show_default=False,
         ),

@@ -1,14 +1,22 @@
-"""`tvtool merge` (write a model from a base and task vectors) and `tvtool provenance`."""
+"""`tvtool merge` (write a model from a base and task vectors) and `tvtool provenance`.
+
+The method choices and every method parameter flag are built from the registry
+(`tvtool.vectors.methods`): a flag is given to the method's Params only when set, so defaults
+live in one place.
+"""
 
 from __future__ import annotations
 
-from enum import Enum
+import enum
+import inspect
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperCommand
 
+from tvtool.cli.model_options import OtherBaseOpt
 from tvtool.cli.options import (
     DryRunOpt,
     DtypeOpt,
@@ -16,69 +24,16 @@ from tvtool.cli.options import (
     ForceOpt,
     IncludeOpt,
     JsonOpt,
+    NameOpt,
     QuietOpt,
-    SeedOpt,
     StoreOpt,
     complete_names,
     open_store,
 )
+from tvtool.cli.terms_arg import TermsCommand, split_terms
+from tvtool.vectors.methods import METHODS, cli_flag, param_fields
 
-
-class MethodName(str, Enum):
-    sum = "sum"
-    ties = "ties"
-    dare = "dare"
-    magnitude = "magnitude"
-    mask = "mask"
-
-
-class Scope(str, Enum):
-    global_ = "global"
-    tensor = "tensor"
-
-
-class Then(str, Enum):
-    sum = "sum"
-    ties = "ties"
-
-
-def split_terms(args: list[str], arity: dict[str, int]) -> list[str]:
-    """Move every TERM behind `--` so that `-mnist:0.5` is a term, not an option: a token that
-    starts with `-` and is not one of this command's options (or their values) is a term."""
-    opts: list[str] = []
-    terms: list[str] = []
-    i = 0
-    while i < len(args):
-        a = args[i]
-        name = a.split("=", 1)[0] if a.startswith("--") else a
-        if a == "--":
-            terms += args[i + 1 :]
-            break
-        if name in arity:
-            n = 0 if "=" in a and a.startswith("--") else arity[name]
-            opts += args[i : i + 1 + n]
-            i += n
-        elif a.startswith("--") or not a.startswith("-") or a == "-":
-            (opts if a.startswith("--") else terms).append(a)
-        else:
-            terms.append(a)  # -VECTOR[:WEIGHT]
-        i += 1
-    return [*opts, "--", *terms] if terms else opts
-
-
-class TermsCommand(TyperCommand):
-    """A command whose positional TERMs may start with `-` (negation)."""
-
-    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
-        arity: dict[str, int] = {}
-        for p in self.get_params(ctx):
-            if getattr(p, "param_type_name", "") == "option":
-                n = 0 if p.is_flag or p.count else p.nargs
-                for opt in [*p.opts, *p.secondary_opts]:
-                    arity[opt] = n
-        return super().parse_args(ctx, split_terms(list(args), arity))
-
-
+__all__ = ["TermsCommand", "register", "split_terms"]
 TermsArg = Annotated[
     list[str] | None,
     typer.Argument(
@@ -89,57 +44,123 @@ TermsArg = Annotated[
         show_default=False,
     ),
 ]
+
+
+def _method_lines() -> str:
+    return " ".join(f"{name}: {m.summary}" for name, m in METHODS.items())
+
+
 _HELP_PARAGRAPHS = [
-    "Write BASE + task vectors as a new safetensors checkpoint, streamed tensor by tensor.",
+    "Write BASE + task vectors as a new safetensors checkpoint, streamed tensor by tensor. A "
+    "TERM is a stored vector or a fine-tuned checkpoint (a file or folder: its task vector "
+    "against --base is computed on the fly, nothing is stored).",
     "[b]Scale rule:[/b] a TERM without a weight gets --scale, whose default is 1.0 for one "
-    "vector and 0.3 for several (task arithmetic). For ties (and dare --then ties) term weights "
-    "multiply the vectors before trimming and the merged delta is multiplied by --scale, "
-    "default 1.0.",
-    "[b]Methods:[/b] sum: base + sum of weighted vectors. ties: trim each vector to its top "
-    "--density by |tau|, elect a sign per entry (sign of the sum), average the agreeing entries. "
-    "dare: drop each entry with probability --drop and rescale by 1/(1-p) (seeded per vector "
-    "and tensor name), then --then sum|ties. magnitude: keep each vector's top --density by "
-    "|tau|, then sum. mask: apply the importance masks written by `select` (--mask, matched to "
-    "terms by vector; tensors a mask lacks are dropped), then sum; a negative weight forgets. "
-    "--coefs: learned coefficients from `compose` (one per vector per block or partition); the "
-    "vectors then come from the coefficients object.",
-    "[b]Top-k:[/b] exactly round(density*N) entries; among equal magnitudes the earlier tensor "
+    "vector and 0.3 for several (task arithmetic). For the other methods (ties, dare --then "
+    "ties, della, model_stock, slerp) term weights multiply the vectors and the merged delta is "
+    "multiplied by --scale, default 1.0.",
+    "[b]Methods:[/b] " + _method_lines() + " --coefs: learned coefficients from `compose` (one "
+    "per vector per block or partition); the vectors then come from the coefficients object.",
+    "[b]Top-k:[/b] exactly int(density*N) entries; among equal magnitudes the earlier tensor "
     "(sorted names), then the lower index, wins. --ties-scope global (the TIES paper's, default) "
     "finds each vector's exact threshold with two extra streamed reads of it (a histogram of "
     "float bits, then of the one bucket holding the threshold): about 3x the vector reads of "
     "sum, memory still about one tensor.",
     "Tensors no vector touches are copied bit for bit. Peak memory is about one tensor times the "
     "number of vectors. The output's __metadata__ records the recipe (`tvtool provenance OUT`); "
-    "it is also stored as a `merge` object whose digest is printed, and --recipe DIGEST rebuilds "
-    "the same file from the store and the same base.",
+    "it is also stored as a `merge` object whose digest is printed (tagged with --name), and "
+    "--recipe DIGEST rebuilds the same file from the store and the same base. --config FILE "
+    "reads base, method, params and terms from a mergekit-style YAML or JSON file.",
     "[b]Shards:[/b] --shard-size 5GB writes STEM-00001-of-0000N.safetensors beside --out plus "
     "STEM.safetensors.index.json (STEM: the name of --out without .safetensors); a model that "
     "fits in one shard is written to --out alone.",
 ]
 HELP = "\n\n".join(_HELP_PARAGRAPHS)
+PREFIX = "p_"  # python names of the generated method-parameter options
+
+
+def _plain(annotation: Any) -> tuple[Any, list[str] | None]:
+    """(python type, choices) of a Params field annotation, None stripped."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return _plain(args[0])
+    if origin is typing.Literal:
+        return str, [str(a) for a in typing.get_args(annotation)]
+    return annotation, None
+
+
+def method_options() -> dict[str, dict[str, Any]]:
+    """One option per distinct flag over every method's Params: flag -> field, type, choices,
+    help, and the methods that use it (with their defaults)."""
+    out: dict[str, dict[str, Any]] = {}
+    for m in METHODS.values():
+        for name, info in param_fields(m).items():
+            flag = cli_flag(name, info)
+            kind, choices = _plain(info.annotation)
+            entry = out.setdefault(flag, {"field": name, "type": kind, "choices": choices,
+                                          "help": info.description or name, "uses": []})
+            if (entry["field"], entry["type"], entry["choices"]) != (name, kind, choices):
+                raise TypeError(f"{flag}: methods disagree on its field or type")
+            entry["uses"].append((m.name, info.default))
+    return out
+
+
+def choice(name: str, values: list[str]) -> type[enum.Enum]:
+    """A str Enum of `values` (how typer spells a choice)."""
+    return enum.Enum(name.title(), [(v, v) for v in values], type=str)  # type: ignore[return-value]
+
+
+MethodChoice = choice("method", list(METHODS))
+
+
+def _value(v: Any) -> Any:
+    return v.value if isinstance(v, enum.Enum) else v
+
+
+def _option_parameters() -> list[inspect.Parameter]:
+    params = []
+    for flag, o in method_options().items():
+        uses = ", ".join(f"{n} {'off' if d is None else str(d).lower()}" for n, d in o["uses"])
+        text = f"{o['help']} [default: {uses}]"
+        decl = f"{flag}/--no-{flag[2:]}" if o["type"] is bool else flag
+        kind = choice(o["field"], o["choices"]) if o["choices"] else o["type"]
+        option = typer.Option(decl, help=text, show_default=False)
+        params.append(inspect.Parameter(
+            PREFIX + o["field"], inspect.Parameter.KEYWORD_ONLY, default=None,
+            annotation=Annotated[kind | None, option],
+        ))
+    return params
+
+
+TermsArg = Annotated[
+    list[str] | None,
+    typer.Argument(
+        metavar="TERM",
+        help="VECTOR[:WEIGHT]: a ref, digest, prefix or checkpoint path, optionally with a "
+        "weight (cars:0.3); a leading '-' negates (-mnist:0.5). A term without a weight takes "
+        "--scale.",
+        autocompletion=complete_names,
+        show_default=False,
+    ),
+]
 
 
 def merge(
-    base: Annotated[Path, typer.Option("--base", help="The pre-trained checkpoint.",
-                                       show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output .safetensors file "
-                                      "(a directory: DIR/model.safetensors).",
-                                      show_default=False)],
     terms: TermsArg = None,
-    method: Annotated[MethodName, typer.Option("--method", help="Merge method.")] = MethodName.sum,
+    base: Annotated[Path | None, typer.Option("--base", help="The pre-trained checkpoint "
+                                              "(required unless --config gives it).",
+                                              show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output .safetensors file "
+                                             "(a directory: DIR/model.safetensors).",
+                                             show_default=False)] = None,
+    method: Annotated[MethodChoice | None, typer.Option(  # type: ignore[valid-type]
+        "--method", help="Merge method (default sum).", show_default=False)] = None,
     scale: Annotated[float | None, typer.Option(
         "--scale", help="Weight of terms without one (sum); multiplier of the merged delta "
-        "(ties). Default: see the scale rule above.", show_default=False)] = None,
-    density: Annotated[float, typer.Option(
-        "--density", help="ties/magnitude: fraction of each vector kept.")] = 0.2,
-    ties_scope: Annotated[Scope, typer.Option(
-        "--ties-scope", help="Top-k over the whole vector (global) or per tensor."
-    )] = Scope.global_,
-    drop: Annotated[float, typer.Option(
-        "--drop", help="dare: drop probability p (the DARE paper's 0.9 by default).")] = 0.9,
-    then: Annotated[Then, typer.Option("--then", help="dare: merge the rescaled vectors with "
-                                       "sum or ties.")] = Then.sum,
-    seed: SeedOpt = 0,
+        "(the other methods). Default: see the scale rule above.", show_default=False)] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help="A mergekit-style YAML/JSON recipe file (base, method, params, terms).",
+        show_default=False, dir_okay=False)] = None,
     coefs: Annotated[str | None, typer.Option(
         "--coefs", help="Learned coefficients object (from compose).",
         autocompletion=complete_names, show_default=False)] = None,
@@ -149,12 +170,14 @@ def merge(
     recipe: Annotated[str | None, typer.Option(
         "--recipe", help="Rebuild a stored merge (its digest) on the same --base; no TERMs.",
         autocompletion=complete_names, show_default=False)] = None,
+    name: NameOpt = None,
     dtype: DtypeOpt = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     allow_missing: Annotated[bool, typer.Option(
         "--allow-missing", help="Skip (with a warning) vector tensors that the base lacks or "
         "whose shapes differ, instead of failing.")] = False,
+    allow_other_base: OtherBaseOpt = False,
     shard_size: Annotated[str | None, typer.Option(
         "--shard-size", help="Write HF-style shards of at most this size (e.g. 5GB).",
         show_default=False)] = None,
@@ -163,26 +186,48 @@ def merge(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     store: StoreOpt = None,
+    **method_params: Any,
 ) -> None:
     from tvtool.cli.output import emit_json, emit_line, progress, warn
     from tvtool.errors import TvtoolError
     from tvtool.vectors.merge import execute_merge, plan_merge
-    from tvtool.vectors.recipe import MergeRequest, request_from_recipe
+    from tvtool.vectors.recipe import merge_request, request_from_recipe
     from tvtool.vectors.terms import parse_size, parse_terms
 
+    given = {k[len(PREFIX):]: _value(v) for k, v in method_params.items() if v is not None}
+    method = _value(method)
     st = open_store(store)
+    cli: dict[str, Any] = {
+        "base": base, "out": out, "scale": scale, "coefs": coefs, "masks": mask or None,
+        "dtype": dtype, "include": include or None, "exclude": exclude or None, "name": name,
+        "allow_missing": allow_missing or None, "allow_other_base": allow_other_base or None,
+        "shard_size": parse_size(shard_size) if shard_size else None,
+    }
+    cli = {k: v for k, v in cli.items() if v is not None}
     if recipe:
-        if terms or coefs or mask:
-            raise TvtoolError("--recipe rebuilds a stored merge: give no TERMs, --coefs or --mask")
-        req = request_from_recipe(st, recipe, base, out, force=force)
+        if terms or coefs or mask or config or method or given:
+            raise TvtoolError("--recipe rebuilds a stored merge: give no TERMs, --config, "
+                              "--method, method options, --coefs or --mask")
+        if base is None or out is None:
+            raise TvtoolError("--recipe needs --base and --out")
+        extra = {k: cli[k] for k in ("name", "allow_other_base") if k in cli}
+        req = request_from_recipe(st, recipe, base, out, force=force, **extra)
     else:
-        req = MergeRequest(
-            base=base, out=out, terms=parse_terms(terms or []), method=method.value, scale=scale,
-            density=density, scope=ties_scope.value, drop=drop, then=then.value, seed=seed,
-            coefs=coefs, masks=mask or [], dtype=dtype, include=include or [],
-            exclude=exclude or [], allow_missing=allow_missing, force=force,
-            shard_size=parse_size(shard_size) if shard_size else None,
-        )
+        fields: dict[str, Any] = {}
+        if config is not None:
+            from tvtool.vectors.merge_config import read_config
+
+            if terms or method or given:
+                raise TvtoolError("--config gives the terms and the method: give no TERMs, "
+                                  "--method or method options")
+            fields = read_config(config)
+        else:
+            fields = {"method": method or "sum", **given, "terms": parse_terms(terms or [])}
+        fields.update(cli)
+        for key in ("base", "out"):
+            if fields.get(key) is None:
+                raise TvtoolError(f"--{key} is required (on the command line or in --config)")
+        req = merge_request(**fields, force=force)
     plan = plan_merge(st, req, hash_base=dry_run)  # a real run hashes the base while merging
     for s in plan.skipped:
         warn(f"skipped {s}")
@@ -217,10 +262,23 @@ def merge(
     emit_line(result.digest)
 
 
+def _with_method_options(func: Any) -> Any:
+    """`func` with one keyword parameter per method option (typer reads the signature)."""
+    sig = inspect.signature(func, eval_str=True)
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    params += _option_parameters()
+    func.__signature__ = sig.replace(parameters=params)
+    func.__annotations__ = {p.name: p.annotation for p in params}
+    return func
+
+
+_with_method_options(merge)
+
+
 def _warn_foreign(plan: Any) -> None:
     from tvtool.cli.output import warn
 
-    for t in plan.foreign_terms():
+    for t in plan.foreign_terms():  # only with --allow-other-base: refused otherwise
         warn(f"{t.label} was extracted from another base file (sha256 {t.extracted_from[:12]}) "
              f"than {plan.request.base} ({plan.fingerprint[:12]})")
 
@@ -228,13 +286,16 @@ def _warn_foreign(plan: Any) -> None:
 def _plan_doc(st: Any, plan: Any) -> dict[str, Any]:
     return {
         "merge": plan.digest,
-        "base": {"path": str(plan.request.base), "fingerprint": plan.recipe["base"]},
+        "base": {"path": str(plan.request.base), "fingerprint": plan.recipe.base},
         "method": plan.params.method,
-        "params": plan.recipe["params"],
+        "params": plan.recipe.params(),
+        "name": plan.request.name,
         "terms": [
-            {"term": t.label, "vector": t.digest, "name": st.display_name(t.digest),
-             "weight": t.weight, "mask": t.mask, "tensors": len(t.keys), "numel": t.numel,
-             "extracted_from": t.extracted_from}
+            {"term": t.label, "vector": t.digest,
+             "name": st.display_name(t.digest) if t.digest else str(t.checkpoint),
+             "checkpoint": str(t.checkpoint) if t.checkpoint else None,
+             "fingerprint": t.fingerprint, "weight": t.weight, "mask": t.mask,
+             "tensors": len(t.keys), "numel": t.numel, "extracted_from": t.extracted_from}
             for t in plan.terms
         ],
         "coefs": plan.coefs,
@@ -254,15 +315,16 @@ def _render(doc: dict[str, Any]) -> None:
     from tvtool.cli.output import err, human_bytes
 
     prm = doc["params"]
-    extra = ", ".join(f"{k} {prm[k]}" for k in ("density", "scope", "drop", "then", "seed")
-                      if k in prm)
+    skip = {"scale", "dtype", "include", "exclude", "allow_missing", "shard_size"}
+    extra = ", ".join(f"{k} {v}" for k, v in prm.items() if k not in skip and v is not None)
     err.print(f"Merge [bold]{doc['merge'][:12]}[/bold]: {doc['method']}, scale {prm['scale']:g}"
               + (f", {extra}" if extra else ""), soft_wrap=True)
     table = Table(box=None, pad_edge=False)
     for col in ("term", "vector", "weight", "mask", "tensors"):
         table.add_column(col, justify="right" if col in ("weight", "tensors") else "left")
     for t in doc["terms"]:
-        table.add_row(t["term"], t["vector"][:12], f"{t['weight']:g}", (t["mask"] or "-")[:12],
+        source = t["vector"] or t["fingerprint"] or "(checkpoint)"
+        table.add_row(t["term"], source[:12], f"{t['weight']:g}", (t["mask"] or "-")[:12],
                       str(t["tensors"]))
     err.print(Padding(table, (0, 0, 0, 2), expand=False))
     n = doc["tensors"]

@@ -29,14 +29,11 @@ Delta = dict[str, torch.Tensor]
 
 
 def parse_weighted(spec: str, default: float = 1.0) -> tuple[str, float]:
-    """``name[:w]`` -> (name, w). Ref names and digests contain no ':' (``sha256:`` is allowed)."""
-    name, sep, tail = spec.rpartition(":")
-    if sep and name and name != "sha256":
-        try:
-            return name, float(tail)
-        except ValueError:
-            raise TvtoolError(f"{spec!r}: the weight after ':' must be a number") from None
-    return spec, default
+    """``[-]name[:w]`` -> (name, signed w): the one term grammar of `tvtool.vectors.terms`."""
+    from tvtool.vectors.terms import parse_term
+
+    term = parse_term(spec)
+    return term.ref, term.resolved_weight(default)
 
 
 def plan(clip: LoadedClip, store: Store, names: Sequence[str], allow_other_base: bool = False):

@@ -1,13 +1,14 @@
 """The streaming side of `merge`: open inputs, run the per-term pipeline, yield output bytes.
 
-Two granularities, identical results:
+A term's tensor is a stored vector's, or `ft - base` (float32, as `extract` computes it) for a
+checkpoint term, read in the same pass. Two granularities, identical results:
 
 * slices (the fast path): when the base is safetensors and no step needs a whole tensor, every
   key is processed in flat slices of `CHUNK` elements read with positioned reads, so the base,
   the T vector slices and the result all stay in CPU cache (measured: ~2x faster than whole
   tensors for sum on a ViT-B/32-sized model).
-* whole tensors: DARE (one random stream per tensor), per-tensor top-k (a threshold per
-  tensor) and torch-format bases load each key's tensors whole.
+* whole tensors: methods whose maths is not elementwise (`Method.whole_tensor`: random streams,
+  per-tensor top-k, norms) and torch-format inputs load each key's tensors whole.
 
 Peak memory is one tensor times the number of vectors either way (the global top-k pre-pass
 reads one tensor at a time).
@@ -21,7 +22,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO
 
 import torch
 
@@ -37,11 +38,10 @@ from tvtool.errors import TvtoolError
 from tvtool.store.store import Store
 from tvtool.vectors import stored
 from tvtool.vectors.blocks import CoefsLayout, coef_for_key
-from tvtool.vectors.methods import KthLargest, TermState, apply_steps, combine, topk_count
+from tvtool.vectors.merge_plan import MergePlan
+from tvtool.vectors.methods.base import TensorInfo, TermState
+from tvtool.vectors.methods.topk import KthLargest, topk_count
 from tvtool.vectors.stored import open_tensor_object
-
-if TYPE_CHECKING:
-    from tvtool.vectors.merge import MergePlan
 
 CHUNK = 1 << 18  # elements per slice: 1 MB of float32
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -139,52 +139,68 @@ class MergeInputs:
     """The open inputs of one merge (from a `MergePlan`) and the per-key pipeline."""
 
     def __init__(self, stack: ExitStack, store: Store, plan: MergePlan):
-        self.plan, self.p = plan, plan.params
+        self.plan, self.p, self.m = plan, plan.params, plan.method
         self.base = stack.enter_context(open_checkpoint(plan.request.base))
-        self.vecs = [
-            stack.enter_context(open_tensor_object(store, t.digest, "vector")[1])
-            for t in plan.terms
-        ]
+        self.vecs: list[CheckpointReader] = []
+        for t in plan.terms:
+            if t.checkpoint is not None:
+                self.vecs.append(stack.enter_context(open_checkpoint(t.checkpoint)))
+            else:
+                self.vecs.append(stack.enter_context(open_tensor_object(store, t.digest)[1]))
+        self.is_ckpt = [t.checkpoint is not None for t in plan.terms]
         self.masks = [
             stack.enter_context(open_tensor_object(store, t.mask, "mask")[1]) if t.mask else None
             for t in plan.terms
         ]
-        self.states = [TermState(vector=t.digest, weight=t.weight) for t in plan.terms]
+        self.states = [TermState(vector=t.identity, weight=t.weight) for t in plan.terms]
         self.coefs: torch.Tensor | None = None
         self.layout: CoefsLayout | None = None
         if plan.coefs:
             _, self.coefs, self.layout = load_coefs(store, plan.coefs)
         self.key_index = self.layout.key_index() if self.layout else None
-        whole = "dare" in self.p.steps or ("trim" in self.p.steps and self.p.scope == "tensor")
         self.slices: SliceReader | None = None
-        if not whole:
+        self.vec_slices: list[SliceReader | None] = []
+        if not self.m.whole_tensor(self.p):
             self.slices = SliceReader.of(self.base, stored=False)
         if self.slices is not None:
             stack.callback(self.slices.close)
-            self.vec_slices = [SliceReader(list(v.files)) for v in self.vecs]
+            for v, ckpt in zip(self.vecs, self.is_ckpt, strict=True):
+                self.vec_slices.append(SliceReader.of(v, stored=not ckpt))
             self.mask_slices = [SliceReader(list(m.files)) if m else None for m in self.masks]
             for r in [*self.vec_slices, *self.mask_slices]:
                 if r is not None:
                     stack.callback(r.close)
+            if any(r is None for r in self.vec_slices):  # a torch-format checkpoint term
+                self.slices.close()
+                self.slices = None
 
     def cdtype(self, key: str) -> torch.dtype:
         return torch.float64 if self.base.meta(key).dtype == torch.float64 else torch.float32
 
-    def _term_whole(self, i: int, key: str, steps: tuple[str, ...]) -> torch.Tensor:
-        x = self.vecs[i].get(key).to(self.cdtype(key)).reshape(-1)
+    def _tau(self, i: int, key: str, base32: torch.Tensor | None) -> torch.Tensor:
+        """Term i's task-vector tensor for `key`, whole and flat, in the compute dtype."""
+        x = self.vecs[i].get(key)
+        if self.is_ckpt[i]:  # a new tensor: never written into a reader's (mapped) memory
+            b = base32 if base32 is not None else self.base.get(key).to(torch.float32)
+            x = x.to(torch.float32).reshape(-1) - b.reshape(-1)
+        return x.to(self.cdtype(key)).reshape(-1)
+
+    def _mask(self, i: int, key: str) -> torch.Tensor | None:
         m = self.masks[i]
-        mask = m.get(key).reshape(-1) if m is not None and key in m else None
-        return apply_steps(x, key, self.states[i], steps, self.p, mask)
+        return m.get(key).reshape(-1) if m is not None and key in m else None
 
     def thresholds(self, progress: Progress) -> None:
         """The global top-k pre-pass: two streamed histogram passes per vector."""
-        pre = self.p.steps[: self.p.steps.index("trim")]
+        density = self.m.global_density(self.p)
         for i, t in enumerate(self.plan.terms):
-            kth = KthLargest(topk_count(t.numel, self.p.density), t.numel)
+            kth = KthLargest(topk_count(t.numel, density), t.numel)
             if kth.needs_passes:
                 for n, add in enumerate((kth.add_pass1, kth.add_pass2)):
                     for j, key in enumerate(t.keys):
-                        add(self._term_whole(i, key, pre).abs_().to(torch.float32))
+                        info = TensorInfo(key, self.base.meta(key).shape)
+                        x = self._tau(i, key, None)
+                        x = self.m.before_trim(x, info, self.states[i], self.p)
+                        add(x.abs_().to(torch.float32))
                         progress(
                             f"top-k {i + 1}/{len(self.states)}, pass {n + 1}", j + 1, len(t.keys)
                         )
@@ -194,14 +210,16 @@ class MergeInputs:
 
     def _coef(self, i: int, spec: TensorSpec, cdt: torch.dtype) -> torch.Tensor:
         c = coef_for_key(self.coefs[i], spec.name, spec.shape, self.layout, self.key_index)
-        return (c.to(cdt) * self.p.scale).reshape(-1)
+        return (c.to(cdt) * self.plan.scale).reshape(-1)
 
     def _combine(
         self,
         ids: list[int],
         acc: torch.Tensor,
         term: Callable[[int], torch.Tensor],
+        mask_of: Callable[[int], torch.Tensor | None],
         coefs: list[torch.Tensor] | None,
+        info: TensorInfo,
         lo: int,
         hi: int,
     ) -> torch.Tensor:
@@ -212,19 +230,20 @@ class MergeInputs:
                     acc.add_(x, alpha=float(c))
                 else:
                     acc.addcmul_(x, c[lo:hi])
-        elif self.p.combiner == "sum":
+            return acc
+        if self.m.weighted_sum(self.p):  # one term at a time: no list of T tensors
             for i in ids:
-                acc.add_(term(i), alpha=self.states[i].weight)
-        else:
-            xs = [term(i) for i in ids]
-            acc = combine(
-                acc, xs, [self.states[i].weight for i in ids], self.p.combiner, self.p.scale
-            )
-        return acc
+                x = self.m.term(term(i), info, self.states[i], self.p, mask_of(i))
+                acc.add_(x, alpha=self.states[i].weight)
+            return acc
+        xs = [self.m.term(term(i), info, self.states[i], self.p, mask_of(i)) for i in ids]
+        weights = [self.states[i].weight for i in ids]
+        return self.m.combine(acc, xs, weights, self.plan.scale, self.p, info)
 
     def pieces(self, spec: TensorSpec) -> Iterator[torch.Tensor]:
         """The output tensor for `spec`, as consecutive flat pieces (base dtype or compute)."""
         key, ids = spec.name, self.plan.touched.get(spec.name)
+        info = TensorInfo(key, tuple(spec.shape))
         n = 1
         for s in spec.shape:
             n *= s
@@ -235,19 +254,18 @@ class MergeInputs:
             if not ids:
                 yield tensor  # copied as read (bit for bit unless --dtype casts it)
                 return
+            ckpt = any(self.is_ckpt[i] for i in ids)
+            base32 = tensor.to(torch.float32, copy=True).reshape(-1) if ckpt else None
             owned = isinstance(self.base, SafetensorsReader)  # its reads are fresh tensors
             acc = (
                 tensor.reshape(-1)
                 if owned and tensor.dtype == cdt
                 else tensor.to(cdt, copy=True).reshape(-1)
             )
-
-            def whole(i: int) -> torch.Tensor:
-                if coefs is not None:
-                    return self.vecs[i].get(key).to(cdt).reshape(-1)
-                return self._term_whole(i, key, self.p.steps)
-
-            yield self._combine(ids, acc, whole, coefs, 0, n)
+            yield self._combine(
+                ids, acc, lambda i: self._tau(i, key, base32), lambda i: self._mask(i, key),
+                coefs, info, 0, n,
+            )
             return
         for lo in range(0, n, CHUNK):
             hi = min(n, lo + CHUNK)
@@ -255,14 +273,18 @@ class MergeInputs:
             if not ids:
                 yield acc
                 continue
+            ckpt = any(self.is_ckpt[i] for i in ids)
+            base32 = acc.to(torch.float32, copy=True) if ckpt else None
             acc = acc.to(cdt)
 
-            def part(i: int, lo: int = lo, hi: int = hi) -> torch.Tensor:
-                x = self.vec_slices[i].read(key, lo, hi).to(cdt)
-                if coefs is not None:
-                    return x
-                m = self.mask_slices[i]
-                mask = m.read(key, lo, hi) if m is not None and key in m else None
-                return apply_steps(x, key, self.states[i], self.p.steps, self.p, mask)
+            def part(i: int, lo: int = lo, hi: int = hi, base32=base32) -> torch.Tensor:
+                x = self.vec_slices[i].read(key, lo, hi)
+                if self.is_ckpt[i]:
+                    return x.to(torch.float32).sub_(base32).to(cdt)
+                return x.to(cdt)
 
-            yield self._combine(ids, acc, part, coefs, lo, hi)
+            def mask_of(i: int, lo: int = lo, hi: int = hi) -> torch.Tensor | None:
+                m = self.mask_slices[i]
+                return m.read(key, lo, hi) if m is not None and key in m else None
+
+            yield self._combine(ids, acc, part, mask_of, coefs, info, lo, hi)

@@ -1,7 +1,9 @@
-"""Merge terms: `VECTOR[:WEIGHT]`, a leading `-` negates (`cars:0.3`, `dtd`, `-mnist:0.5`).
+"""Terms: `VECTOR[:WEIGHT]`, a leading `-` negates (`cars:0.3`, `dtd`, `-mnist:0.5`).
 
-Torch-free. A ref name never starts with `-` and never holds `:`, so both are unambiguous; a
-`sha256:` digest prefix is allowed (`sha256:ab12cd34:0.5`).
+The one grammar of weighted vectors (merge and eval). Torch-free. A ref name never starts with
+`-` and never holds `:`, so both are unambiguous; a `sha256:` digest prefix is allowed
+(`sha256:ab12cd34:0.5`). Weights and --scale are finite with |w| <= MAX_WEIGHT (a weight of
+1e308 overflows any float tensor it multiplies).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 
 from tvtool.errors import TvtoolError
 
+MAX_WEIGHT = 1e6
 _NUMBER = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
 
 
@@ -47,8 +50,11 @@ def parse_term(text: str) -> Term:
         head, tail = body.rsplit(":", 1)
         if _NUMBER.match(tail):
             ref, weight = head, float(tail)
-            if not math.isfinite(weight):
-                raise TvtoolError(f"term {text!r}: the weight must be a finite number")
+            if not math.isfinite(weight) or abs(weight) > MAX_WEIGHT:
+                raise TvtoolError(
+                    f"term {text!r}: the weight must be a finite number of magnitude at most "
+                    f"{MAX_WEIGHT:g}"
+                )
         elif head.lower() != "sha256":
             raise TvtoolError(f"term {text!r}: {tail!r} is not a number (write VECTOR[:WEIGHT])")
     if not ref or ref.startswith("-"):
@@ -60,12 +66,18 @@ def parse_terms(texts: list[str]) -> list[Term]:
     return [parse_term(t) for t in texts]
 
 
-def default_scale(method: str, then: str, terms: list[Term]) -> float:
-    """The --scale rule: 1.0 for one vector, 0.3 for several (task arithmetic); TIES-style
-    merges (ties, dare --then ties) average agreeing entries, so their default is 1.0."""
-    if method == "ties" or (method == "dare" and then == "ties"):
-        return 1.0
-    return 1.0 if len(terms) <= 1 else 0.3
+def check_scale(scale: float) -> float:
+    """--scale: finite, |scale| <= MAX_WEIGHT."""
+    if not math.isfinite(scale) or abs(scale) > MAX_WEIGHT:
+        raise TvtoolError(f"--scale must be a finite number of magnitude at most {MAX_WEIGHT:g}")
+    return scale
+
+
+def default_scale(weighted_sum: bool, n_terms: int) -> float:
+    """The --scale rule: for weighted sums (task arithmetic) the weight of terms without one,
+    1.0 for one vector and 0.3 for several; the other methods (TIES-style means, slerp, model
+    stock) multiply their merged delta by it, default 1.0."""
+    return 0.3 if weighted_sum and n_terms > 1 else 1.0
 
 
 def parse_size(text: str) -> int:

@@ -1,0 +1,69 @@
+"""`ties`: TIES-Merging (Yadav et al. 2023): trim, elect sign, disjoint merge.
+
+x_t = w_t * trim(tau_t) (top int(density*N) by |tau|, over the whole vector or per tensor);
+theta = theta_0 + scale * elect_and_merge(x) (see `ops.elect_and_merge` for the sign rule).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from tvtool.vectors.methods.base import (
+    DENSITY,
+    NORMALIZE,
+    SCOPE,
+    Method,
+    Params,
+    TensorInfo,
+    TermState,
+    flag,
+)
+
+
+class TiesParams(Params):
+    method: Literal["ties"] = "ties"
+    density: float = Field(0.2, ge=0.0, le=1.0, description=DENSITY)
+    scope: Literal["global", "tensor"] = Field(
+        "global", description=SCOPE, json_schema_extra=flag("--ties-scope")
+    )
+    normalize: bool = Field(True, description=NORMALIZE)
+
+
+def ties_combine(base, xs, weights, scale: float, normalize: bool):
+    """base + scale * elect_and_merge(w_t x_t)."""
+    from tvtool.vectors.methods.ops import elect_and_merge
+
+    weighted = [x.mul_(w) if w != 1.0 else x for x, w in zip(xs, weights, strict=True)]
+    return base.add_(elect_and_merge(weighted, weights, normalize), alpha=scale)
+
+
+class Ties(Method):
+    name = "ties"
+    summary = (
+        "TIES: trim each vector to its top --density by |tau|, elect a sign per entry (sign of "
+        "the weighted sum, 0 counts as +), merge the agreeing entries (--normalize: their "
+        "weighted mean)."
+    )
+    Params = TiesParams
+
+    def weighted_sum(self, p: TiesParams) -> bool:
+        return False
+
+    def whole_tensor(self, p: TiesParams) -> bool:
+        return p.scope == "tensor"
+
+    def global_density(self, p: TiesParams) -> float | None:
+        return p.density if p.scope == "global" else None
+
+    def term(self, x, t: TensorInfo, term: TermState, p: TiesParams, mask=None):
+        from tvtool.vectors.methods.topk import trim
+
+        return trim(x, p.density, term.topk if p.scope == "global" else None)
+
+    def combine(self, base, xs, weights, scale, p: TiesParams, t: TensorInfo):
+        return ties_combine(base, xs, weights, scale, p.normalize)
+
+
+METHOD = Ties()
