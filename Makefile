@@ -5,7 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tvtool-installed
 
-.PHONY: demo test lint completions bench clean
+# `make test` is the full suite (what CI runs); `make test-fast` skips @pytest.mark.slow (local work).
+.PHONY: demo test test-fast lint completions bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +19,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check tvtool tests bench
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/ruff check tvtool tests bench
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check tvtool tests bench

@@ -1,4 +1,7 @@
-"""Shared fixtures: every test gets its own store through $TVTOOL_HOME."""
+"""Every fixture of the suite (test modules import helpers, never another module's fixtures).
+
+Every test gets its own store through $TVTOOL_HOME; the compose assets and the small example zoo
+are built once per session in pytest's temporary directory (no cache outside the run)."""
 
 from __future__ import annotations
 
@@ -7,23 +10,10 @@ import os
 from pathlib import Path
 
 import pytest
+from compose_assets import TINY_CLIP, Assets, build_assets
 from typer.testing import CliRunner
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-TINY_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {
-        "image_size": 16,
-        "patch_size": 4,
-        "width": 64,
-        "layers": 2,
-        "head_width": 32,
-        "mlp_ratio": 2.0,
-    },
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-
 
 @pytest.fixture(autouse=True)
 def isolated_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
@@ -56,3 +46,25 @@ def tiny_clip_config(tmp_path: Path) -> Path:
     path = tmp_path / "tvtool-tiny.json"
     path.write_text(json.dumps(TINY_CLIP))
     return path
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
+    """A tiny open_clip base, two synthetic image tasks and their fine-tuned models."""
+    return build_assets(tmp_path_factory.mktemp("compose-assets"))
+
+
+@pytest.fixture(scope="session")
+def clip(assets: Assets):
+    """The base model (shared: tests must not change its weights' values)."""
+    from tvtool.models.build import load_clip
+
+    return load_clip(model_config=assets.cfg, base=assets.base)
+
+
+@pytest.fixture(scope="session")
+def small_zoo(tmp_path_factory: pytest.TempPathFactory):
+    """The reduced example zoo (`tvtool demo build --small`), built once per session."""
+    from tvtool.demo.zoo import build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("demo-small") / "zoo", seed=0, size="small")

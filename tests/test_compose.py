@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from test_compose_support import assets, clip, extract, load_bank, model_args  # noqa: F401
+from compose_assets import extract, load_bank, model_args
 
 from tvtool.compose.coefs import (
     Coefs,
@@ -23,7 +23,7 @@ from tvtool.vectors.stored import load_tensor_object
 CPU = torch.device("cpu")
 
 
-def _by_hand(clip, store, digests, layout, lam):  # noqa: F811
+def _by_hand(clip, store, digests, layout, lam):
     """theta = theta_0 + sum_t Lambda * tau with plain indexing, key by key, as a state dict."""
     state = {k: v.clone() for k, v in clip.model.state_dict().items()}
     taus = [load_tensor_object(store, d, "vector")[1] for d in digests]
@@ -46,7 +46,7 @@ def _by_hand(clip, store, digests, layout, lam):  # noqa: F811
 @pytest.mark.parametrize(
     "granularity,partitions", [("tensor", 1), ("tensor", 3), ("layer", 1), ("task", 1)]
 )
-def test_composition_equals_plain_formula(assets, clip, granularity, partitions):  # noqa: F811
+def test_composition_equals_plain_formula(assets, clip, granularity, partitions):
     store = Store()
     digests = [extract(assets, assets.ft_colors, "c"), extract(assets, assets.ft_stripes, "s")]
     plan, layout, stacks = load_bank(clip, store, digests, granularity, partitions)
@@ -68,7 +68,7 @@ def test_composition_equals_plain_formula(assets, clip, granularity, partitions)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_half_precision_vectors_compose_close_to_fp32(assets, clip):  # noqa: F811
+def test_half_precision_vectors_compose_close_to_fp32(assets, clip):
     store = Store()
     digests = [extract(assets, assets.ft_colors, "c")]
     _, layout, full = load_bank(clip, store, digests, partitions=2)
@@ -82,7 +82,7 @@ def test_half_precision_vectors_compose_close_to_fp32(assets, clip):  # noqa: F8
         torch.testing.assert_close(b[p], a[p], rtol=0, atol=2e-3)
 
 
-def test_gradients_reach_only_lambda_and_match_plain_autograd(assets, clip):  # noqa: F811
+def test_gradients_reach_only_lambda_and_match_plain_autograd(assets, clip):
     store = Store()
     digests = [extract(assets, assets.ft_colors, "c"), extract(assets, assets.ft_stripes, "s")]
     plan, layout, stacks = load_bank(clip, store, digests, partitions=2)
@@ -123,7 +123,7 @@ def _shapes_count(plan, partitions):
     return sum(partitions if len(k.shape) >= 2 else 1 for k in plan.keys)
 
 
-def test_partitions_and_granularity_change_the_number_of_coefficients(assets, clip):  # noqa: F811
+def test_partitions_and_granularity_change_the_number_of_coefficients(assets, clip):
     store = Store()
     digests = [extract(assets, assets.ft_colors, "c"), extract(assets, assets.ft_stripes, "s")]
     counts = {}
@@ -138,7 +138,7 @@ def test_partitions_and_granularity_change_the_number_of_coefficients(assets, cl
     assert counts[("task", 1)] == 2
 
 
-def test_selection_limits_learned_pairs_and_loaded_tensors(assets, clip, invoke):  # noqa: F811
+def test_selection_limits_learned_pairs_and_loaded_tensors(assets, clip, invoke):
     from tvtool.compose.select import SelectionDoc
 
     store = Store()
@@ -179,7 +179,7 @@ def test_selection_limits_learned_pairs_and_loaded_tensors(assets, clip, invoke)
     assert int((coefs != 0).sum()) <= expected and rep["selection"] == sel
 
 
-def test_resume_continues_bit_for_bit(assets, clip):  # noqa: F811
+def test_resume_continues_bit_for_bit(assets, clip):
     from tvtool.compose.compose_run import ComposeOptions, compose
     from tvtool.datasets.prepare import DataSpec
 
@@ -215,7 +215,7 @@ def test_resume_continues_bit_for_bit(assets, clip):  # noqa: F811
     assert not runs[0].exists()  # cleaned up once stored
 
 
-def test_bad_inputs_fail_clearly(assets, clip, invoke, tmp_path):  # noqa: F811
+def test_bad_inputs_fail_clearly(assets, clip, invoke, tmp_path):
     from PIL import Image
 
     extract(assets, assets.ft_colors, "c")
@@ -248,7 +248,7 @@ def test_bad_inputs_fail_clearly(assets, clip, invoke, tmp_path):  # noqa: F811
         assert "Traceback" not in r.stderr
 
 
-def test_vectors_from_another_base_or_architecture_are_refused(assets, clip, invoke, tmp_path):  # noqa: F811
+def test_vectors_from_another_base_or_architecture_are_refused(assets, clip, invoke, tmp_path):
     from tvtool.vectors.stored import save_tensor_object
 
     extract(assets, assets.ft_colors, "foreign", base=assets.other_base)

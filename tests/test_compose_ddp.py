@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_compose_support import assets, clip, extract, model_args  # noqa: F401
+from compose_assets import extract, model_args
 
 from tvtool.store.store import Store
 from tvtool.vectors.stored import load_tensor_object
@@ -45,7 +45,7 @@ def _rank_main(rank: int, world: int, port: int, args: list[str], out: str) -> N
     )
 
 
-def _args(a, extra: list[str]) -> list[str]:  # noqa: F811
+def _args(a, extra: list[str]) -> list[str]:
     return [
         "compose",
         "c",
@@ -69,7 +69,8 @@ def _args(a, extra: list[str]) -> list[str]:  # noqa: F811
     ]
 
 
-def test_two_gloo_processes_match_one(assets, clip, invoke, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_two_gloo_processes_match_one(assets, clip, invoke, tmp_path):
     extract(assets, assets.ft_colors, "c")
     extract(assets, assets.ft_stripes, "s")
     single = invoke(*_args(assets, ["--json"]))
@@ -109,7 +110,7 @@ def test_two_gloo_processes_match_one(assets, clip, invoke, tmp_path):  # noqa: 
 
 
 @pytest.mark.slow
-def test_torchrun_launches_the_same_command(assets, clip, invoke):  # noqa: F811
+def test_torchrun_launches_the_same_command(assets, clip, invoke):
     extract(assets, assets.ft_colors, "c")
     extract(assets, assets.ft_stripes, "s")
     single = json.loads(invoke(*_args(assets, ["--json"])).stdout)

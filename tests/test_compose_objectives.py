@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_compose_support import accuracy, assets, clip, extract, load_bank, model_args  # noqa: F401
+from compose_assets import accuracy, extract, load_bank, model_args
 
 from tvtool.compose.coefs import compose_params
 from tvtool.models.functional import visual_params
@@ -15,7 +15,7 @@ from tvtool.store.store import Store
 from tvtool.vectors.stored import load_tensor_object
 
 
-def test_compose_recovers_accuracy_on_its_task(assets, clip, invoke):  # noqa: F811
+def test_compose_recovers_accuracy_on_its_task(assets, clip, invoke):
     extract(assets, assets.ft_colors, "vec/colors")
     extract(assets, assets.ft_stripes, "vec/stripes")
     base_acc = accuracy(clip, assets.colors_val)
@@ -79,7 +79,7 @@ def test_compose_recovers_accuracy_on_its_task(assets, clip, invoke):  # noqa: F
 
 
 @pytest.mark.parametrize("objective", ["entropy", "pseudo"])
-def test_unsupervised_objectives_reduce_their_loss(assets, clip, invoke, objective, tmp_path):  # noqa: F811
+def test_unsupervised_objectives_reduce_their_loss(assets, clip, invoke, objective, tmp_path):
     extract(assets, assets.ft_colors, "c")
     extract(assets, assets.ft_stripes, "s")
     # unlabelled images: loose files + a class-names file
@@ -119,7 +119,7 @@ def test_unsupervised_objectives_reduce_their_loss(assets, clip, invoke, objecti
         assert rep["data"][0]["pseudo_kept"] == 18
 
 
-def test_negation_forgets_the_target_and_keeps_the_control(assets, clip, invoke):  # noqa: F811
+def test_negation_forgets_the_target_and_keeps_the_control(assets, clip, invoke):
     # the model to edit is the colour-fine-tuned one: it knows the target task
     extract(assets, assets.ft_colors, "c")
     model = [
@@ -164,7 +164,7 @@ def test_negation_forgets_the_target_and_keeps_the_control(assets, clip, invoke)
     assert bad.exit_code == 1 and "--control" in bad.stderr
 
 
-def test_task_addition_sums_losses_over_data_sets(assets, clip, invoke):  # noqa: F811
+def test_task_addition_sums_losses_over_data_sets(assets, clip, invoke):
     extract(assets, assets.ft_colors, "c")
     extract(assets, assets.ft_stripes, "s")
     r = invoke(

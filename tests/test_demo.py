@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from zoo_fixture import small_zoo  # noqa: F401  (session fixture)
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def demo_run(small_zoo, tmp_path_factory):  # noqa: F811
+def demo_run(small_zoo, tmp_path_factory):
     """One `tvtool demo --small --json` run next to the cached zoo (its store is fresh)."""
     from typer.testing import CliRunner
 

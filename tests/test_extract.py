@@ -257,6 +257,7 @@ def test_pickled_module_checkpoints(invoke, tmp_path: Path) -> None:
             torch.testing.assert_close(tensors[k.removeprefix("model.")], torch.full_like(v, 0.5))
 
 
+@pytest.mark.slow
 def test_subprocess_quiet_composes(pair, tmp_path: Path) -> None:
     bp, fp, _ = pair
     env = {**os.environ, "TVTOOL_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}

@@ -167,6 +167,7 @@ def test_streams_one_key_at_a_time() -> None:
     assert len(log) == 4 * len(SHAPES)  # every tensor read once
 
 
+@pytest.mark.slow
 def test_plot(invoke, three, tmp_path: Path) -> None:
     out = tmp_path / "cos.png"
     r = invoke("inspect", "t/one", "t/two", "t/three", "--plot", out)
@@ -246,6 +247,7 @@ def test_coefs_wrong_kind(invoke, three) -> None:
     assert r.exit_code == 1 and "expected coefs" in r.stderr
 
 
+@pytest.mark.slow
 def test_subprocess_json(three, tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # TVTOOL_HOME set by the autouse fixture
     out = subprocess.run(

@@ -329,6 +329,7 @@ def test_safetensors_reader_reads_tensor_by_tensor_without_mmap(tmp_path: Path) 
     assert_same(read_all(path), sd)
 
 
+@pytest.mark.slow
 def test_pickled_open_clip_image_encoder(tmp_path: Path, tiny_clip_config: Path) -> None:
     """As the task-vector code bases save it: an ImageEncoder holding an open_clip model (text
     tower deleted) and its torchvision preprocessing, pickled whole from a module `src.modeling`

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from test_compose_support import assets, clip, extract, model_args  # noqa: F401
+from compose_assets import extract, model_args
 
 from tvtool.compose.coefs import Coefs, build_layout, compose_params, learnable_mask
 from tvtool.compose.objectives import get_objective
@@ -21,7 +21,7 @@ from tvtool.vectors.blocks import make_blocks
 from tvtool.vectors.stored import load_tensor_object
 
 
-def _setup(assets, clip):  # noqa: F811
+def _setup(assets, clip):
     store = Store()
     digests = [extract(assets, assets.ft_colors, "c"), extract(assets, assets.ft_stripes, "s")]
     plan = plan_bank(
@@ -34,7 +34,7 @@ def _setup(assets, clip):  # noqa: F811
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "layer"])
-def test_grad_scores_match_autograd_through_lambda(assets, clip, granularity):  # noqa: F811
+def test_grad_scores_match_autograd_through_lambda(assets, clip, granularity):
     store, digests, plan, folder, head, idx = _setup(assets, clip)
     grads = base_gradient(
         clip, plan, get_objective("ce"), [(folder, idx, folder.labels, head)], batch_size=10
@@ -76,7 +76,7 @@ def test_keep_top_and_budget():
         keep_budget(scores, covered, nbytes, 5)
 
 
-def test_select_grad_cli_feeds_compose(assets, clip, invoke):  # noqa: F811
+def test_select_grad_cli_feeds_compose(assets, clip, invoke):
     extract(assets, assets.ft_colors, "c")
     extract(assets, assets.ft_stripes, "s")
     r = invoke(
@@ -140,7 +140,7 @@ def test_select_grad_cli_feeds_compose(assets, clip, invoke):  # noqa: F811
     assert store.manifest(b.stdout.strip()).params["bytes"] <= 100_000 and brep["keep"]
 
 
-def test_importance_masks_match_reference(assets, clip, invoke):  # noqa: F811
+def test_importance_masks_match_reference(assets, clip, invoke):
     store, digests, plan, folder, head, idx = _setup(assets, clip)
     r = invoke(
         "select",
@@ -181,7 +181,7 @@ def test_importance_masks_match_reference(assets, clip, invoke):  # noqa: F811
         assert int((got != expected).sum()) <= 2  # float ties at the threshold at most
 
 
-def test_norm_is_data_free(assets, invoke):  # noqa: F811
+def test_norm_is_data_free(assets, invoke):
     extract(assets, assets.ft_colors, "c")
     extract(assets, assets.ft_stripes, "s")
     store = Store()
@@ -208,7 +208,7 @@ def test_norm_is_data_free(assets, invoke):  # noqa: F811
     assert all(rep["scores"][t][b] == max(row[b] for row in rep["scores"]) for t, b in rep["keep"])
 
 
-def test_select_option_errors(assets, invoke):  # noqa: F811
+def test_select_option_errors(assets, invoke):
     extract(assets, assets.ft_colors, "c")
     cases = [
         (["c", *model_args(assets), "--data", assets.colors], "--top N or --budget-mb"),

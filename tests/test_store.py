@@ -297,6 +297,7 @@ def _concurrent_writer(root: str, barrier, index: int) -> None:
         w.commit({"kind": "vector", "format": "json", "params": {"writer": index}})
 
 
+@pytest.mark.slow
 def test_concurrent_writers_make_one_object(isolated_store: Path) -> None:
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(4)

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from zoo_fixture import small_zoo  # noqa: F401  (session fixture)
 
 from tvtool.demo import domains as dm
 from tvtool.demo.data import SPLITS, read_image_folder, render, split_indices
@@ -62,7 +61,8 @@ def test_render_is_deterministic():
             assert a[d][s].images.dtype == torch.uint8
 
 
-def test_zoo_layout_and_recipe(small_zoo):  # noqa: F811
+@pytest.mark.slow
+def test_zoo_layout_and_recipe(small_zoo):
     z = small_zoo
     r = recipe_for("small", 0)
     info = json.loads((z.root / "zoo.json").read_text())
@@ -80,7 +80,8 @@ def test_zoo_layout_and_recipe(small_zoo):  # noqa: F811
         assert info["accuracy"][d]["finetuned"] > info["accuracy"][d]["zeroshot"] + 10
 
 
-def test_png_folders_hold_the_rendered_images(small_zoo):  # noqa: F811
+@pytest.mark.slow
+def test_png_folders_hold_the_rendered_images(small_zoo):
     r = small_zoo.recipe
     sets = render(["checker_inv"], r.pretrain_domains, r.splits, r.seed, r.model.image_size)
     images, labels = read_image_folder(small_zoo.data("checker_inv", "val"))
@@ -90,7 +91,8 @@ def test_png_folders_hold_the_rendered_images(small_zoo):  # noqa: F811
     assert torch.equal(images, want.images[order])
 
 
-def test_checkpoints_load_with_open_clip(small_zoo):  # noqa: F811
+@pytest.mark.slow
+def test_checkpoints_load_with_open_clip(small_zoo):
     import open_clip
     from safetensors.torch import load_file
 
@@ -109,7 +111,8 @@ def test_checkpoints_load_with_open_clip(small_zoo):  # noqa: F811
         assert changed and all(k.startswith("visual.") for k in changed)
 
 
-def test_zoo_and_tvtool_preprocess_the_same_way(small_zoo):  # noqa: F811
+@pytest.mark.slow
+def test_zoo_and_tvtool_preprocess_the_same_way(small_zoo):
     """The zoo trains on what `tvtool eval` feeds the model: its PNGs through open_clip's
     eval transform."""
     import numpy as np
@@ -127,7 +130,8 @@ def test_zoo_and_tvtool_preprocess_the_same_way(small_zoo):  # noqa: F811
     assert torch.allclose(x, normaliser(clip.model)(raw), atol=1e-5)
 
 
-def test_second_build_reuses_everything(small_zoo, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_second_build_reuses_everything(small_zoo, tmp_path):
     from tvtool.demo.zoo import build_zoo
 
     z = small_zoo
@@ -144,6 +148,7 @@ def test_second_build_reuses_everything(small_zoo, tmp_path):  # noqa: F811
         build_zoo(tmp_path, seed=0, size="small")
 
 
+@pytest.mark.slow
 def test_training_is_deterministic(tmp_path):
     """A micro recipe built twice gives byte-identical checkpoints."""
     from tvtool.demo.zoo import build_zoo
@@ -164,7 +169,8 @@ def test_training_is_deterministic(tmp_path):
         assert (a.root / rel).read_bytes() == (b.root / rel).read_bytes()
 
 
-def test_demo_build_cli(small_zoo, invoke):  # noqa: F811
+@pytest.mark.slow
+def test_demo_build_cli(small_zoo, invoke):
     res = invoke("demo", "build", "--out", small_zoo.root, "--small", "--json")
     assert res.exit_code == 0, res.stderr
     doc = json.loads(res.stdout)

@@ -137,13 +137,14 @@ ResumeOpt = Annotated[
     ),
 ]
 class RichReporter:
-    """Progress bar per epoch and one line per finished epoch, on stderr."""
+    """Progress on stderr, only in a terminal: a bar per epoch and one line per finished epoch
+    (the final table repeats every epoch, so logs lose nothing)."""
 
     def __init__(self, enabled: bool):
-        from tvtool.cli.output import progress
+        from tvtool.cli.output import err, progress
 
-        self.enabled = enabled
-        self.bar = progress() if enabled else None
+        self.enabled = enabled and err.is_terminal
+        self.bar = progress() if self.enabled else None
         self.task: Any = None
 
     def __enter__(self) -> RichReporter:
@@ -179,39 +180,37 @@ class RichReporter:
         )
 
 
-def render(report: dict[str, Any]) -> None:
-    from rich.table import Table
+SELECT_BY = {
+    "val": "best validation accuracy",
+    "negation": "most forgetting within the control constraint",
+    "last": "last epoch",
+}
 
-    from tvtool.cli.output import err, info
+
+def render(report: dict[str, Any]) -> None:
+    """The people's view on stderr: one row per epoch, the bank's size, what was kept."""
+    from tvtool.cli.output import Col, info, stored, table
 
     h = report["history"]
-    table = Table(title="compose", title_justify="left")
-    table.add_column("epoch", justify="right")
-    table.add_column("train loss", justify="right")
     names = list(h[0]["val_acc"]) if h and h[0]["val_acc"] else []
-    for n in names:
-        table.add_column(f"val {n}", justify="right")
-    for r in h:
-        mark = " *" if r["epoch"] == report["epoch"] else ""
-        loss = "-" if r["train_loss"] is None else f"{r['train_loss']:.4f}"
-        table.add_row(
-            f"{r['epoch']}{mark}", loss, *(f"{100 * r['val_acc'][n]:.1f}%" for n in names)
-        )
-    err.print(table)
+    cols = [Col("epoch", "right"), Col("train loss", "right"),
+            *(Col(f"val {n}", "right") for n in names)]
+    rows = [
+        [
+            f"{r['epoch']}{' *' if r['epoch'] == report['epoch'] else ''}",
+            "-" if r["train_loss"] is None else f"{r['train_loss']:.4f}",
+            *(f"{100 * r['val_acc'][n]:.1f}%" for n in names),
+        ]
+        for r in h
+    ]
+    table(cols, rows, title="compose")
     info(
         f"{len(report['vectors'])} vectors x {report['groups']} groups "
         f"({report['blocks']} blocks), {report['learnable']} learned; vectors on "
         f"{report['device']}: {report['vector_bytes'] / 1e6:.1f} MB"
     )
-    which = {
-        "val": "best validation accuracy",
-        "negation": "most forgetting within the control constraint",
-        "last": "last epoch",
-    }[report["select_by"]]
-    info(f"kept epoch {report['epoch']} ({which})")
-    info(
-        f"coefs {report['digest'][:12]}" + (f"  tagged {report['name']}" if report["name"] else "")
-    )
+    info(f"kept epoch {report['epoch']} ({SELECT_BY[report['select_by']]})")
+    stored("coefs", report["digest"], report["name"])
 
 
 def compose_command(
@@ -263,7 +262,7 @@ def compose_command(
     """
     from tvtool.cli.model_options import load_model
     from tvtool.cli.options import open_store
-    from tvtool.cli.output import emit_json, emit_line, warn
+    from tvtool.cli.output import emit, warn
     from tvtool.compose.compose_run import ComposeOptions, compose
     from tvtool.compose.ddp import init_from_env
     from tvtool.datasets.prepare import data_specs
@@ -311,13 +310,7 @@ def compose_command(
         dist.close()
     if not dist.main:
         return
-    if json_out:
-        emit_json(report)
-    elif quiet:
-        emit_line(report["digest"])
-    else:
-        render(report)
-        emit_line(report["digest"])
+    emit(report, json_out=json_out, quiet=quiet, human=render, data=[report["digest"]])
 
 
 def register(app: typer.Typer) -> None:

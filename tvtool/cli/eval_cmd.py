@@ -133,7 +133,7 @@ def eval_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     from tvtool.cli.options import open_store
-    from tvtool.cli.output import emit_json, emit_line, err, info, progress
+    from tvtool.cli.output import emit, info, progress
     from tvtool.models.eval_run import EvalOptions, headline, run_eval
 
     opts = EvalOptions(
@@ -168,23 +168,19 @@ def eval_cmd(
             return lambda: bar.advance(task)
 
         report = run_eval(opts, open_store(store), on_note=info, on_progress=on_progress)
-    if json_out:
-        emit_json(report)
-    elif quiet:
-        emit_line(f"{headline(report):.6f}")
-    if not json_out and not quiet:
-        render(report, err)
+    emit(report, json_out=json_out, quiet=quiet, human=render,
+         quiet_data=[f"{headline(report):.6f}"])
 
 
-def render(report: dict, console) -> None:
+def render(report: dict) -> None:
     """People's view on stderr: the accuracy table, the scale grid, the xi matrix."""
-    from rich.table import Table
+    from tvtool.cli.output import Col, info, short, table
 
     w = report["weights"]
     what = {
         "base": "base",
         "weights": f"weights {w.get('file', '')}",
-        "coefs": f"coefs {str(w.get('coefs'))[:12]}",
+        "coefs": f"coefs {short(w.get('coefs'))}",
     }.get(w["mode"], w["mode"])
     if w["mode"] == "vectors":
         terms = " + ".join(
@@ -192,41 +188,45 @@ def render(report: dict, console) -> None:
         )
         scale = report["scale"]
         what = f"base + {terms}" if scale == 1.0 else f"base + {scale:g} x ({terms})"
-    console.print(f"{report['model']} ({what}) on {report['device']}", soft_wrap=True, markup=False)
+    info(f"{report['model']} ({what}) on {report['device']}")
     if report.get("grid"):
         g = report["grid"]
-        t = Table(
-            "scale",
-            "mean acc",
-            "mean norm",
+        rows = [
+            [
+                f"{r['scale']:g}{' *' if r['scale'] == g['best_scale'] else ''}",
+                f"{r['mean_accuracy']:.2%}",
+                f"{r['mean_normalised']:.4f}" if r["mean_normalised"] is not None else "-",
+            ]
+            for r in g["rows"]
+        ]
+        table(
+            [Col("scale", "right"), Col("mean acc", "right"), Col("mean norm", "right")],
+            rows,
             title="scale grid (validation)",
             caption=f"* best by {g['criterion'].replace('_', ' ')}",
         )
-        for r in g["rows"]:
-            mark = " *" if r["scale"] == g["best_scale"] else ""
-            norm = f"{r['mean_normalised']:.4f}" if r["mean_normalised"] is not None else "-"
-            t.add_row(f"{r['scale']:g}{mark}", f"{r['mean_accuracy']:.2%}", norm)
-        console.print(t)
     if report.get("disentanglement"):
         d = report["disentanglement"]
         v1, v2 = d["vectors"]
-        t = Table(
-            f"a1 ({v1}) \\ a2 ({v2})",
-            *[f"{a:g}" for a in d["alphas"]],
+        table(
+            [Col(f"a1 ({v1}) \\ a2 ({v2})"), *(Col(f"{a:g}", "right") for a in d["alphas"])],
+            ([f"{a:g}", *(f"{x:.3f}" for x in row)]
+             for a, row in zip(d["alphas"], d["xi"], strict=True)),
             title="disentanglement error xi",
         )
-        for a, row in zip(d["alphas"], d["xi"], strict=True):
-            t.add_row(f"{a:g}", *[f"{x:.3f}" for x in row])
-        console.print(t)
-    t = Table(
-        "data set", "images", "accuracy", "normalised", title=f"top-1 accuracy ({report['split']})"
-    )
-    for r in report["results"]:
-        norm = f"{r['normalised']:.3f}" if r["normalised"] is not None else "-"
-        t.add_row(r["dataset"], str(r["n"]), f"{r['accuracy']:.2%}", norm)
+    rows = [
+        [r["dataset"], str(r["n"]), f"{r['accuracy']:.2%}",
+         f"{r['normalised']:.3f}" if r["normalised"] is not None else "-"]
+        for r in report["results"]
+    ]
     if len(report["results"]) > 1:
         mn = report["mean_normalised"]
-        t.add_row(
-            "mean", "", f"{report['mean_accuracy']:.2%}", f"{mn:.3f}" if mn is not None else "-"
+        rows.append(
+            ["mean", "", f"{report['mean_accuracy']:.2%}", f"{mn:.3f}" if mn is not None else "-"]
         )
-    console.print(t)
+    table(
+        [Col("data set"), Col("images", "right"), Col("accuracy", "right"),
+         Col("normalised", "right")],
+        rows,
+        title=f"top-1 accuracy ({report['split']})",
+    )

@@ -23,7 +23,8 @@ PerBlockOpt = Annotated[
     bool, typer.Option("--per-block", help="Also show the cosine of every pair per block (tensor).")
 ]
 TopOpt = Annotated[
-    int, typer.Option("--top", min=0, help="Rows per table, largest blocks first (0: all).")
+    int,
+    typer.Option("--top", min=0, help="Rows per table, largest blocks (by L2) first (0: all)."),
 ]
 PlotOpt = Annotated[
     Path | None,
@@ -58,7 +59,7 @@ def inspect(
     Reads one tensor name at a time from every vector (never whole vectors).
     --json prints everything (all blocks); the tables show the --top largest blocks.
     """
-    from tvtool.cli.output import emit_json, progress
+    from tvtool.cli.output import emit, progress
     from tvtool.errors import TvtoolError
     from tvtool.vectors.stats import inspect_store
 
@@ -78,10 +79,11 @@ def inspect(
         from tvtool.vectors.plot import write_plot
 
         write_plot(report, plot, force=force)
-    if json_out:
-        emit_json(report.model_dump(mode="json", exclude_none=False))
-    else:
-        render(report, top=top)
+    emit(
+        report.model_dump(mode="json", exclude_none=False) if json_out else report,
+        json_out=json_out,
+        human=lambda r: render(r, top=top),
+    )
     if plot is not None:
         from tvtool.cli.output import info
 
@@ -94,52 +96,52 @@ def _fmt(x: float | None, spec: str = ".4g") -> str:
     return "-" if x is None or not math.isfinite(x) else format(x, spec)
 
 
-def _matrix_table(title: str, m) -> object:
-    from rich.table import Table
+def _by_l2(l2: float | None) -> float:
+    """Sort key: largest L2 first, NaN/None last."""
+    import math
 
-    table = Table(box=None, pad_edge=False)
-    table.add_column(title, overflow="fold")
-    for n in m.names:
-        table.add_column(n, justify="right")
-    for n, row in zip(m.names, m.matrix, strict=True):
-        table.add_row(n, *(_fmt(c, ".3f") for c in row))
-    return table
+    return -l2 if l2 is not None and math.isfinite(l2) else math.inf
+
+
+def _matrix(m) -> None:
+    from tvtool.cli.output import Col, table
+
+    table([Col(""), *(Col(n, "right") for n in m.names)],
+          ([n, *(_fmt(c, ".3f") for c in row)] for n, row in zip(m.names, m.matrix, strict=True)))
+
+
+def _more(limit: int | None, n: int, hint: str) -> None:
+    from tvtool.cli.output import info
+
+    if limit and n > limit:
+        info(f"  ... {n - limit} more blocks ({hint})")
 
 
 def render(report, top: int = 10) -> None:
-    """Rich tables on stderr: each vector's largest blocks, then the pairwise matrices."""
-    from rich.table import Table
-
-    from tvtool.cli.output import err
+    """Tables on stderr: each vector's largest blocks by L2, then the pairwise matrices."""
+    from tvtool.cli.output import Col, err, info, plain, short, table
 
     limit = top or None
     for v in report.vectors:
         err.print(
-            f"[bold]{v.name}[/bold] ({v.digest[:12]})  {v.numel:,} params in {len(v.blocks)} "
-            f"blocks  l2 {_fmt(v.l2)}  rms {_fmt(v.rms)}  max|x| {_fmt(v.max_abs)}  "
-            f"zeros {v.frac_zero:.2%}",
+            f"[bold]{plain(v.name)}[/bold] ({short(v.digest)})  {v.numel:,} params in "
+            f"{len(v.blocks)} blocks  l2 {_fmt(v.l2)}  rms {_fmt(v.rms)}  max|x| "
+            f"{_fmt(v.max_abs)}  zeros {v.frac_zero:.2%}",
             soft_wrap=True,
         )
-        blocks = sorted(v.blocks, key=lambda b: (-b.numel, b.name))
-        table = Table(box=None, pad_edge=False)
-        table.add_column("block", overflow="fold")
-        for col in ("numel", "l2", "rms", "max|x|", "zeros"):
-            table.add_column(col, justify="right", no_wrap=True)
-        for b in blocks[:limit]:
-            table.add_row(b.name, f"{b.numel:,}", _fmt(b.l2), _fmt(b.rms), _fmt(b.max_abs),
-                          f"{b.frac_zero:.1%}")
-        err.print(table)
-        if limit and len(blocks) > limit:
-            err.print(f"  ... {len(blocks) - limit} more blocks (--top 0 shows all, --json "
-                      "prints everything)")
-        err.print()
+        blocks = sorted(v.blocks, key=lambda b: (_by_l2(b.l2), b.name))
+        cols = [Col("block"), *(Col(c, "right") for c in ("numel", "l2", "rms", "max|x|", "zeros"))]
+        table(cols, ([b.name, f"{b.numel:,}", _fmt(b.l2), _fmt(b.rms), _fmt(b.max_abs),
+                      f"{b.frac_zero:.1%}"] for b in blocks[:limit]))
+        _more(limit, len(blocks), "--top 0 shows all, --json prints everything")
+        info("")
     if len(report.vectors) > 1:
         err.print("[bold]cosine similarity[/bold]")
-        err.print(_matrix_table("", report.cosine))
-        err.print()
+        _matrix(report.cosine)
+        info("")
         err.print("[bold]sign agreement[/bold] (same sign, among entries where both are nonzero)")
-        err.print(_matrix_table("", report.sign_agreement))
-        err.print()
+        _matrix(report.sign_agreement)
+        info("")
     if report.per_block_cosine is not None and report.per_block_cosine.pairs:
         _per_block(report, limit)
     if report.coefs is not None:
@@ -147,48 +149,35 @@ def render(report, top: int = 10) -> None:
 
 
 def _per_block(report, limit: int | None) -> None:
-    from rich.table import Table
-
-    from tvtool.cli.output import err
+    from tvtool.cli.output import Col, err, info, table
 
     pb = report.per_block_cosine
-    numel = {b.name: b.numel for v in report.vectors for b in v.blocks}
-    rows = sorted(pb.blocks, key=lambda b: (-numel.get(b.name, 0), b.name))
-    err.print("[bold]cosine per block[/bold]")
-    table = Table(box=None, pad_edge=False)
-    table.add_column("block", overflow="fold")
-    for a, b in pb.pairs:
-        table.add_column(f"{a} ~ {b}", justify="right")
-    for row in rows[:limit]:
-        table.add_row(row.name, *(_fmt(c, ".3f") for c in row.cosine))
-    err.print(table)
-    err.print()
+    l2: dict[str, float] = {}
+    for v in report.vectors:
+        for b in v.blocks:
+            l2[b.name] = min(l2.get(b.name, float("inf")), _by_l2(b.l2))
+    rows = sorted(pb.blocks, key=lambda b: (l2.get(b.name, float("inf")), b.name))
+    err.print("[bold]cosine per block[/bold] (largest L2 first)")
+    table([Col("block"), *(Col(f"{a} ~ {b}", "right") for a, b in pb.pairs)],
+          ([row.name, *(_fmt(c, ".3f") for c in row.cosine)] for row in rows[:limit]))
+    _more(limit, len(rows), "--top 0 shows all")
+    info("")
 
 
 def _coefs(c, limit: int | None) -> None:
-    from rich.table import Table
+    from tvtool.cli.output import Col, err, info, plain, short, table
 
-    from tvtool.cli.output import err
-
-    err.print(f"[bold]coefficients {c.name}[/bold] ({c.digest[:12]})  granularity "
+    err.print(f"[bold]coefficients {plain(c.name)}[/bold] ({short(c.digest)})  granularity "
               f"{c.granularity}, {len(c.blocks)} blocks" +
               (f", {c.partitions} partitions" if c.partitions > 1 else ""), soft_wrap=True)
     rows = sorted(c.blocks, key=lambda b: -sum(b.contribution))
-    table = Table(box=None, pad_edge=False)
-    table.add_column("block", overflow="fold")
-    for n in c.vectors:
-        table.add_column(n, justify="right")
-    table.add_column("contributes most", justify="left")
-    for b in rows[:limit]:
-        cells = [_fmt(m, ".3f") if g == 1 else f"{m:.3f} [{lo:.2f},{hi:.2f}]"
-                 for m, lo, hi, g in zip(b.coef, b.coef_min, b.coef_max,
-                                         [b.groups] * len(b.coef), strict=True)]
-        table.add_row(b.name, *cells, f"{b.top} ({b.top_share:.0%})")
-    err.print(table)
-    if limit and len(rows) > limit:
-        err.print(f"  ... {len(rows) - limit} more blocks (--top 0 shows all)")
+    cols = [Col("block"), *(Col(n, "right") for n in c.vectors), Col("contributes most")]
+    table(cols, ([b.name, *(_fmt(m, ".3f") if b.groups == 1 else f"{m:.3f} [{lo:.2f},{hi:.2f}]"
+                            for m, lo, hi in zip(b.coef, b.coef_min, b.coef_max, strict=True)),
+                  f"{b.top} ({b.top_share:.0%})"] for b in rows[:limit]))
+    _more(limit, len(rows), "--top 0 shows all")
     counts = ", ".join(f"{n}: {k}" for n, k in sorted(c.top_counts.items(), key=lambda x: -x[1]))
-    err.print(f"blocks where each vector contributes most: {counts}", soft_wrap=True)
+    info(f"blocks where each vector contributes most: {counts}")
 
 
 def register(app: typer.Typer) -> None:

@@ -81,68 +81,58 @@ def _layer_rows(blocks: list[str]) -> dict[str, list[int]]:
 
 
 def render_selection(report: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    from tvtool.cli.output import err, human_bytes, info
+    from tvtool.cli.output import Cell, Col, human_bytes, info, stored, table
 
     scores, keep = report["scores"], {tuple(p) for p in report["keep"]}
     top = max((max(r) for r in scores), default=0.0) or 1.0
-    table = Table(
-        title=f"select --score {report['score']}: share of the top score (kept/blocks)",
-        title_justify="left",
-    )
-    table.add_column("layer")
-    for v in report["vectors"]:
-        table.add_column(v["label"], justify="right")
+    rows = []
     for layer, bs in _layer_rows(report["blocks"]).items():
-        cells = []
+        cells: list[Any] = [layer]
         for t in range(len(report["vectors"])):
             s = sum(scores[t][b] for b in bs) / top
             k = sum((t, b) in keep for b in bs)
-            style = "bold green" if k else "dim"
-            cells.append(f"[{style}]{s:.2f} ({k}/{len(bs)})[/{style}]")
-        table.add_row(layer, *cells)
-    err.print(table)
+            cells.append(Cell(f"{s:.2f} ({k}/{len(bs)})", "bold green" if k else "dim"))
+        rows.append(cells)
+    table(
+        [Col("layer"), *(Col(v["label"], "right") for v in report["vectors"])],
+        rows,
+        title=f"select --score {report['score']}: share of the top score (kept/blocks)",
+    )
     info(
         f"kept {len(keep)} of {sum(1 for r in scores for _ in r)} (vector, block) pairs, "
         f"{human_bytes(report['bytes'])} of {human_bytes(report['total_bytes'])} on the device"
     )
-    info(
-        f"selection {report['digest'][:12]}"
-        + (f"  tagged {report['name']}" if report["name"] else "")
-    )
+    stored("selection", report["digest"], report["name"])
 
 
 def render_masks(report: dict[str, Any]) -> None:
-    from rich.table import Table
-
-    from tvtool.cli.output import err
+    from tvtool.cli.output import Col, stored, table
 
     masks = report["masks"]
-    table = Table(
+    layers = list(dict.fromkeys(layer for m in masks for layer in m["kept_by_layer"]))
+    table(
+        [Col("layer"), *(Col(m["label"], "right") for m in masks)],
+        (
+            [layer, *(f"{100 * m['kept_by_layer'][layer]:.1f}%" if layer in m["kept_by_layer"]
+                      else "-" for m in masks)]
+            for layer in layers
+        ),
         title=f"select --score {report['score']}: elements kept per layer "
         f"(density {report['density']})",
-        title_justify="left",
     )
-    table.add_column("layer")
     for m in masks:
-        table.add_column(m["label"], justify="right")
-    layers = list(dict.fromkeys(layer for m in masks for layer in m["kept_by_layer"]))
-    for layer in layers:
-        table.add_row(
-            layer,
-            *(
-                f"{100 * m['kept_by_layer'][layer]:.1f}%" if layer in m["kept_by_layer"] else "-"
-                for m in masks
-            ),
-        )
-    err.print(table)
-    for m in masks:
-        err.print(
-            f"mask {m['digest'][:12]} for {m['label']}: {m['kept']:,} of {m['scored']:,} elements"
-            + (f"  tagged {m['name']}" if m["name"] else ""),
-            soft_wrap=True,
-        )
+        stored("mask", m["digest"], m["name"],
+               f" for {m['label']}: {m['kept']:,} of {m['scored']:,} elements")
+
+
+def render(report: dict[str, Any]) -> None:
+    (render_selection if report["kind"] == "selection" else render_masks)(report)
+
+
+def digests(report: dict[str, Any]) -> list[str]:
+    if report["kind"] == "selection":
+        return [report["digest"]]
+    return [m["digest"] for m in report["masks"]]
 
 
 def select_command(
@@ -186,7 +176,7 @@ def select_command(
     """
     from tvtool.cli.model_options import load_model
     from tvtool.cli.options import open_store
-    from tvtool.cli.output import emit_json, emit_line, progress, warn
+    from tvtool.cli.output import emit, progress, warn
     from tvtool.compose.select_run import SelectOptions, output_kind, run_select
     from tvtool.datasets.prepare import data_specs
     from tvtool.models.heads import load_templates
@@ -225,18 +215,7 @@ def select_command(
         report = run_select(
             open_store(store), clip, opts, on_batch=lambda: bar.advance(task), warn=warn
         )
-    if json_out:
-        emit_json(report)
-        return
-    digests = (
-        [report["digest"]]
-        if report["kind"] == "selection"
-        else [m["digest"] for m in report["masks"]]
-    )
-    if not quiet:
-        (render_selection if report["kind"] == "selection" else render_masks)(report)
-    for d in digests:
-        emit_line(d)
+    emit(report, json_out=json_out, quiet=quiet, human=render, data=digests(report))
 
 
 def register(app: typer.Typer) -> None:

@@ -100,7 +100,7 @@ def ls_cmd(
     store: StoreOpt = None,
 ) -> None:
     """List named and untagged objects (names, digest, kind, numel, size, dtype, created)."""
-    from tvtool.cli.output import emit_json, emit_line, err, human_bytes
+    from tvtool.cli.output import Col, emit_json, emit_line, err, human_bytes, info, out, table
     from tvtool.store.maintenance import dangling_refs, list_objects
     from tvtool.store.store import Store
 
@@ -115,27 +115,16 @@ def ls_cmd(
             emit_line(r["names"][0] if r["names"] else r["digest"])
         return
     if not rows:
-        err.print(f"no objects in store {st.root}" + (f" of kind {kind}" if kind else ""))
-    else:
-        from rich.table import Table
-
-        table = Table(title=f"store {st.root}", title_justify="left", box=None, pad_edge=False,
-                      collapse_padding=True)
-        widest = max((len(n) for r in rows for n in r["names"]), default=10)
-        table.add_column("name", no_wrap=True, min_width=min(widest, 40))
-        table.add_column("digest", no_wrap=True)
-        table.add_column("kind", no_wrap=True)
-        table.add_column("numel", justify="right", no_wrap=True)
-        table.add_column("size", justify="right", no_wrap=True)
-        table.add_column("dtype", no_wrap=True)
-        table.add_column("created", no_wrap=True)
-        for r in rows:
-            table.add_row(
-                "\n".join(r["names"]) or "[dim](untagged)[/dim]", r["digest"][:12], r["kind"],
-                _count(r["numel"]), human_bytes(r["size"] or 0),
-                _short_dtype(r["dtype"]), _when(r["created"]) if r["created"] else "",
-            )
-        err.print(table)
+        err.print(f"no objects in store {st.root}" + (f" of kind {kind}" if kind else ""),
+                  markup=False)
+    else:  # data: rows on stdout (a table in a terminal, tab-separated and whole elsewhere)
+        info(f"store {st.root}")
+        table([Col("name"), Col("digest", digest=True), Col("kind"), Col("numel", "right"),
+               Col("size", "right"), Col("dtype"), Col("created")],
+              ([",".join(r["names"]) or "(untagged)", r["digest"], r["kind"], _count(r["numel"]),
+                human_bytes(r["size"] or 0), _short_dtype(r["dtype"]),
+                _when(r["created"]) if r["created"] else ""] for r in rows),
+              console=out)
     for n, d in dangling.items():
         err.print(f"[yellow]warning:[/yellow] ref {n!r} points at missing object {d[:12]}")
 

@@ -1,5 +1,6 @@
-"""Shared assets for the compose/select tests (no tests here): a tiny open_clip base, synthetic
-image tasks written as PNG folders, and task vectors from briefly fine-tuned copies.
+"""Test assets for compose/select/eval (helpers, no tests, no fixtures: the fixtures that build
+them live in conftest.py): a tiny open_clip config, synthetic image tasks written as PNG folders,
+and task vectors from briefly fine-tuned copies.
 
 Built once per session (about 10 s on one core) into a temporary directory; each test then
 extracts the vectors it needs into its own isolated store.
@@ -11,10 +12,20 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import torch
-from conftest import TINY_CLIP
 
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {
+        "image_size": 16,
+        "patch_size": 4,
+        "width": 64,
+        "layers": 2,
+        "head_width": 32,
+        "mlp_ratio": 2.0,
+    },
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
 CLASSES = {
     "colors": ["red", "green", "blue"],
     "stripes": ["horizontal", "vertical"],
@@ -155,28 +166,6 @@ def build_assets(root: Path) -> Assets:
         ft_colors,
         ft_stripes,
     )
-
-
-# Each test module imports these fixtures, which makes one fixture definition per module:
-# the cache builds the assets once per session all the same.
-_CACHE: dict[str, object] = {}
-
-
-@pytest.fixture(scope="session")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> Assets:
-    if "assets" not in _CACHE:
-        _CACHE["assets"] = build_assets(tmp_path_factory.mktemp("compose-assets"))
-    return _CACHE["assets"]  # type: ignore[return-value]
-
-
-@pytest.fixture(scope="session")
-def clip(assets: Assets):
-    """The base model (shared: tests must not change its weights' values)."""
-    from tvtool.models.build import load_clip
-
-    if "clip" not in _CACHE:
-        _CACHE["clip"] = load_clip(model_config=assets.cfg, base=assets.base)
-    return _CACHE["clip"]
 
 
 def accuracy(clip, data: Path, override=None) -> float:
