@@ -49,13 +49,21 @@ def _scalar(ann: Any, info: Any) -> str:
     return SCALARS.get(ann, getattr(ann, "__name__", str(ann)).upper())
 
 
-def show_metavars(cmd: Any) -> Any:
-    """Make every parameter of `cmd` print `metavar(param)` as its type in help."""
-    for p in getattr(cmd, "params", []):
+def _label(params: list[Any]) -> list[Any]:
+    for p in params:
         if hasattr(p, "type_descriptor") and not getattr(p, "_tvtool_metavar", False):
             label = metavar(p)
             p.display_type_rich = lambda ctx, label=label: label
             p._tvtool_metavar = True
+    return params
+
+
+def show_metavars(cmd: Any) -> Any:
+    """Make every parameter of `cmd` (--help included) print `metavar(param)` in help."""
+    if cmd is not None and not getattr(cmd, "_tvtool_metavars", False):
+        get_params = cmd.get_params
+        cmd.get_params = lambda ctx: _label(get_params(ctx))
+        cmd._tvtool_metavars = True
     return cmd
 
 
@@ -64,6 +72,9 @@ class TvtoolGroup(TyperGroup):
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
         return show_metavars(super().get_command(ctx, cmd_name))
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _label(super().get_params(ctx))
 
     def invoke(self, ctx: Any) -> Any:
         try:
