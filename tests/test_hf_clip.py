@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_compose_support import write_task
+from compose_assets import write_task
 
 transformers = pytest.importorskip("transformers")
 

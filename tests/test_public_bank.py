@@ -13,8 +13,8 @@ import json
 
 import pytest
 import torch
+from compose_assets import CLASSES, write_task
 from public_bank import build_bank, register
-from test_compose_support import CLASSES, write_task
 
 TEMPLATES = ["a photo of a {}.", "an image of the {}."]
 DATASETS = {"Colors": CLASSES["colors"], "Stripes": CLASSES["stripes"], "Tints": CLASSES["colors"]}
