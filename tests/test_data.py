@@ -89,10 +89,37 @@ def test_folder_errors(tmp_path):
     (tmp_path / "partial" / "c").mkdir()
     with pytest.raises(TvtoolError, match="without images: c"):
         data.ImageFolder(tmp_path / "partial")
-    bad = make_folder(tmp_path / "bad", classes=("a", "b"), n=1)
+
+def test_unreadable_images_are_skipped_with_a_count(tmp_path, capsys):
+    bad = make_folder(tmp_path / "bad", classes=("a", "b"), n=3)
     (bad / "a" / "00.png").write_bytes(b"not a png")
+    (bad / "b" / "01.png").write_bytes((bad / "b" / "01.png").read_bytes()[:20])  # cut header
+    f = data.ImageFolder(bad)
+    assert [p.name for p, _ in f.samples] == ["01.png", "02.png", "00.png", "02.png"]
+    assert f.labels == [0, 0, 1, 1]
+    assert "skipped 2 unreadable image(s)" in capsys.readouterr().err
+    for i in range(len(f)):
+        assert f.load(i).size == (16, 16)
+    # a header that reads but data that does not decode fails at load time, with one line
+    (bad / "a" / "01.png").write_bytes((bad / "a" / "01.png").read_bytes()[:60])
+    g = data.ImageFolder(bad)
     with pytest.raises(TvtoolError, match="cannot read image"):
-        data.ImageFolder(bad).load(0)
+        g.load(0)
+    for name in ("00", "01", "02"):
+        (bad / "a" / f"{name}.png").write_bytes(b"junk")
+    with pytest.raises(TvtoolError, match="class folder"):  # a class left without images
+        data.ImageFolder(bad)
+
+
+def test_decompression_bombs_are_skipped(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    root = make_folder(tmp_path / "bomb", classes=("a", "b"), n=2, size=16)
+    Image.new("RGB", (40, 40)).save(root / "a" / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 32 * 32)
+    f = data.ImageFolder(root)
+    assert len(f) == 4 and all(p.name != "big.png" for p, _ in f.samples)
+    assert "larger than 1024 pixels" in capsys.readouterr().err
 
 
 def test_few_shot_indices_are_seeded_and_per_class():

@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "select_cmd",
     "eval_cmd",
     "store_cmd",
+    "datasets_cmd",
     "demo_cmd",
 )
 

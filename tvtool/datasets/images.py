@@ -18,6 +18,9 @@ scale 0.5-1 and colour jitter.
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -44,62 +47,71 @@ def _images_in(d: Path) -> list[Path]:
     return sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
 
 
-class ImageFolder:
-    """Sorted (path, label) samples of an image folder; images decoded on demand."""
+def _note(msg: str) -> None:
+    sys.stderr.write(f"warning: {msg}\n")
 
-    def __init__(
-        self,
-        root: str | Path,
-        split: str | None = None,
-        classnames_file: Path | None = None,
-        cache: bool = False,
-    ):
-        from tvtool.models.heads import read_lines
 
-        self.root, self.name = resolve_data_dir(root, split)
+def screen(items: Sequence[object], opener: Callable[[object], object], where: str) -> list[bool]:
+    """Which items hold a readable image of acceptable size, reading only headers.
+
+    An item that PIL cannot identify, or whose header is broken, is skipped; so is a
+    decompression bomb (more pixels than PIL's ``Image.MAX_IMAGE_PIXELS``, 89.5 M by default;
+    PIL would warn and then refuse at twice that). The counts go to stderr."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS
+
+    def ok(item) -> int:  # 0 readable, 1 unreadable, 2 too large
+        try:
+            with opener(item) as im:
+                w, h = im.size
+        except Image.DecompressionBombError:
+            return 2
+        except Exception:  # PIL raises many types for broken files (OSError, SyntaxError, ...)
+            return 1
+        return 2 if limit is not None and w * h > limit else 0
+
+    with warnings.catch_warnings():  # counted below instead of one warning per image
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as ex:
+            codes = list(ex.map(ok, items, chunksize=64))
+    bad, big = codes.count(1), codes.count(2)
+    if bad:
+        _note(f"{where}: skipped {bad} unreadable image(s)")
+    if big:
+        _note(
+            f"{where}: skipped {big} image(s) larger than {limit} pixels (decompression-bomb guard)"
+        )
+    return [c == 0 for c in codes]
+
+
+def _open_file(path: object):
+    from PIL import Image
+
+    return Image.open(path)  # type: ignore[arg-type]
+
+
+class ImageSource:
+    """Labelled (or unlabelled) images decoded on demand: the interface every data source offers.
+
+    ``samples[i] = (ref, label)``; ``classes`` are the data's own class labels (folder names,
+    ClassLabel names, CSV labels) in class-index order, ``classnames`` what the text tower sees.
+    ``templates`` is set when a built-in data set says which prompts its papers used."""
+
+    root: Path
+    name: str
+    classes: list[str]
+    classnames: list[str]
+    labelled: bool
+    samples: list[tuple[object, int]]
+    templates: list[str] | None = None
+    dataset: str | None = None  # the built-in data set this source was matched to
+
+    def __init__(self, cache: bool = False):
         self.cache = cache
         self._memo: dict[int, object] = {}
-        class_dirs = sorted(
-            d for d in self.root.iterdir() if d.is_dir() and not d.name.startswith(".")
-        )
-        given = read_lines(classnames_file, "class names") if classnames_file is not None else None
-        if not class_dirs:
-            loose = _images_in(self.root)
-            if loose and given is not None:  # unlabelled images + class names
-                self.classes = []
-                self.classnames = given
-                self.samples = [(f, -1) for f in loose]
-                self.labelled = False
-                self._check_classes(given)
-                return
-            hint = " (unlabelled images need --classnames FILE)" if loose else ""
-            raise TvtoolError(
-                f"{self.root}: no class folders (expected DIR/<class>/*.png|jpg){hint}"
-            )
-        self.classes = [d.name for d in class_dirs]
-        self.labelled = True
-        self.samples: list[tuple[Path, int]] = []
-        empty = []
-        for label, d in enumerate(class_dirs):
-            files = _images_in(d)
-            if not files:
-                empty.append(d.name)
-            self.samples.extend((f, label) for f in files)
-        if not self.samples:
-            raise TvtoolError(f"{self.root}: no images (*.png, *.jpg, *.jpeg) in its class folders")
-        if empty:
-            raise TvtoolError(
-                f"{self.root}: class folder(s) without images: {', '.join(empty[:5])}"
-            )
-        if given is not None and len(given) != len(self.classes):
-            raise TvtoolError(
-                f"{classnames_file} lists {len(given)} class names but {self.root} has "
-                f"{len(self.classes)} class folders"
-            )
-        self.classnames = (
-            given if given is not None else [c.replace("_", " ") for c in self.classes]
-        )
-        self._check_classes(self.classnames)
 
     def _check_classes(self, names: Sequence[str]) -> None:
         if len(names) < 2:
@@ -118,18 +130,23 @@ class ImageFolder:
     def num_classes(self) -> int:
         return len(self.classnames)
 
+    def _open(self, ref: object):
+        """A PIL image (context manager) for one sample reference."""
+        raise NotImplementedError
+
+    def _describe(self, ref: object) -> str:
+        return str(ref)
+
     def load(self, i: int):
         """The i-th image as an RGB PIL image."""
         if i in self._memo:
             return self._memo[i]
-        from PIL import Image, UnidentifiedImageError
-
-        path = self.samples[i][0]
+        ref = self.samples[i][0]
         try:
-            with Image.open(path) as im:
+            with self._open(ref) as im:
                 img = im.convert("RGB")
-        except (OSError, UnidentifiedImageError) as e:
-            raise TvtoolError(f"cannot read image {path}: {e}") from None
+        except Exception as e:  # unreadable despite a readable header
+            raise TvtoolError(f"cannot read image {self._describe(ref)}: {e}") from None
         if self.cache:
             self._memo[i] = img
         return img
@@ -137,11 +154,87 @@ class ImageFolder:
     def subset(self, indices: Sequence[int], transform: Transform) -> Subset:
         return Subset(self, indices, transform)
 
+    def _screen(self) -> None:
+        keep = screen([r for r, _ in self.samples], self._open, str(self.root))
+        self.samples = [s for s, k in zip(self.samples, keep, strict=True) if k]
+
+
+class ImageFolder(ImageSource):
+    """Sorted (path, label) samples of an image folder; images decoded on demand."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str | None = None,
+        classnames_file: Path | None = None,
+        cache: bool = False,
+        names: Sequence[str] | None = None,
+    ):
+        from tvtool.models.heads import read_lines
+
+        super().__init__(cache)
+        self.root, self.name = resolve_data_dir(root, split)
+        class_dirs = sorted(
+            d for d in self.root.iterdir() if d.is_dir() and not d.name.startswith(".")
+        )
+        given = read_lines(classnames_file, "class names") if classnames_file is not None else None
+        if not class_dirs:
+            loose = _images_in(self.root)
+            given = given if given is not None else (list(names) if names else None)
+            if loose and given is not None:  # unlabelled images + class names
+                self.classes = []
+                self.classnames = given
+                self.samples = [(f, -1) for f in loose]
+                self.labelled = False
+                self._check_classes(given)
+                self._screen()
+                if not self.samples:
+                    raise TvtoolError(f"{self.root}: no readable images")
+                return
+            hint = " (unlabelled images need --classnames FILE)" if loose else ""
+            raise TvtoolError(
+                f"{self.root}: no class folders (expected DIR/<class>/*.png|jpg){hint}"
+            )
+        self.classes = [d.name for d in class_dirs]
+        self.labelled = True
+        self.samples = []
+        empty = []
+        for label, d in enumerate(class_dirs):
+            files = _images_in(d)
+            if not files:
+                empty.append(d.name)
+            self.samples.extend((f, label) for f in files)
+        if not self.samples:
+            raise TvtoolError(f"{self.root}: no images (*.png, *.jpg, *.jpeg) in its class folders")
+        if empty:
+            raise TvtoolError(
+                f"{self.root}: class folder(s) without images: {', '.join(empty[:5])}"
+            )
+        self._screen()
+        left = {lab for _, lab in self.samples}
+        empty = [c for i, c in enumerate(self.classes) if i not in left]
+        if empty:
+            raise TvtoolError(
+                f"{self.root}: class folder(s) without readable images: {', '.join(empty[:5])}"
+            )
+        if given is not None and len(given) != len(self.classes):
+            raise TvtoolError(
+                f"{classnames_file} lists {len(given)} class names but {self.root} has "
+                f"{len(self.classes)} class folders"
+            )
+        self.classnames = (
+            given if given is not None else [c.replace("_", " ") for c in self.classes]
+        )
+        self._check_classes(self.classnames)
+
+    def _open(self, ref: object):
+        return _open_file(ref)
+
 
 class Subset(torch.utils.data.Dataset):
     """`indices` of a folder with a transform: a map-style dataset of (image tensor, label)."""
 
-    def __init__(self, folder: ImageFolder, indices: Sequence[int], transform: Transform):
+    def __init__(self, folder: ImageSource, indices: Sequence[int], transform: Transform):
         self.folder, self.indices, self.transform = folder, list(indices), transform
 
     def __len__(self) -> int:
@@ -157,12 +250,21 @@ def open_folders(
     split: str | None,
     classnames: Sequence[Path] | None = None,
     cache: bool = False,
-) -> list[ImageFolder]:
-    """One ImageFolder per data directory; class-name files one-for-all or one per directory."""
+    datasets: Sequence[object] | None = None,
+) -> list[ImageSource]:
+    """One data source per `--data` value (folder, HF data, CSV; ``NAME=PATH`` for built-in
+    names); class-name files one-for-all or one per value; `datasets` (one per value, None
+    allowed) names the built-in data set of values without ``NAME=``."""
+    from tvtool.datasets.sources import open_source
+
     if not data:
         raise TvtoolError("give at least one --data DIR")
     files = pair_classnames(classnames, len(data))
-    return [ImageFolder(d, split, f, cache) for d, f in zip(data, files, strict=True)]
+    named = list(datasets) if datasets is not None else [None] * len(data)
+    return [
+        open_source(d, split, f, cache, n)  # type: ignore[arg-type]
+        for d, f, n in zip(data, files, named, strict=True)
+    ]
 
 
 def pair_classnames(classnames: Sequence[Path] | None, n: int) -> list[Path | None]:
@@ -275,7 +377,7 @@ def train_transform(clip: LoadedClip, flip: bool = False, strong: bool = False) 
 
 
 def load_tensors(
-    folder: ImageFolder, indices: Sequence[int], transform: Transform
+    folder: ImageSource, indices: Sequence[int], transform: Transform
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack a small set: (images [N, 3, H, W], labels [N] long)."""
     if not indices:
@@ -286,7 +388,7 @@ def load_tensors(
 
 
 def iter_batches(
-    folder: ImageFolder, indices: Sequence[int] | None, transform: Transform, batch_size: int
+    folder: ImageSource, indices: Sequence[int] | None, transform: Transform, batch_size: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches (images, labels) over `indices` (default: all) in order, decoded as they go."""
     if batch_size < 1:

@@ -19,6 +19,7 @@ from tvtool.compose.ddp import Dist
 from tvtool.compose.objectives import Objective, Role, confident
 from tvtool.datasets import images as mdata
 from tvtool.datasets.images import pair_classnames
+from tvtool.datasets.sources import open_source
 from tvtool.errors import TvtoolError
 from tvtool.models.functional import autocast, encode_images
 
@@ -38,7 +39,7 @@ class DataSpec:
 class PreparedData:
     name: str
     role: Role
-    folder: Any  # ImageFolder
+    folder: Any  # ImageSource
     train_idx: list[int]
     labels: list[int]  # training targets for train_idx (true labels, pseudo-labels or -1)
     head: torch.Tensor  # [C, D] on the device
@@ -78,7 +79,7 @@ def prepare_data(
 ) -> PreparedData:
     from tvtool.models.heads import zeroshot_head
 
-    folder = mdata.ImageFolder(spec.path, split=split, classnames_file=spec.classnames)
+    folder = open_source(spec.path, split, spec.classnames)
     needs_labels = objective.labelled or spec.role != "task"
     what = {"task": "--data", "target": "--negate", "control": "--control"}[spec.role]
     if needs_labels and not folder.labelled:
@@ -94,7 +95,7 @@ def prepare_data(
     indices = list(range(len(folder)))
     eval_folder, eval_idx = None, []
     if spec.val is not None:
-        eval_folder = mdata.ImageFolder(spec.val, split="val", classnames_file=spec.classnames)
+        eval_folder = open_source(spec.val, "val", spec.classnames, dataset=folder.dataset)
         if not eval_folder.labelled:
             raise TvtoolError(f"--val {spec.val}: validation images need class folders")
         if eval_folder.classes != folder.classes:
@@ -112,9 +113,13 @@ def prepare_data(
             raise TvtoolError(f"--shots on {spec.path}: few-shot sampling needs class folders")
         sub = mdata.few_shot_indices([labels[i] for i in indices], shots, seed, folder.classnames)
         indices = [indices[j] for j in sub]
-    head = zeroshot_head(clip, folder.classnames, templates, store, head_file=spec.head)
+    head = zeroshot_head(
+        clip, folder.classnames, templates or folder.templates, store, head_file=spec.head
+    )
     targets = [labels[i] for i in indices]
-    info: dict[str, Any] = {"path": str(Path(spec.path).resolve()), "classes": folder.num_classes}
+    info: dict[str, Any] = {"path": str(Path(folder.root).resolve()), "classes": folder.num_classes}
+    if folder.dataset:
+        info["dataset"] = folder.dataset
     if objective.pseudo_labels:
         indices, targets, kept = _pseudo_labels(
             clip, folder, indices, head, threshold, batch_size, dist

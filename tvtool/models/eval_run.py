@@ -124,6 +124,7 @@ def run_eval(
 ) -> dict:
     """Evaluate as `o` says; returns the report."""
     from tvtool.datasets.images import open_folders
+    from tvtool.datasets.registry import parse_data_arg
     from tvtool.models import evaluate as ev
     from tvtool.models.build import load_clip
     from tvtool.models.heads import load_templates
@@ -151,7 +152,7 @@ def run_eval(
         raise TvtoolError(
             f"give one --head file per --data set ({len(o.data)}), not {len(o.heads)}"
         )
-    templates = load_templates(o.templates)
+    templates = load_templates(o.templates) if o.templates else None  # None: per data set
     folders = open_folders(o.data, o.split, o.classnames)
     cached = o.grid is not None or mode == "disentanglement"
     workers = min(8, os.cpu_count() or 1) if clip.device.type == "cuda" else 0
@@ -165,7 +166,7 @@ def run_eval(
         "base_fingerprint": clip.base_fingerprint,
         "device": str(clip.device),
         "split": o.split,
-        "templates": len(templates),
+        "templates": _template_counts(templates, folders),
         "weights": {"mode": "weights" if mode == "weights-as-base" else mode},
         "scale": None,
         "grid": None,
@@ -209,7 +210,8 @@ def run_eval(
         scales = ev.parse_grid(o.grid)
         val_dirs = o.val or o.data
         if not o.val:
-            missing = [str(d) for d in o.data if not (Path(d) / "val").is_dir()]
+            paths = [parse_data_arg(d)[1] for d in o.data]
+            missing = [str(p) for p in paths if not (p / "val").is_dir()]
             if missing:
                 raise TvtoolError(
                     f"--grid needs validation data: give --val DIR... or create {missing[0]}/val"
@@ -218,7 +220,9 @@ def run_eval(
             raise TvtoolError(
                 f"give one --val directory per --data set ({len(o.data)}), not {len(val_dirs)}"
             )
-        val_folders = open_folders(val_dirs, "val", o.classnames)
+        val_folders = open_folders(
+            val_dirs, "val", o.classnames, datasets=[f.dataset for f in folders]
+        )
         val_sets = ev.prepare(
             clip, val_folders, templates, store, o.batch_size, True, workers, o.heads
         )
@@ -255,3 +259,13 @@ def headline(report: dict) -> float:
         vals: Sequence[float] = [x for row in d["xi"] for x in row]
         return sum(vals) / len(vals)
     return report["mean_accuracy"]
+
+
+def _template_counts(templates: list[str] | None, folders: list) -> int | list[int]:
+    """Templates per data set: one count when a --templates file applies to all."""
+    from tvtool.models.heads import DEFAULT_TEMPLATES
+
+    if templates:
+        return len(templates)
+    counts = [len(f.templates or DEFAULT_TEMPLATES) for f in folders]
+    return counts[0] if len(set(counts)) == 1 else counts

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from tvtool.datasets.images import ImageFolder, eval_transform, iter_batches
+from tvtool.datasets.images import ImageSource, eval_transform, iter_batches
 from tvtool.errors import TvtoolError
 from tvtool.models.build import LoadedClip
 from tvtool.models.functional import autocast, encode_images, logits, visual_params
@@ -32,7 +32,7 @@ CACHE_BYTES = 1 << 30  # keep a set's preprocessed images in memory up to this s
 class EvalSet:
     """A labelled folder with its head; preprocessed batches kept when small enough."""
 
-    folder: ImageFolder
+    folder: ImageSource
     head: torch.Tensor
     batch_size: int
     batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -60,8 +60,8 @@ class EvalSet:
 
 def prepare(
     clip: LoadedClip,
-    folders: Sequence[ImageFolder],
-    templates: Sequence[str],
+    folders: Sequence[ImageSource],
+    templates: Sequence[str] | None,
     store=None,
     batch_size: int = 128,
     keep_in_memory: bool = False,
@@ -69,7 +69,8 @@ def prepare(
     heads: Sequence[Path] | None = None,
 ) -> list[EvalSet]:
     """One EvalSet per folder (head cached in `store` when given; from `heads[i]`, a head file,
-    when given)."""
+    when given). `templates` None: each folder's own (a built-in data set's), else the
+    defaults."""
     from tvtool.models.heads import zeroshot_head
 
     sets = []
@@ -77,7 +78,8 @@ def prepare(
         if not f.labelled:
             raise TvtoolError(f"{f.root}: evaluation needs labelled data (class folders)")
         head_file = heads[i] if heads else None
-        head = zeroshot_head(clip, f.classnames, templates, store=store, head_file=head_file)
+        tpl = templates if templates is not None else f.templates
+        head = zeroshot_head(clip, f.classnames, tpl, store=store, head_file=head_file)
         es = EvalSet(f, head, batch_size, workers=workers)
         h, w = clip.image_size
         if keep_in_memory and len(f) * 3 * h * w * 4 <= CACHE_BYTES:

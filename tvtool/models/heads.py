@@ -52,15 +52,11 @@ def read_lines(path: Path, what: str) -> list[str]:
 
 def load_templates(path: Path | None) -> list[str]:
     """Templates from a file (one per line, each with one `{}` for the class name) or defaults."""
+    from tvtool.datasets.templates import check_templates
+
     if path is None:
         return list(DEFAULT_TEMPLATES)
-    templates = read_lines(path, "templates")
-    bad = [t for t in templates if t.count("{}") != 1]
-    if bad:
-        raise TvtoolError(
-            f"{path}: every template needs exactly one '{{}}' for the class name, e.g. {bad[0]!r}"
-        )
-    return templates
+    return check_templates(read_lines(path, "templates"), f"{path}:")
 
 
 def head_key(clip: LoadedClip, classnames: Sequence[str], templates: Sequence[str]) -> str:
@@ -180,7 +176,9 @@ def compute_head(
     """The normalised zero-shot head [C, D] (fp32, on clip.device); no caching."""
     if not classnames:
         raise TvtoolError("no class names to build a head from")
-    prompts = [t.format(c) for c in classnames for t in templates]
+    from tvtool.datasets.templates import fill
+
+    prompts = [fill(t, c) for c in classnames for t in templates]
     embs = []
     for i in range(0, len(prompts), chunk):
         tokens = clip.tokenizer(prompts[i : i + chunk]).to(clip.device)

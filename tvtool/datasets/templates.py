@@ -1,0 +1,39 @@
+"""Prompt templates: exactly one placeholder for the class name, filled without str.format.
+
+A template is text with one ``{}`` (or ``{c}``) where the class name goes, e.g.
+``"a photo of a {}."``. Templates are never passed to ``str.format``: a template such as
+``"{}{0.__class__}"`` would read attributes, and ``"{} {"`` would raise. Any other brace is refused.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from tvtool.errors import TvtoolError
+
+_PLACEHOLDER = re.compile(r"\{c?\}")
+
+
+def check_template(t: str, where: str = "template") -> str:
+    """`t` itself when it holds exactly one ``{}``/``{c}`` and no other brace; else an error."""
+    holes = _PLACEHOLDER.findall(t)
+    rest = _PLACEHOLDER.sub("", t)
+    if len(holes) != 1 or "{" in rest or "}" in rest:
+        raise TvtoolError(
+            f"{where} {t!r}: a template needs exactly one '{{}}' (or '{{c}}') for the class "
+            "name and no other braces"
+        )
+    return t
+
+
+def check_templates(templates: Sequence[str], where: str = "template") -> list[str]:
+    if not templates:
+        raise TvtoolError(f"{where}: no templates")
+    return [check_template(t, where) for t in templates]
+
+
+def fill(t: str, classname: str) -> str:
+    """The prompt for one class: the placeholder replaced by `classname` (no formatting)."""
+    check_template(t)
+    return _PLACEHOLDER.sub(lambda _: classname, t, count=1)
