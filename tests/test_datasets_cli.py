@@ -56,7 +56,8 @@ def _plain_head(t, names, templates):
     with torch.no_grad():
         rows = []
         for c in names:
-            e = F.normalize(t["net"].encode_text(tok([p.replace("{}", c) for p in templates])), dim=-1)
+            prompts = tok([p.replace("{}", c) for p in templates])
+            e = F.normalize(t["net"].encode_text(prompts), dim=-1)
             rows.append(F.normalize(e.mean(0), dim=-1))
     return torch.stack(rows)
 

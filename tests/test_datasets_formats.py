@@ -131,7 +131,7 @@ def test_missing_datasets_package_is_one_line(tmp_path, monkeypatch):
         return real(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", no_datasets)
-    with pytest.raises(TvtoolError, match=r"needs the `datasets` package: pip install 'tvtool\[hf\]'"):
+    with pytest.raises(TvtoolError, match=r"needs the `datasets` package: pip install 'tvtool"):
         open_source(tmp_path / "x.parquet")
 
 

@@ -78,8 +78,8 @@ ValOpt = Annotated[
     list[Path] | None,
     typer.Option(
         "--val",
-        help="Validation folder, one per --data (model selection by accuracy).",
-        file_okay=False,
+        help="Validation data (folder, HF data or CSV), one per --data (model selection by "
+        "accuracy).",
         show_default=False,
     ),
 ]
@@ -95,8 +95,7 @@ NegateOpt = Annotated[
     Path | None,
     typer.Option(
         "--negate",
-        help="Forget this data set (maximise its loss)...",
-        file_okay=False,
+        help="Forget this data set (maximise its loss; PATH or NAME=PATH like --data)...",
         show_default=False,
     ),
 ]
@@ -104,8 +103,7 @@ ControlOpt = Annotated[
     Path | None,
     typer.Option(
         "--control",
-        help="...while keeping >= 95% of the base accuracy on this one.",
-        file_okay=False,
+        help="...while keeping >= 95% of the base accuracy on this one (PATH or NAME=PATH).",
         show_default=False,
     ),
 ]

@@ -45,9 +45,11 @@ DataOpt = Annotated[
     typer.Option(
         "--data",
         "-d",
-        help="Image folder DIR/<class>/*.png|jpg (or DIR/<split>/<class>/...); repeatable.",
+        help="Data: image folder DIR/<class>/*.png (or DIR/<split>/<class>/...), Hugging Face "
+        "save_to_disk folder or parquet, or CSV of path,label; NAME=PATH uses built-in data set "
+        "NAME's class names and templates (`tvtool datasets ls`). Unreadable images and "
+        "decompression bombs are skipped with a count. Repeatable.",
         show_default=False,
-        file_okay=False,
     ),
 ]
 ClassnamesOpt = Annotated[
