@@ -167,8 +167,10 @@ def test_imagenet_equals_open_clip_zero_shot_metadata():
 def test_datasets_cli(invoke):
     r = invoke("datasets", "ls", "--suite", "ta8")
     assert r.exit_code == 0
-    rows = r.stdout.splitlines()[1:]
-    assert [ln.split()[0] for ln in rows] == sorted(registry.names("ta8"))
+    head, *rows = [ln.split("\t") for ln in r.stdout.splitlines()]  # not a terminal: TSV
+    assert head == ["name", "classes", "templates", "suites", "title"]
+    assert [row[0] for row in rows] == sorted(registry.names("ta8"))
+    assert rows[0] == ["cars", "196", "8", "ta8,tall14,tall20,atlas22", "Stanford Cars"]
     r = invoke("datasets", "ls", "--json")
     doc = json.loads(r.stdout)
     assert {d["name"]: d["classes"] for d in doc["datasets"]}["sun397"] == 397

@@ -41,7 +41,7 @@ def ls_cmd(
 
     Use one in a run with `--data NAME=PATH`: its published class names and templates apply.
     """
-    from tvtool.cli.output import emit_json, emit_line
+    from tvtool.cli.output import Col, emit_json, out, table
     from tvtool.datasets.registry import SUITES, get, names
 
     rows = [get(n) for n in names(suite)]
@@ -63,12 +63,20 @@ def ls_cmd(
             }
         )
         return
-    emit_line(f"{'name':<15} {'classes':>7} {'templates':>9}  {'suites':<28} title")
-    for d in rows:
-        n = str(len(d.classnames)) if d.classnames else "data"
-        emit_line(
-            f"{d.name:<15} {n:>7} {len(d.templates):>9}  {','.join(d.suites) or '-':<28} {d.title}"
-        )
+    table(
+        ["name", Col("classes", "right"), Col("templates", "right"), "suites", "title"],
+        [
+            [
+                d.name,
+                len(d.classnames) if d.classnames else "data",
+                len(d.templates),
+                ",".join(d.suites) or "-",
+                d.title,
+            ]
+            for d in rows
+        ],
+        console=out,
+    )
 
 
 @datasets_app.command("show")
