@@ -361,3 +361,96 @@ def test_pickled_open_clip_image_encoder(tmp_path: Path, tiny_clip_config: Path)
     assert any(k.startswith("visual.") for k in got) and "logit_scale" in got
     for k, v in expected.items():
         assert torch.equal(got[k], v), k
+
+
+# -- strict header, compressed and crafted torch archives (issue 8) ----------------------------
+
+
+def _rezip(src: Path, dst: Path, method: int) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(src) as zi, zipfile.ZipFile(dst, "w", method) as zo:
+        for info in zi.infolist():
+            zo.writestr(info.filename, zi.read(info.filename))
+
+
+def test_deflated_torch_archive_is_read_correctly(tmp_path: Path) -> None:
+    import zipfile
+
+    sd = state()
+    torch.save(sd, tmp_path / "plain.pt")
+    _rezip(tmp_path / "plain.pt", tmp_path / "deflated.pt", zipfile.ZIP_DEFLATED)
+    with zipfile.ZipFile(tmp_path / "deflated.pt") as z:  # the data really is compressed
+        assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_DEFLATED}
+    assert_same(read_all(tmp_path / "deflated.pt"), sd)
+
+
+def test_deflated_member_with_bad_crc_is_refused(tmp_path: Path) -> None:
+    import zipfile
+
+    torch.save(state(), tmp_path / "plain.pt")
+    _rezip(tmp_path / "plain.pt", tmp_path / "d.pt", zipfile.ZIP_DEFLATED)
+    raw = bytearray((tmp_path / "d.pt").read_bytes())
+    with zipfile.ZipFile(tmp_path / "d.pt") as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("data/0"))
+    cd = raw.rfind(info.filename.encode()) - 46  # its central-directory entry
+    raw[cd + 16 : cd + 20] = (info.CRC ^ 0xFFFF).to_bytes(4, "little")
+    (tmp_path / "d.pt").write_bytes(bytes(raw))
+    with pytest.raises(TvtoolError, match="corrupt compressed member"):
+        open_checkpoint(tmp_path / "d.pt")
+
+
+def test_expanded_view_within_storage_is_read(tmp_path: Path) -> None:
+    """Views that stay within their storage (tied weights, slices) are legitimate."""
+    base = torch.randn(6, 4)
+    torch.save({"emb": base, "head": base, "half": base[3:]}, tmp_path / "m.pt")
+    got = read_all(tmp_path / "m.pt")
+    assert torch.equal(got["head"], base) and torch.equal(got["half"], base[3:])
+
+
+def test_stride0_view_is_refused_before_any_arithmetic(tmp_path: Path) -> None:
+    torch.save({"w": torch.zeros(1).expand(1000, 1000)}, tmp_path / "m.pt")
+    with pytest.raises(TvtoolError, match="stride-0 or overlapping"):
+        open_checkpoint(tmp_path / "m.pt")
+
+
+def test_header_parser_agrees_with_safetensors_on_valid_files(tmp_path: Path) -> None:
+    from tvtool.checkpoints.header import read_header
+
+    sd = {**state(), "empty": torch.zeros(0, 3), "scalar": torch.tensor(1.0)}
+    safetensors.torch.save_file(sd, tmp_path / "m.safetensors", {"k": "v"})
+    h = read_header(tmp_path / "m.safetensors")
+    assert h.metadata == {"k": "v"}
+    reference = safetensors.safe_open(str(tmp_path / "m.safetensors"), "pt")
+    assert set(h.entries) == set(reference.keys())
+    for k, e in h.entries.items():
+        assert list(e.shape) == list(reference.get_slice(k).get_shape())
+        raw = (tmp_path / "m.safetensors").read_bytes()[e.begin : e.end]
+        assert raw == sd[k].contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize(
+    "shape, why",
+    [("22", "shape must be a list"), ([2.0, 2.0], "integers"), ([True, True], "integers"),
+     (["2", "2"], "integers"), ([0, 2**50], "out of range")],
+)
+def test_header_parser_refuses_lenient_shapes(tmp_path: Path, shape, why: str) -> None:
+    from tvtool.checkpoints.header import HeaderError, read_header
+
+    header = json.dumps({"x": {"dtype": "F32", "shape": shape, "data_offsets": [0, 16]}})
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header.encode() + bytes(16))
+    with pytest.raises(HeaderError, match=why):
+        read_header(path)
+
+
+def test_index_shard_outside_directory_is_not_read(tmp_path: Path) -> None:
+    d, sd = _shards(tmp_path)
+    index = d / "model.safetensors.index.json"
+    doc = json.loads(index.read_text())
+    outside = tmp_path / "outside.safetensors"
+    safetensors.torch.save_file(sd, outside)
+    doc["weight_map"] = {k: "../outside.safetensors" for k in sd}
+    index.write_text(json.dumps(doc))
+    with pytest.raises(TvtoolError, match="outside the index's directory"):
+        open_checkpoint(index)

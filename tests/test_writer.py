@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -141,3 +142,98 @@ def test_writer_output_reads_back_through_tvtool_reader(tmp_path: Path) -> None:
         assert r.metadata() == {"a": "b"}
         for k, v in t.items():
             assert torch.equal(r.get(k), v), k
+
+
+# -- faults: signals, read-only directories, full disks (issue 8) ------------------------------
+
+_WRITER_CHILD = r"""
+import os, signal, sys, time
+from pathlib import Path
+from tvtool.checkpoints.writer import atomic_output
+target = Path(sys.argv[1])
+before = signal.getsignal(signal.SIGTERM)
+with atomic_output(target) as f:
+    f.write(b"x" * 1000)
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGINT"])
+def test_atomic_output_removes_its_part_file_on_signals(tmp_path: Path, sig: str) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    target = tmp_path / "out.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER_CHILD, str(target)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    assert [p.name for p in tmp_path.iterdir()][0].startswith(".out.safetensors.")
+    proc.send_signal(getattr(signal, sig))
+    _, stderr = proc.communicate(timeout=60)
+    assert list(tmp_path.iterdir()) == []  # neither the output nor its .part file
+    if sig == "SIGINT":  # the default behaviour is kept: KeyboardInterrupt, then exit by SIGINT
+        assert "KeyboardInterrupt" in stderr
+    assert proc.returncode == -getattr(signal, sig)  # killed by the signal, as without us
+
+
+def test_atomic_output_restores_signal_handlers(tmp_path: Path) -> None:
+    import signal
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
+    with atomic_output(tmp_path / "a.bin") as f:
+        assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
+        with atomic_output(tmp_path / "b.bin") as g:  # nested writes (shards) share them
+            g.write(b"b")
+        assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
+        f.write(b"a")
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_atomic_output_read_only_directory_is_one_line(tmp_path: Path) -> None:
+    if os.geteuid() == 0:  # root writes through mode bits: use a directory no one can write
+        with pytest.raises(TvtoolError, match="cannot write to"):
+            with atomic_output(Path("/proc/self/x.bin")) as f:
+                f.write(b"x")
+        return
+    d = tmp_path / "ro"
+    d.mkdir()
+    d.chmod(0o555)
+    try:
+        with pytest.raises(TvtoolError, match="cannot write to"):
+            with atomic_output(d / "x.bin") as f:
+                f.write(b"x")
+        assert list(d.iterdir()) == []
+    finally:
+        d.chmod(0o755)
+
+
+_FULL_DISK_CHILD = r"""
+import resource, signal, sys
+from pathlib import Path
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+from tvtool.checkpoints.writer import atomic_output
+from tvtool.errors import TvtoolError
+try:
+    with atomic_output(Path(sys.argv[1])) as f:
+        for _ in range(100):
+            f.write(b"x" * 1024)
+except TvtoolError as e:
+    print(e)
+"""
+
+
+def test_atomic_output_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", _FULL_DISK_CHILD, str(tmp_path / "o.bin")],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "failed" in out.stdout and "nothing was written" in out.stdout
+    assert list(tmp_path.iterdir()) == []

@@ -9,19 +9,16 @@ shards), torch `.pt/.bin/.pth` state dicts (`weights_only=True`, memory-mapped),
 from __future__ import annotations
 
 import hashlib
-import json
-import struct
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tvtool.errors import TvtoolError, UnsafePickleError
+from tvtool.checkpoints.header import looks_like_safetensors, read_index
+from tvtool.errors import TvtoolError
 
 _PREFIXES = ("module.", "model.")
-_WRAPPERS = ("state_dict", "model_state_dict", "model", "module", "params")
 
 
 @dataclass(frozen=True)
@@ -164,22 +161,18 @@ class SafetensorsReader(CheckpointReader):
 
 
 class TorchReader(CheckpointReader):
-    """A torch pickle: a state dict (weights_only) or a whole module (restricted unpickler)."""
+    """A torch pickle: a state dict (weights_only) or a whole module (restricted unpickler);
+    loaded and checked by `torch_file.load_state`."""
 
     format = "torch"
 
     def __init__(self, path: Path):
-        super().__init__(path, [path])
-        obj = _torch_load(path)
-        self.format = "torch-module" if not isinstance(obj, dict) else "torch"
-        from tvtool.checkpoints.safe_unpickle import module_classes
+        from tvtool.checkpoints.torch_file import load_state
 
-        self.module_classes = module_classes(obj)  # e.g. which activation a pickled CLIP used
-        state = _unwrap_state(obj)
-        self._tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-        self.skipped_non_tensor = sorted(
-            k for k, v in state.items() if not isinstance(v, torch.Tensor)
-        )
+        super().__init__(path, [path])
+        loaded = load_state(path)
+        self._tensors, self.skipped_non_tensor, self.format = loaded[:3]
+        self.module_classes = loaded[3]  # e.g. which activation a pickled CLIP used
         self._names = normalise_keys(sorted(self._tensors))
 
     def meta(self, key: str) -> TensorMeta:
@@ -191,98 +184,6 @@ class TorchReader(CheckpointReader):
 
     def close(self) -> None:
         self._tensors = {}
-
-
-def _torch_load(path: Path) -> Any:
-    with warnings.catch_warnings():  # weights_only's note on pickle protocols > 2: not for users
-        warnings.filterwarnings("ignore", message="Detected pickle protocol")
-        return _torch_load_any(path)
-
-
-def _torch_load_any(path: Path) -> Any:
-    import pickle
-
-    from tvtool.checkpoints.safe_unpickle import restricted_pickle
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" in str(e):  # legacy (non-zip) format cannot be memory-mapped
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError:
-                pass
-            except Exception as e2:
-                raise TvtoolError(
-                    f"{path}: not a readable torch checkpoint ({_first(e2)})"
-                ) from None
-        else:
-            raise TvtoolError(f"{path}: not a readable torch checkpoint ({_first(e)})") from None
-    except pickle.UnpicklingError:
-        pass  # not a plain state dict: fall back to the restricted unpickler
-    except Exception as e:
-        raise TvtoolError(f"{path}: not a readable torch checkpoint ({_first(e)})") from None
-    try:
-        with warnings.catch_warnings():  # e.g. "couldn't retrieve source code" for stubs
-            warnings.simplefilter("ignore")
-            if not _is_zip(path):  # a plain `pickle.dump` file, or torch's legacy format
-                from tvtool.checkpoints.safe_unpickle import RestrictedUnpickler
-
-                with open(path, "rb") as f:
-                    obj = RestrictedUnpickler(f).load()
-                if not (isinstance(obj, int) and obj == _LEGACY_MAGIC):
-                    return obj
-            return torch.load(
-                path, map_location="cpu", weights_only=False, pickle_module=restricted_pickle,
-                mmap=_is_zip(path),
-            )
-    except UnsafePickleError as e:
-        raise UnsafePickleError(f"{path}: {e}") from None
-    except Exception as e:
-        raise TvtoolError(f"{path}: not a readable torch checkpoint ({_first(e)})") from None
-
-
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # first pickle of torch's legacy (non-zip) format
-
-
-def _is_zip(path: Path) -> bool:
-    import zipfile
-
-    return zipfile.is_zipfile(path)
-
-
-def _first(e: Exception) -> str:
-    s = str(e).strip()
-    return s.splitlines()[0][:200] if s else type(e).__name__
-
-
-def _unwrap_state(obj: Any) -> dict[str, Any]:
-    from tvtool.checkpoints.safe_unpickle import Stub, tensors_from_object
-
-    if isinstance(obj, Stub):
-        return dict(tensors_from_object(obj))
-    if isinstance(obj, dict):
-        if not any(isinstance(v, torch.Tensor) for v in obj.values()):
-            for w in _WRAPPERS:
-                inner = obj.get(w)
-                if isinstance(inner, dict) or isinstance(inner, Stub):
-                    return _unwrap_state(inner)
-        if any(isinstance(v, Stub) for v in obj.values()):
-            return dict(tensors_from_object(obj))
-        return obj
-    raise TvtoolError(f"checkpoint holds a {type(obj).__name__}, not a state dict or module")
-
-
-def _looks_like_safetensors(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-    except OSError:
-        return False
-    if len(head) < 9:
-        return False
-    (n,) = struct.unpack("<Q", head[:8])
-    return head[8:9] == b"{" and n < (1 << 30)
 
 
 def open_checkpoint(path: str | Path) -> CheckpointReader:
@@ -303,18 +204,23 @@ def open_checkpoint(path: str | Path) -> CheckpointReader:
         raise TvtoolError(f"{p}: directory holds no .safetensors shards or pytorch_model.bin")
     if p.name.endswith(".index.json"):
         return _from_index(p)
-    if p.suffix == ".safetensors" or _looks_like_safetensors(p):
+    if p.suffix == ".safetensors" or looks_like_safetensors(p):
         return SafetensorsReader(p, [p])
     return TorchReader(p)
 
 
 def _from_index(index: Path) -> SafetensorsReader:
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise TvtoolError(f"{index}: not a valid shard index ({_first(e)})") from None
-    files = sorted({index.parent / f for f in weight_map.values()})
+    weight_map, _ = read_index(index)
+    files = sorted(set(weight_map.values()))
     missing = [f.name for f in files if not f.exists()]
     if missing:
         raise TvtoolError(f"{index}: missing shard(s) {', '.join(missing[:3])}")
-    return SafetensorsReader(index, files)
+    reader = SafetensorsReader(index, files)
+    stray = sorted(set(reader._raw) ^ set(weight_map))
+    if stray:
+        reader.close()
+        raise TvtoolError(
+            f"{index}: the index and its shards disagree on {len(stray)} tensor(s) "
+            f"(e.g. {stray[0]!r}): a stale index?"
+        )
+    return reader

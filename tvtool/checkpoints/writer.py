@@ -9,15 +9,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import torch
 
-from tvtool.errors import TvtoolError
+from tvtool.errors import TvtoolError, printable
 
 DTYPE_TO_ST = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -107,26 +109,89 @@ class SafetensorsStreamWriter:
             raise RuntimeError(f"output incomplete: tensor {missing!r} was never written")
 
 
+_CLEANUP_SIGNALS = tuple(
+    getattr(signal, n) for n in ("SIGTERM", "SIGHUP", "SIGINT") if hasattr(signal, n)
+)
+_pending: set[Path] = set()  # temp files being written, removed if a signal ends the process
+_saved: dict[int, Any] = {}  # handlers we replaced, restored when the last write ends
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    """Remove every temp file in flight, restore the handlers, then behave as before us."""
+    for p in list(_pending):
+        with contextlib.suppress(OSError):
+            p.unlink()
+    _pending.clear()
+    previous = _saved.get(signum, signal.SIG_DFL)
+    _restore()
+    if callable(previous):
+        previous(signum, frame)  # e.g. SIGINT's KeyboardInterrupt
+    else:
+        os.kill(os.getpid(), signum)  # the default action: terminate with that signal
+
+
+def _restore() -> None:
+    for signum, handler in _saved.items():
+        with contextlib.suppress(ValueError, OSError):
+            signal.signal(signum, handler)
+    _saved.clear()
+
+
+@contextlib.contextmanager
+def removed_on_signal(tmp: Path) -> Iterator[None]:
+    """While the block runs, SIGTERM/SIGHUP/SIGINT first delete `tmp` (handlers installed only
+    here, in the main thread, and not for signals the process ignores; restored after)."""
+    main = threading.current_thread() is threading.main_thread()
+    if main and not _pending:
+        for signum in _CLEANUP_SIGNALS:
+            current = signal.getsignal(signum)
+            if current is signal.SIG_IGN or current is None:
+                continue  # e.g. SIGHUP under nohup: the write should survive it
+            _saved[signum] = current
+            signal.signal(signum, _on_signal)
+    _pending.add(tmp)
+    try:
+        yield
+    finally:
+        _pending.discard(tmp)
+        if main and not _pending:
+            _restore()
+
+
 @contextlib.contextmanager
 def atomic_output(path: Path, *, force: bool = False) -> Iterator[IO[bytes]]:
-    """A temp file beside `path`, renamed onto it (after fsync) only if the block succeeds."""
+    """A hidden temp file `.NAME.<id>.part` beside `path`, renamed onto it (after fsync) only if
+    the block succeeds; removed on errors and on SIGTERM/SIGHUP/SIGINT. OS errors (read-only
+    directory, full disk) become one-line TvtoolErrors."""
     path = Path(path)
     if path.exists() and not force:
-        raise TvtoolError(f"{path} exists; use --force to overwrite it")
+        raise TvtoolError(f"{printable(str(path))} exists; use --force to overwrite it")
     if not path.parent.exists():
-        raise TvtoolError(f"output directory {path.parent} does not exist")
+        raise TvtoolError(f"output directory {printable(str(path.parent))} does not exist")
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")
-    f = open(tmp, "xb")  # noqa: SIM115
-    try:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
-        os.replace(tmp, path)
-    except BaseException:
-        f.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with removed_on_signal(tmp):
+        try:
+            f = open(tmp, "xb")  # noqa: SIM115
+        except OSError as e:
+            raise TvtoolError(
+                f"cannot write to {printable(str(path.parent))} ({e.strerror})"
+            ) from None
+        try:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            os.replace(tmp, path)
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                f.close()
+            tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError) and not isinstance(e, TvtoolError):
+                raise TvtoolError(
+                    f"writing {printable(str(path))} failed ({e.strerror or e}); nothing was "
+                    "written"
+                ) from None
+            raise
 
 
 def save_safetensors(

@@ -11,7 +11,6 @@ digest and checkpoint fingerprint. It is stored with `model_dump` and read back 
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -25,6 +24,7 @@ from pydantic import (
 )
 
 from tvtool import __version__
+from tvtool.checkpoints.header import read_header, read_index
 from tvtool.errors import TvtoolError
 from tvtool.vectors.methods import (
     METHODS,
@@ -263,17 +263,9 @@ def read_metadata(path: Path) -> tuple[Path, dict[str, Any]]:
         path = found[0]
     if not path.exists():
         raise TvtoolError(f"file not found: {path}")
-    try:
-        if path.name.endswith(".json"):
-            return path, dict(json.loads(path.read_text()).get("metadata") or {})
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > 1 << 30:
-                raise ValueError("header too large")
-            header = json.loads(f.read(n))
-        return path, dict(header.get("__metadata__") or {})
-    except (OSError, ValueError, struct.error, AttributeError) as e:
-        raise TvtoolError(f"{path}: not a safetensors file or shard index ({e})") from None
+    if path.name.endswith(".json"):
+        return path, dict(read_index(path)[1])
+    return path, dict(read_header(path).metadata)
 
 
 def decode_provenance(metadata: dict[str, Any]) -> dict[str, Any]:
