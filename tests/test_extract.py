@@ -168,7 +168,7 @@ def test_bad_options(invoke, pair) -> None:
     assert "unknown preset" in invoke("extract", bp, fp, "--preset", "vision").stderr
     assert "unknown dtype" in invoke("extract", bp, fp, "--dtype", "fp64").stderr
     assert "invalid --include regex" in invoke("extract", bp, fp, "--include", "(").stderr
-    assert "invalid name" in invoke("extract", bp, fp, "--name", "../x").stderr
+    assert "invalid ref name" in invoke("extract", bp, fp, "--name", "../x").stderr
 
 
 def test_name_not_moved_without_force(invoke, pair, tmp_path: Path) -> None:
