@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tvtool.datasets import images as data
+from tvtool.datasets import splits
 from tvtool.errors import TvtoolError
 
 
@@ -69,7 +70,7 @@ def test_unlabelled_images_with_classnames(tmp_path):
     f = data.ImageFolder(loose, classnames_file=names)
     assert not f.labelled and set(f.labels) == {-1} and len(f) == 6
     with pytest.raises(TvtoolError, match="labelled"):
-        data.few_shot_indices(f.labels, 1, 0)
+        splits.few_shot_indices(f.labels, 1, 0)
 
 
 def test_folder_errors(tmp_path):
@@ -124,31 +125,31 @@ def test_decompression_bombs_are_skipped(tmp_path, capsys, monkeypatch):
 
 def test_few_shot_indices_are_seeded_and_per_class():
     labels = [0] * 10 + [1] * 7 + [2] * 5
-    a = data.few_shot_indices(labels, 4, seed=3)
-    assert a == data.few_shot_indices(labels, 4, seed=3)
-    assert a != data.few_shot_indices(labels, 4, seed=4)
+    a = splits.few_shot_indices(labels, 4, seed=3)
+    assert a == splits.few_shot_indices(labels, 4, seed=3)
+    assert a != splits.few_shot_indices(labels, 4, seed=4)
     counts = np.bincount([labels[i] for i in a])
     assert counts.tolist() == [4, 4, 4]
     assert len(set(a)) == 12
-    assert data.few_shot_indices(labels, 5, seed=0)[-5:] == [17, 18, 19, 20, 21]  # whole class
+    assert splits.few_shot_indices(labels, 5, seed=0)[-5:] == [17, 18, 19, 20, 21]  # whole class
     with pytest.raises(TvtoolError, match="--shots 6 is larger than class 'cars', which has 5"):
-        data.few_shot_indices(labels, 6, seed=0, classnames=["x", "y", "cars"])
+        splits.few_shot_indices(labels, 6, seed=0, classnames=["x", "y", "cars"])
     with pytest.raises(TvtoolError, match=">= 1"):
-        data.few_shot_indices(labels, 0, seed=0)
+        splits.few_shot_indices(labels, 0, seed=0)
 
 
 def test_split_val_is_stratified_and_disjoint():
     labels = [0] * 10 + [1] * 4 + [2] * 1
     idx = list(range(len(labels)))
-    train, val = data.split_val(labels, idx, 0.25, seed=0)
+    train, val = splits.split_val(labels, idx, 0.25, seed=0)
     assert sorted(train + val) == idx and not set(train) & set(val)
     assert np.bincount([labels[i] for i in val], minlength=3).tolist() == [2, 1, 0]
-    assert (train, val) == data.split_val(labels, idx, 0.25, seed=0)
+    assert (train, val) == splits.split_val(labels, idx, 0.25, seed=0)
     sub = [0, 2, 4, 6, 10, 11]
-    tr, va = data.split_val(labels, sub, 0.5, seed=1)
+    tr, va = splits.split_val(labels, sub, 0.5, seed=1)
     assert sorted(tr + va) == sub
     with pytest.raises(TvtoolError, match="between 0 and 1"):
-        data.split_val(labels, idx, 1.0, seed=0)
+        splits.split_val(labels, idx, 1.0, seed=0)
 
 
 def test_eval_transform_and_load_tensors(tmp_path):

@@ -192,3 +192,20 @@ def test_folder_with_builtin_names(tmp_path, capsys):
     src = open_source(f"eurosat={tmp_path / 'eu'}")
     assert src.classnames == eu.classnames
     assert "matched by position" in capsys.readouterr().err
+
+
+def test_val_inherits_the_named_dataset_and_data_specs(tmp_path):
+    from tests.test_data import make_folder
+    from tvtool.datasets.prepare import data_specs
+
+    make_folder(tmp_path / "tr", classes=("truck", "cat"), n=2)
+    make_folder(tmp_path / "va", classes=("truck", "cat"), n=1, seed=1)
+    specs = data_specs([f"cifar10={tmp_path / 'tr'}"], [tmp_path / "va"], None,
+                       negate=f"mnist={tmp_path / 'tr'}")
+    assert [s.role for s in specs] == ["task", "target"]
+    tr = open_source(specs[0].path, "train")
+    va = open_source(specs[0].val, "val", dataset=tr.dataset)
+    assert va.dataset == "cifar10" and va.classnames == tr.classnames == ["cat", "truck"]
+    assert va.templates == tr.templates == registry.get("cifar10").templates
+    with pytest.raises(TvtoolError, match="give one --val DIR per --data"):
+        data_specs([tmp_path / "tr"], [tmp_path / "va", tmp_path / "va"])

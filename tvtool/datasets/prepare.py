@@ -20,6 +20,7 @@ from tvtool.compose.objectives import Objective, Role, confident
 from tvtool.datasets import images as mdata
 from tvtool.datasets.images import pair_classnames
 from tvtool.datasets.sources import open_source
+from tvtool.datasets.splits import few_shot_indices, split_val
 from tvtool.errors import TvtoolError
 from tvtool.models.functional import autocast, encode_images
 
@@ -104,14 +105,14 @@ def prepare_data(
     elif val_split:
         if not folder.labelled:
             raise TvtoolError(f"--val-split on {spec.path}: unlabelled images cannot be validated")
-        indices, eval_idx = mdata.split_val(labels, indices, val_split, seed)
+        indices, eval_idx = split_val(labels, indices, val_split, seed)
         eval_folder = folder
         if not eval_idx:
             raise TvtoolError(f"--val-split {val_split} leaves no validation images in {spec.path}")
     if shots is not None:
         if not folder.labelled:
             raise TvtoolError(f"--shots on {spec.path}: few-shot sampling needs class folders")
-        sub = mdata.few_shot_indices([labels[i] for i in indices], shots, seed, folder.classnames)
+        sub = few_shot_indices([labels[i] for i in indices], shots, seed, folder.classnames)
         indices = [indices[j] for j in sub]
     head = zeroshot_head(
         clip, folder.classnames, templates or folder.templates, store, head_file=spec.head

@@ -27,6 +27,7 @@ def linear_probe(
     import torch.nn.functional as F
 
     from tvtool.datasets import images as mdata
+    from tvtool.datasets.splits import few_shot_indices
     from tvtool.models.build import load_clip
     from tvtool.models.functional import encode_images
     from tvtool.models.heads import compute_head, load_templates
@@ -34,7 +35,7 @@ def linear_probe(
     clip = load_clip(model_config=model_config, base=base, device=device)
     train = mdata.ImageFolder(data, split="train")
     test = mdata.ImageFolder(data, split="test")
-    idx = mdata.few_shot_indices(train.labels, shots, seed, train.classnames)
+    idx = few_shot_indices(train.labels, shots, seed, train.classnames)
     tf = mdata.eval_transform(clip)
 
     @torch.no_grad()
