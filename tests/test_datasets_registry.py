@@ -122,6 +122,15 @@ def test_match_classnames():
     assert how == "index" and names == ["truck", "airplane"]
     with pytest.raises(TvtoolError, match="3 classes, but data set 'eurosat' has 10"):
         registry.match_classnames(d, ["a", "b", "c"], "x")
+    cal = registry.get("caltech256")  # atlas renames torchvision's category folders
+    names, how = registry.match_classnames(
+        cal, ["001.ak47", "002.american-flag", "253.faces-easy-101"], "x"
+    )
+    assert how == "data" and names == ["ak47", "american flag", "faces easy"]
+    names, _ = registry.match_classnames(registry.get("ucf101"), ["Apply_Eye_Makeup"], "x")
+    assert names == ["Apply_Eye_Makeup"]  # as atlas uses them
+    names, _ = registry.match_classnames(registry.get("caltech101"), ["Faces_easy"], "x")
+    assert names == ["Faces_easy"]
     pets = registry.get("pets")
     names, how = registry.match_classnames(pets, ["american_bulldog", "Abyssinian"], "x")
     assert how == "name" and names == ["American Bulldog", "Abyssinian"]

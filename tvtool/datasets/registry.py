@@ -52,6 +52,9 @@ class BuiltinDataset(BaseModel):
     suites: list[str] = []
     hf: str | None = None  # the Hugging Face hub data set FusionBench reads
     classnames: list[str] | None = None  # None: class names come from the data
+    # how the data's own labels become class names when `classnames` is None: regex
+    # substitutions applied in order (None: tvtool's default, "_" -> " ")
+    data_names: list[tuple[str, str]] | None = None
     templates: list[str]
     sources: dict[str, str | None]
     note: str | None = None
@@ -151,7 +154,14 @@ def match_classnames(
     order (folder names, ClassLabel names, CSV labels)."""
     pub = d.classnames
     if pub is None:
-        return [c.replace("_", " ") for c in data_classes], "data"
+        if d.data_names is None:
+            return [c.replace("_", " ") for c in data_classes], "data"
+        out = []
+        for c in data_classes:
+            for pattern, repl in d.data_names:
+                c = re.sub(pattern, repl, c)
+            out.append(c)
+        return out, "data"
     by_name = {_norm(c): c for c in pub}
     if all(_norm(c) in by_name for c in data_classes):
         return [by_name[_norm(c)] for c in data_classes], "name"
