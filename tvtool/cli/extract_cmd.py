@@ -52,9 +52,22 @@ BaseArg = Annotated[
     ),
 ]
 FinetunedArg = Annotated[
-    Path,
+    Path | None,
     typer.Argument(
-        help="Fine-tuned checkpoint of the same model.", show_default=False, metavar="FINETUNED"
+        help="Fine-tuned checkpoint of the same model (not with --lora).",
+        show_default=False,
+        metavar="FINETUNED",
+    ),
+]
+LoraOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--lora",
+        metavar="ADAPTER_DIR",
+        help="A PEFT LoRA adapter of BASE (adapter_config.json + adapter_model.safetensors): "
+        "stored factored (A, B, scale per tensor), not dense.",
+        show_default=False,
+        file_okay=False,
     ),
 ]
 MoveNameOpt = Annotated[
@@ -64,7 +77,8 @@ MoveNameOpt = Annotated[
 
 def extract(
     base: BaseArg,
-    finetuned: FinetunedArg,
+    finetuned: FinetunedArg = None,
+    lora: LoraOpt = None,
     name: NameOpt = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
@@ -84,20 +98,31 @@ def extract(
     """
     from tvtool.checkpoints.writer import parse_dtype
     from tvtool.cli.output import emit_json, emit_line, progress
+    from tvtool.errors import TvtoolError
     from tvtool.vectors.extract import extract_vector
     from tvtool.vectors.filters import TensorFilter
 
+    if (finetuned is None) == (lora is None):
+        raise TvtoolError("give FINETUNED or --lora ADAPTER_DIR (exactly one)")
     keep = TensorFilter(include=include or [], exclude=exclude or [], presets=preset or [])
     storage = parse_dtype(dtype)
     st = open_store(store)
-    with progress() as bar:
-        task = bar.add_task("extracting", total=None)
-        result = extract_vector(
-            st, base, finetuned, keep=keep, dtype=storage, allow_nonfinite=allow_nonfinite,
-            name=name, force=force,
-            on_start=lambda n: bar.update(task, total=n),
-            on_tensor=lambda k: bar.advance(task),
+    if lora is not None:
+        from tvtool.vectors.lora import extract_lora
+
+        result = extract_lora(
+            st, base, lora, keep=keep, dtype=storage, name=name, force=force
         )
+        finetuned = lora
+    else:
+        with progress() as bar:
+            task = bar.add_task("extracting", total=None)
+            result = extract_vector(
+                st, base, finetuned, keep=keep, dtype=storage, allow_nonfinite=allow_nonfinite,
+                name=name, force=force,
+                on_start=lambda n: bar.update(task, total=n),
+                on_tensor=lambda k: bar.advance(task),
+            )
     if json_out:
         doc = {"name": name, "deduplicated": result.deduplicated}
         doc.update(result.manifest.model_dump(mode="json"))
@@ -116,14 +141,19 @@ def _summary(result, base: Path, finetuned: Path) -> None:
     title = f"[bold]{m.digest[:12]}[/bold]" + (f" ({result.name})" if result.name else "")
     verb = "already stored" if result.deduplicated else "stored"
     err.print(f"Task vector {title} {verb}", soft_wrap=True)
+    source = p.get("finetuned") or p["lora"]
     rows = [
         ("base", f"{base}  sha256 {p['base']['fingerprint'][:12]}"),
-        ("finetuned", f"{finetuned}  sha256 {p['finetuned']['fingerprint'][:12]}"),
+        ("lora" if "lora" in p else "finetuned",
+         f"{finetuned}  sha256 {source['fingerprint'][:12]}"),
         ("tensors", f"{len(m.tensors)} ({m.numel:,} parameters), {p['storage_dtype']}, "
                     f"{human_bytes(m.size)}"),
         ("l2 norm", f"{p['l2']:.6g}"),
     ]
-    if p["storage_dtype"] != "fp32":
+    if "factored" in p:
+        rows.append(("factored", f"{len(p['factored']['tensors'])} tensor(s) as rank-r factors "
+                     f"({p['dense_numel']:,} parameters dense)"))
+    if p["storage_dtype"] != "fp32" and "max_rounding_error" in p:
         rows.append(("rounding", f"largest |error| {p['max_rounding_error']:.3g}"))
     if p.get("filtered_out"):
         rows.append(("filtered", f"{p['filtered_out']} tensor(s) left out by the filters"))

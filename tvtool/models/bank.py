@@ -22,7 +22,7 @@ from tvtool.checkpoints.keymaps import BARE_TOWER_PREFIXES
 from tvtool.errors import TvtoolError, few
 from tvtool.store.manifest import Manifest
 from tvtool.store.store import Store
-from tvtool.vectors.stored import open_tensor_object
+from tvtool.vectors.stored import open_tensor_object, vector_tensors
 
 VISUAL = "visual."
 SHOW = 4
@@ -130,7 +130,7 @@ def plan_bank(
                 raise TvtoolError(msg + "; pass --allow-other-base if the weights are the same")
             if on_warning:
                 on_warning(msg)
-        vshapes = {ti.name: tuple(ti.shape) for ti in manifest.tensors}
+        vshapes = {ti.name: tuple(ti.shape) for ti in vector_tensors(manifest)}
         mapping = _map_keys(label, vshapes, params, model_keys)
         bv = BankVector(digest, label, manifest)
         for key, shape in vshapes.items():
@@ -245,7 +245,7 @@ def plan_from_vectors(store: Store, names: list[str]) -> BankPlan:
     rows: dict[str, list[int]] = {}
     for t, (digest, label, manifest) in enumerate(resolve_vectors(store, names)):
         bv = BankVector(digest, label, manifest)
-        for ti in manifest.tensors:
+        for ti in vector_tensors(manifest):
             shape = tuple(ti.shape)
             if shapes.setdefault(ti.name, shape) != shape:
                 raise TvtoolError(

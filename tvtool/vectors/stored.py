@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from tvtool.checkpoints.readers import SafetensorsReader
+from tvtool.checkpoints.readers import CheckpointReader, SafetensorsReader, TensorMeta
 from tvtool.checkpoints.writer import DTYPE_TO_ST, SafetensorsStreamWriter, TensorSpec
 from tvtool.errors import TvtoolError
 from tvtool.store.manifest import Manifest, ObjectKind, TensorInfo
@@ -53,11 +53,92 @@ def save_tensor_object(
 
 def open_tensor_object(
     store: Store, name: str, kind: ObjectKind | tuple[str, ...] = "vector"
-) -> tuple[Manifest, SafetensorsReader]:
-    """Resolve `name` and open its blob for streaming reads (keys are stored names, unchanged)."""
+) -> tuple[Manifest, CheckpointReader]:
+    """Resolve `name` and open its blob for streaming reads (keys are stored names, unchanged;
+    a factored vector's reader expands its factors: see `FactoredReader`)."""
     digest = store.resolve(name, kind=kind)
     manifest = store.manifest(digest)
-    return manifest, SafetensorsReader.stored(store.blob_path(digest), digest)
+    reader = SafetensorsReader.stored(store.blob_path(digest), digest)
+    factors = factored_tensors(manifest)
+    return manifest, (FactoredReader(reader, factors) if factors else reader)
+
+
+# A factored (low-rank) vector stores, for a tensor K, ``K::lora_A`` [r, in] and ``K::lora_B``
+# [out, r]; its manifest's ``params.factored.tensors[K]`` holds the dense shape, the scale s and
+# whether the product is transposed: ``tau[K] = s * B @ A`` (or its transpose). Other tensors of
+# the object are dense, under their own names. The blob stays plain safetensors, so `verify`,
+# bundles and gc treat it like any other object.
+FACTOR_A, FACTOR_B = "::lora_A", "::lora_B"
+
+
+def factored_tensors(manifest: Manifest) -> dict[str, dict[str, Any]]:
+    """{key: {"shape", "scale", "transpose"}} of a factored vector ({} for a dense one)."""
+    doc = manifest.params.get("factored") if manifest.kind == "vector" else None
+    tensors = doc.get("tensors") if isinstance(doc, dict) else None
+    return tensors if isinstance(tensors, dict) else {}
+
+
+def vector_tensors(manifest: Manifest) -> list[TensorInfo]:
+    """The tensors a vector stands for (a factored pair counts as its dense product)."""
+    factors = factored_tensors(manifest)
+    if not factors:
+        return list(manifest.tensors)
+    out = [t for t in manifest.tensors if "::" not in t.name]
+    out += [TensorInfo(name=k, shape=list(f["shape"]), dtype="F32") for k, f in factors.items()]
+    return sorted(out, key=lambda t: t.name)
+
+
+class FactoredReader(CheckpointReader):
+    """The dense view of a factored vector: ``get(K)`` expands ``s * B @ A`` (fp32) for one
+    tensor at a time; dense tensors read as stored. `factor(K)` gives the factors themselves."""
+
+    format = "safetensors"
+    factored = True
+
+    def __init__(self, inner: SafetensorsReader, factors: dict[str, dict[str, Any]]):
+        super().__init__(inner.path, inner.files)
+        self.inner, self.factors = inner, factors
+        self._fingerprint = inner._fingerprint
+        dense = [k for k in inner.keys() if "::" not in k]
+        self._names = {k: k for k in sorted([*dense, *factors])}
+
+    def meta(self, key: str) -> TensorMeta:
+        f = self.factors.get(key)
+        if f is None:
+            return self.inner.meta(key)
+        return TensorMeta(tuple(f["shape"]), torch.float32)
+
+    def factor(self, key: str) -> tuple[torch.Tensor, torch.Tensor, float, bool] | None:
+        """(A, B, scale, transpose) of a factored tensor, None for a dense one."""
+        f = self.factors.get(key)
+        if f is None:
+            return None
+        return (self.inner.get(key + FACTOR_A), self.inner.get(key + FACTOR_B),
+                float(f["scale"]), bool(f.get("transpose")))
+
+    def get(self, key: str) -> torch.Tensor:
+        parts = self.factor(key)
+        if parts is None:
+            return self.inner.get(key)
+        return expand(*parts)
+
+    def sq_norm(self, key: str) -> float:
+        """||tau[K]||^2, from the factors when K is factored: s^2 sum((B^T B) * (A A^T))."""
+        parts = self.factor(key)
+        if parts is None:
+            return float(self.inner.get(key).float().square().sum())
+        a, b, s, _ = parts
+        a, b = a.double(), b.double()
+        return float((s * s) * ((b.T @ b) * (a @ a.T)).sum())
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def expand(a: torch.Tensor, b: torch.Tensor, scale: float, transpose: bool) -> torch.Tensor:
+    """The dense ``scale * B @ A`` (transposed if asked), fp32."""
+    d = (b.to(torch.float32) @ a.to(torch.float32)).mul_(scale)
+    return d.T.contiguous() if transpose else d
 
 
 def load_tensor_object(

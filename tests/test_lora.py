@@ -1,0 +1,196 @@
+"""LoRA adapters as factored task vectors: PEFT adapters (random non-zero B) on a tiny Llama and
+a tiny CLIP; merging at weight 1 equals PEFT's merge_and_unload(); consumers expand factors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+LLAMA = dict(
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+)
+
+
+def _lora(model, **kw):
+    config = peft.LoraConfig(init_lora_weights=False, **kw)  # random A and B: not a no-op
+    torch.manual_seed(1)
+    return peft.get_peft_model(model, config)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """(base dir, adapter dir, merged state dict, merged dir) for a tiny Llama."""
+    root = tmp_path_factory.mktemp("lora-llama")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA)).save_pretrained(root / "base")
+    model = transformers.LlamaForCausalLM.from_pretrained(root / "base")
+    pm = _lora(
+        model, r=4, lora_alpha=8, use_rslora=True,
+        target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+        rank_pattern={"down_proj": 2}, alpha_pattern={"down_proj": 16},
+        modules_to_save=["lm_head"],
+    )
+    with torch.no_grad():  # the saved module changes too
+        pm.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.01)
+    pm.save_pretrained(root / "adapter")
+    merged = pm.merge_and_unload()
+    merged.save_pretrained(root / "merged")
+    return root / "base", root / "adapter", merged.state_dict(), root / "merged"
+
+
+def _merge(invoke, base: Path, out: Path, *terms: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    r = invoke("merge", "--base", base, "--out", out, *terms, "-q")
+    assert r.exit_code == 0, r.stderr
+    return load_file(out)
+
+
+def test_llama_adapter_is_stored_factored_and_merges_like_peft(llama, invoke, tmp_path):
+    from tvtool.store.store import Store
+
+    base, adapter, merged, _ = llama
+    r = invoke("extract", base, "--lora", adapter, "--name", "lora", "--json")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    factors = doc["params"]["factored"]["tensors"]
+    assert set(factors) == {
+        f"model.layers.{i}.{m}.weight"
+        for i in range(2) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
+    } | {"model.embed_tokens.weight"}
+    assert factors["model.layers.0.mlp.down_proj.weight"]["rank"] == 2
+    assert factors["model.layers.0.mlp.down_proj.weight"]["scale"] == pytest.approx(16 / 2**0.5)
+    assert factors["model.embed_tokens.weight"]["transpose"] is True
+    stored = {t["name"] for t in doc["tensors"]}
+    assert "model.layers.0.self_attn.q_proj.weight::lora_A" in stored
+    assert "lm_head.weight" in stored  # modules_to_save: dense
+    assert not any(n.startswith("model.layers.0.self_attn.q_proj.weight") and "::" not in n
+                   for n in stored)
+    dense_numel = doc["params"]["dense_numel"]
+    assert doc["numel"] < dense_numel
+    out = _merge(invoke, base / "model.safetensors", tmp_path / "m.safetensors", "lora:1")
+    assert set(out) == set(merged)
+    for k, v in merged.items():
+        torch.testing.assert_close(out[k], v, rtol=0, atol=1e-6, msg=k)
+    assert invoke("store", "verify").exit_code == 0
+    # the l2 recorded from the factors is the dense vector's
+    tau_sq = sum(float((merged[k].double() - v.double()).square().sum())
+                 for k, v in _base_state(base).items())
+    assert doc["params"]["l2"] == pytest.approx(tau_sq**0.5, rel=1e-5)
+    assert Store().manifest(doc["digest"]).params["lora"]["use_rslora"] is True
+
+
+def _base_state(base: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(base / "model.safetensors")
+
+
+def test_factored_and_dense_vectors_mix_in_every_method(llama, invoke, tmp_path):
+    base, adapter, _, merged_dir = llama
+    assert invoke("extract", base, "--lora", adapter, "--name", "f", "-q").exit_code == 0
+    adapted = r"(q_proj|v_proj|down_proj|embed_tokens|lm_head)\.weight$"  # the same tensors
+    assert invoke("extract", base, merged_dir, "--name", "d", "--include", adapted,
+                  "-q").exit_code == 0
+    bfile = base / "model.safetensors"
+    for method in (["--method", "ties", "--density", "0.3"],
+                   ["--method", "magnitude", "--density", "0.5", "--ties-scope", "tensor"]):
+        f = _merge(invoke, bfile, tmp_path / "f.safetensors", "f", *method, "--force")
+        d = _merge(invoke, bfile, tmp_path / "d.safetensors", "d", *method, "--force")
+        for k in d:
+            torch.testing.assert_close(f[k], d[k], rtol=0, atol=1e-5, msg=(method, k))
+    # DARE draws its mask per (vector digest, tensor): the paper's rule on the expanded tensor
+    from tvtool.store.store import Store
+    from tvtool.vectors.methods import dare_seed
+    from tvtool.vectors.stored import load_tensor_object
+
+    f = _merge(invoke, bfile, tmp_path / "f.safetensors", "f", "--method", "dare", "--drop",
+               "0.5", "--seed", "3", "--force")
+    digest = Store().resolve("f")
+    _, dense = load_tensor_object(Store(), "d", "vector")
+    b = _base_state(base)
+    for k, tau in dense.items():
+        g = torch.Generator().manual_seed(dare_seed(3, digest, k))
+        keep = (torch.rand(tau.numel(), generator=g) >= 0.5).view(tau.shape)
+        torch.testing.assert_close(f[k], b[k] + tau * keep / 0.5, rtol=0, atol=1e-5, msg=k)
+    half = _merge(invoke, bfile, tmp_path / "h.safetensors", "f:0.5", "d:0.5")
+    one = _merge(invoke, bfile, tmp_path / "o.safetensors", "d:1")
+    for k in half:
+        torch.testing.assert_close(half[k], one[k], rtol=0, atol=1e-5)
+    i = invoke("inspect", "f", "d", "--json")
+    assert i.exit_code == 0, i.stderr
+    rep = json.loads(i.stdout)
+    vf, vd = rep["vectors"]
+    assert vf["numel"] == vd["numel"] and vf["l2"] == pytest.approx(vd["l2"], rel=1e-5)
+    assert rep["cosine"]["matrix"][0][1] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_clip_adapter_merges_like_peft_and_composes(tmp_path, invoke):
+    from safetensors.torch import load_file
+    from test_hf_clip import clip_config
+
+    from tvtool.models.bank import load_stacks, plan_bank
+    from tvtool.models.build import load_clip
+    from tvtool.models.functional import visual_params
+    from tvtool.models.weights import apply_delta, vectors_delta
+    from tvtool.store.store import Store
+
+    torch.manual_seed(0)
+    transformers.CLIPModel(clip_config()).save_pretrained(tmp_path / "base")
+    model = transformers.CLIPModel.from_pretrained(tmp_path / "base")
+    pm = _lora(model, r=2, lora_alpha=4, target_modules=r".*vision_model.*\.(q_proj|v_proj|fc1)")
+    pm.save_pretrained(tmp_path / "adapter")
+    merged = pm.merge_and_unload().state_dict()
+    r = invoke("extract", tmp_path / "base", "--lora", tmp_path / "adapter", "--name", "cl", "-q")
+    assert r.exit_code == 0, r.stderr
+    out = _merge(invoke, tmp_path / "base" / "model.safetensors", tmp_path / "m.safetensors",
+                 "cl:1")
+    base = load_file(tmp_path / "base" / "model.safetensors")
+    changed = {k for k in base if not torch.equal(base[k], out[k])}
+    assert changed and all(k.startswith("vision_model.") for k in changed)
+    for k in base:
+        torch.testing.assert_close(out[k], merged[k], rtol=0, atol=1e-6, msg=k)
+    # compose/eval: one coefficient per LoRA-adapted tensor; expanded on the fly
+    clip = load_clip(base=tmp_path / "base")
+    store = Store()
+    plan = plan_bank(store, ["cl"], visual_params(clip), set(clip.model.state_dict()),
+                     clip.base_fingerprint)
+    assert {k.key for k in plan.keys} == changed
+    stacks = load_stacks(store, plan, torch.device("cpu"), torch.float32)
+    for s in stacks:
+        for i, key in enumerate(s.keys):
+            torch.testing.assert_close(s.tensor[i, 0], merged[key] - base[key], rtol=0, atol=1e-6)
+    applied = apply_delta(clip, vectors_delta(clip, store, [("cl", 1.0)]))
+    for k, v in applied.items():
+        torch.testing.assert_close(v, merged[k], rtol=0, atol=1e-6)
+
+
+def test_adapter_errors_are_clear(llama, invoke, tmp_path):
+    base, adapter, _, merged_dir = llama
+    cases = [
+        (["extract", base, "--lora", tmp_path], "no adapter_config.json"),
+        (["extract", base, merged_dir, "--lora", adapter], "exactly one"),
+        (["extract", base], "exactly one"),
+    ]
+    dora = tmp_path / "dora"
+    dora.mkdir()
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    cases.append((["extract", base, "--lora", dora], "DoRA"))
+    other = tmp_path / "other"
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**{**LLAMA, "num_hidden_layers": 1})
+    ).save_pretrained(other)
+    cases.append((["extract", other, "--lora", adapter], "match no base tensor"))
+    for args, message in cases:
+        r = invoke(*args)
+        assert r.exit_code == 1, (args, r.stderr)
+        assert message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
