@@ -108,7 +108,7 @@ def test_factored_and_dense_vectors_mix_in_every_method(llama, invoke, tmp_path)
             torch.testing.assert_close(f[k], d[k], rtol=0, atol=1e-5, msg=(method, k))
     # DARE draws its mask per (vector digest, tensor): the paper's rule on the expanded tensor
     from tvtool.store.store import Store
-    from tvtool.vectors.methods import dare_seed
+    from tvtool.vectors.methods.ops import dare_seed
     from tvtool.vectors.stored import load_tensor_object
 
     f = _merge(invoke, bfile, tmp_path / "f.safetensors", "f", "--method", "dare", "--drop",
