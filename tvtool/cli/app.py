@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "eval_cmd",
     "store_cmd",
     "datasets_cmd",
+    "clean_cmd",
     "demo_cmd",
 )
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+from tvtool.checkpoints.header import MAX_HEADER_BYTES, parse_header, read_header
 from tvtool.errors import TvtoolError
 from tvtool.store.manifest import Manifest
 
 Entries = dict[str, tuple[str, tuple[int, ...]]]  # tensor name -> (dtype, shape)
-MAX_HEADER = 16 << 20
 
 
 def header_length(first8: bytes, size: int) -> int:
@@ -21,53 +21,22 @@ def header_length(first8: bytes, size: int) -> int:
     if len(first8) < 8:
         raise TvtoolError("not a safetensors file (too short)")
     (n,) = struct.unpack("<Q", first8[:8])
-    if n > MAX_HEADER or 8 + n > size:
+    if n > MAX_HEADER_BYTES or 8 + n > size:
         raise TvtoolError(f"not a safetensors file (header of {n} bytes)")
     return n
 
 
 def entries_from_bytes(head: bytes, size: int, where: str) -> Entries:
-    """Entries of a safetensors file of `size` bytes whose first 8 + N bytes are `head`,
-    through the one strict header parser."""
+    """Entries of a safetensors file of `size` bytes whose first 8 + N bytes are `head`
+    (a bundle member being streamed), through the one strict header parser."""
     n = header_length(head, size)
-    try:
-        from tvtool.checkpoints.header import parse_header
-    except ImportError:  # until the shared strict parser lands
-        return _fallback_entries(head[8 : 8 + n], size - 8 - n)
     header = parse_header(head[8 : 8 + n], size, where)
     return {name: (e.dtype, tuple(e.shape)) for name, e in header.entries.items()}
 
 
-def _fallback_entries(raw: bytes, data_len: int) -> Entries:
-    import json
-
-    try:
-        doc = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise TvtoolError("not a safetensors file (bad header)") from None
-    if not isinstance(doc, dict):
-        raise TvtoolError("not a safetensors file (header is not an object)")
-    out: Entries = {}
-    for name, info in doc.items():
-        if name == "__metadata__":
-            continue
-        shape = info.get("shape") if isinstance(info, dict) else None
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        ints = isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2 and all(
-            type(x) is int and x >= 0 for x in [*shape, *offsets]
-        )
-        if not ints or not isinstance(info.get("dtype"), str) or offsets[1] > data_len:
-            raise TvtoolError(f"not a safetensors file (bad entry {name!r})")
-        out[name] = (info["dtype"], tuple(shape))
-    return out
-
-
 def entries_from_file(path: Path) -> Entries:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        first = f.read(8)
-        n = header_length(first, size)
-        return entries_from_bytes(first + f.read(n), size, str(path))
+    header = read_header(path)
+    return {name: (e.dtype, tuple(e.shape)) for name, e in header.entries.items()}
 
 
 def claim_problems(manifest: Manifest, entries: Entries) -> list[str]:
