@@ -69,8 +69,11 @@ def test_single_dataset_and_parquet_hub_layout(tmp_path, capsys):
     hub.mkdir(parents=True)
     _hf_dataset(seed=3).to_parquet(str(hub / "train-00000-of-00001.parquet"))
     _hf_dataset(seed=4, n_per_class=1).to_parquet(str(hub / "test-00000-of-00001.parquet"))
-    te = open_source(tmp_path / "hub", "test")
-    assert len(te) == 3 and te.classes == ["cat", "dog", "frog"]  # ClassLabel kept in parquet
+    _hf_dataset(seed=5, n_per_class=1).to_parquet(str(hub / "test-00001-of-00002.parquet"))
+    (hub / "test-00000-of-00001.parquet").rename(hub / "test-00000-of-00002.parquet")
+    te = open_source(tmp_path / "hub", "test")  # both shards of the split
+    assert len(te) == 6 and te.classes == ["cat", "dog", "frog"]  # ClassLabel kept in parquet
+    assert te.labels == [0, 1, 2, 0, 1, 2]
     one = open_source(hub / "train-00000-of-00001.parquet")
     assert len(one) == 9 and one.name == "train-00000-of-00001"
 

@@ -59,6 +59,19 @@ def _pick(splits: Sequence[str], split: str | None, where: Path) -> str:
     )
 
 
+def _from_parquet(files: Sequence[str | Path]):
+    """A Dataset over parquet files read with pyarrow (memory-mapped), features (ClassLabel
+    names) from the schema metadata `datasets` writes; nothing is written to the HF cache."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+    from datasets.table import InMemoryTable
+
+    tables = [pq.read_table(str(f), memory_map=True) for f in files]
+    table = pa.concat_tables(tables).replace_schema_metadata(tables[0].schema.metadata)
+    return Dataset(InMemoryTable(table))
+
+
 def _parquet_splits(p: Path) -> dict[str, list[str]]:
     files = sorted(p.glob("*.parquet")) or sorted(p.glob("*/*.parquet"))
     out: dict[str, list[str]] = {}
@@ -72,7 +85,7 @@ def load_table(path: Path, split: str | None):
     ds_mod = _require_datasets()
     try:
         if path.is_file():
-            return ds_mod.Dataset.from_parquet(str(path)), None
+            return _from_parquet([path]), None
         if split and (path / split / "state.json").is_file():
             return ds_mod.load_from_disk(str(path / split)), split
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
@@ -83,7 +96,7 @@ def load_table(path: Path, split: str | None):
             return d, None
         by_split = _parquet_splits(path)
         s = _pick(list(by_split), split, path)
-        return ds_mod.Dataset.from_parquet(by_split[s]), s
+        return _from_parquet(by_split[s]), s
     except TvtoolError:
         raise
     except Exception as e:  # datasets/pyarrow raise many types for damaged data
