@@ -58,6 +58,12 @@ def test_save_to_disk_dataset_dict_picks_the_split(tmp_path):
     assert (np.asarray(te.load(4)) == want).all()
     with pytest.raises(TvtoolError, match="no split 'val' among train, test"):
         open_source(tmp_path / "pets", "val")
+    from tvtool.datasets.sources import has_split
+
+    assert has_split(tmp_path / "pets", "test") and not has_split(tmp_path / "pets", "val")
+    assert has_split(f"pets={tmp_path / 'pets'}", "train")
+    datasets.DatasetDict({"validation": dd["test"]}).save_to_disk(str(tmp_path / "v"))
+    assert has_split(tmp_path / "v", "val") and len(open_source(tmp_path / "v", "val")) == 6
 
 
 def test_single_dataset_and_parquet_hub_layout(tmp_path, capsys):

@@ -108,3 +108,20 @@ def _is_table(path: Path) -> bool:
 def dataset_of(value: str | Path) -> BuiltinDataset | None:
     """The built-in data set a ``NAME=PATH`` value names (None for a plain path)."""
     return parse_data_arg(value)[0]
+
+
+def has_split(value: str | Path, split: str) -> bool:
+    """Whether `--data VALUE` holds a split of that name (an image folder's DIR/<split>, a
+    Hugging Face DatasetDict split or ``<split>-*.parquet`` files; `val` also finds
+    `validation`). A single file (CSV, parquet) has no splits."""
+    from tvtool.datasets import tables
+
+    path = parse_data_arg(value)[1]
+    if not path.is_dir():
+        return False
+    if (path / split).is_dir():
+        return True
+    if not tables.is_hf_dir(path):
+        return False
+    names = tables.split_names(path)
+    return any(s in names for s in tables.SPLIT_ALIASES.get(split, (split,)))

@@ -59,6 +59,21 @@ def _pick(splits: Sequence[str], split: str | None, where: Path) -> str:
     )
 
 
+def split_names(path: Path) -> list[str]:
+    """The split names of a Hugging Face folder (a single Dataset has none)."""
+    import json
+
+    dd = path / "dataset_dict.json"
+    if dd.is_file():
+        try:
+            return list(json.loads(dd.read_text(encoding="utf-8")).get("splits", []))
+        except (OSError, ValueError, AttributeError):
+            return []
+    if (path / "state.json").is_file():
+        return []
+    return list(_parquet_splits(path))
+
+
 def _from_parquet(files: Sequence[str | Path]):
     """A Dataset over parquet files read with pyarrow (memory-mapped), features (ClassLabel
     names) from the schema metadata `datasets` writes; nothing is written to the HF cache."""

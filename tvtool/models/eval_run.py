@@ -125,6 +125,7 @@ def run_eval(
     """Evaluate as `o` says; returns the report."""
     from tvtool.datasets.images import open_folders
     from tvtool.datasets.registry import parse_data_arg
+    from tvtool.datasets.sources import has_split
     from tvtool.models import evaluate as ev
     from tvtool.models.build import load_clip
     from tvtool.models.heads import load_templates
@@ -210,8 +211,7 @@ def run_eval(
         scales = ev.parse_grid(o.grid)
         val_dirs = o.val or o.data
         if not o.val:
-            paths = [parse_data_arg(d)[1] for d in o.data]
-            missing = [str(p) for p in paths if not (p / "val").is_dir()]
+            missing = [str(parse_data_arg(d)[1]) for d in o.data if not has_split(d, "val")]
             if missing:
                 raise TvtoolError(
                     f"--grid needs validation data: give --val DIR... or create {missing[0]}/val"
