@@ -103,3 +103,45 @@ def test_eval_uses_each_datasets_names_and_templates(tiny, invoke, tmp_path):
     assert r.exit_code == 1 and "exactly one" in r.stderr and "Traceback" not in r.output
     r = invoke(*_args(tiny, "--data", f"carz={tiny['c10']}"))
     assert r.exit_code == 1 and "unknown data set 'carz'" in r.stderr
+
+
+def _to_hf(folder, out):
+    """An image folder rewritten as a Hugging Face save_to_disk data set (ClassLabel)."""
+    datasets = pytest.importorskip("datasets")
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+    rows = {"image": [], "label": []}
+    for c, name in enumerate(classes):
+        for f in sorted((folder / name).glob("*.png")):
+            rows["image"].append({"bytes": f.read_bytes(), "path": None})
+            rows["label"].append(c)
+    feats = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)}
+    )
+    datasets.Dataset.from_dict(rows, features=feats).save_to_disk(str(out))
+    return out
+
+
+@pytest.mark.slow
+def test_compose_on_hf_and_csv_data_with_builtin_names_and_val_split(assets, invoke, tmp_path):
+    from tests.compose_assets import extract, model_args
+
+    extract(assets, assets.ft_colors, "c")
+    hf = _to_hf(assets.stripes, tmp_path / "stripes_hf")
+    rows = ["path,label"] + [
+        f"{f},{f.parent.name}" for f in sorted(assets.colors.glob("*/*.png"))
+    ]
+    (tmp_path / "colors.csv").write_text("\n".join(rows) + "\n")
+    r = invoke("compose", "c", *model_args(assets), "--data", f"rendered_sst2={hf}",
+               "--data", tmp_path / "colors.csv", "--val-split", "0.25", "--shots", "2",
+               "--epochs", "1", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert "matched by position" in r.stderr  # horizontal/vertical -> negative/positive
+    data = json.loads(r.stdout)["data"]
+    assert [d["name"] for d in data] == ["rendered_sst2", "colors"]
+    assert data[0]["dataset"] == "rendered_sst2" and "dataset" not in data[1]
+    assert [d["classes"] for d in data] == [2, 3]
+    assert [d["train"] for d in data] == [4, 6]  # 2 shots per class
+    assert [d["val"] for d in data] == [6, 9]  # 25% of 12 images per class held out first
+    heads = _heads()
+    assert heads[("negative", "positive")][0] == registry.get("rendered_sst2").templates
+    assert ("blue", "green", "red") in heads  # CSV labels: sorted class names, default templates
