@@ -215,6 +215,36 @@ def test_both_layouts_and_shards_give_one_vector(hf):
     _extract(hf.base, hf.ft_stripes_5x, "s5")
 
 
+def test_merge_writes_the_base_layout(hf, invoke, tmp_path):
+    """Vectors keyed like a CLIPModel merge into a bare (5.x) CLIPVisionModel base and back:
+    base + tau is the fine-tune, in the base's own keys; transformers loads the result."""
+    from safetensors.torch import load_file, save_file
+
+    _extract(hf.base, hf.ft_colors_4x, "mc")
+    full = transformers.CLIPModel.from_pretrained(hf.base)
+    vision = tmp_path / "base_vision"
+    save_vision_5x(full.vision_model.state_dict() if hasattr(full.vision_model, "embeddings")
+                   else full.vision_model.vision_model.state_dict(), vision)
+    out = tmp_path / "merged" / "model.safetensors"
+    out.parent.mkdir()
+    r = invoke("merge", "--base", vision / "model.safetensors", "mc:1", "--out", out, "-q",
+               "--allow-other-base")  # the same weights in another file
+    assert r.exit_code == 0, r.stderr
+    merged, ft = load_file(out), load_file(hf.ft_colors_5x / "model.safetensors")
+    assert set(merged) == set(ft) and not any(k.startswith("vision_model.") for k in merged)
+    for k, v in ft.items():
+        torch.testing.assert_close(merged[k], v, rtol=0, atol=1e-6)
+    # a bare 5.x vector (CLIPVisionModel pair) merges into the CLIPModel base under its names
+    save_file(ft, str(tmp_path / "ft.safetensors"))
+    _extract(vision / "model.safetensors", tmp_path / "ft.safetensors", "bare")
+    r = invoke("merge", "--base", hf.base / "model.safetensors", "bare:1", "--out",
+               tmp_path / "m2.safetensors", "-q", "--allow-other-base")
+    assert r.exit_code == 0, r.stderr
+    m2 = load_file(tmp_path / "m2.safetensors")
+    for k, v in ft.items():
+        torch.testing.assert_close(m2["vision_model." + k], v, rtol=0, atol=1e-6)
+
+
 def test_presets_know_hf_and_open_clip_names():
     from tvtool.checkpoints.keymaps import open_clip_to_hf
     from tvtool.vectors.filters import TensorFilter

@@ -95,6 +95,21 @@ def align_submodel(
     return KeyMappedReader(base, tower), KeyMappedReader(ft, names), note
 
 
+def align_vector(reader: CheckpointReader, base_keys: Container[str]) -> CheckpointReader:
+    """A vector read under a base's names when only the HF tower prefix differs: vectors keyed
+    ``vision_model.*`` into a 5.x `CLIPVisionModel` base (bare keys), or bare 5.x vectors into a
+    `CLIPModel` / 4.x base. Otherwise the reader itself (its keys are the base's, or are
+    reported as missing)."""
+    keys = reader.keys()
+    if not keys or any(k in base_keys for k in keys):
+        return reader
+    if all(k.startswith(HF_TOWER) and k[len(HF_TOWER):] in base_keys for k in keys):
+        return KeyMappedReader(reader, {k[len(HF_TOWER):]: k for k in keys})
+    if all(HF_TOWER + k in base_keys for k in keys):
+        return KeyMappedReader(reader, {HF_TOWER + k: k for k in keys})
+    return reader
+
+
 _OC_RULES: list[tuple[str, str]] = [
     (r"^visual\.conv1\.weight$", "vision_model.embeddings.patch_embedding.weight"),
     (r"^visual\.class_embedding$", "vision_model.embeddings.class_embedding"),

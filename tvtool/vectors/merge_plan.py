@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from tvtool.checkpoints.keymaps import align_vector
 from tvtool.checkpoints.readers import TensorMeta, open_checkpoint
 from tvtool.checkpoints.writer import TensorSpec, build_header, parse_dtype
 from tvtool.errors import TvtoolError, few
@@ -177,7 +178,7 @@ def _match_keys(store, t: PlannedTerm, metas: dict[str, TensorMeta], keep) -> li
     non-float tensors are skipped (they are copied from the base)."""
     missing, bad = [], []
     with ExitStack() as stack:
-        reader = stack.enter_context(_open_term(store, t))
+        reader = align_vector(stack.enter_context(_open_term(store, t)), metas)  # HF layouts
         mask = stack.enter_context(open_tensor_object(store, t.mask, "mask")[1]) if t.mask else None
         for k in reader.keys():
             meta = reader.meta(k)

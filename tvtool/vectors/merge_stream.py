@@ -26,6 +26,7 @@ from typing import IO
 
 import torch
 
+from tvtool.checkpoints.keymaps import align_vector
 from tvtool.checkpoints.readers import (
     CheckpointReader,
     SafetensorsReader,
@@ -146,7 +147,8 @@ class MergeInputs:
             if t.checkpoint is not None:
                 self.vecs.append(stack.enter_context(open_checkpoint(t.checkpoint)))
             else:
-                self.vecs.append(stack.enter_context(open_tensor_object(store, t.digest)[1]))
+                vec = stack.enter_context(open_tensor_object(store, t.digest)[1])
+                self.vecs.append(align_vector(vec, set(self.base.keys())))  # HF layouts
         self.is_ckpt = [t.checkpoint is not None for t in plan.terms]
         self.masks = [
             stack.enter_context(open_tensor_object(store, t.mask, "mask")[1]) if t.mask else None
