@@ -180,21 +180,21 @@ def test_selection_limits_learned_pairs_and_loaded_tensors(assets, clip, invoke)
 
 
 def test_resume_continues_bit_for_bit(assets, clip):
-    from tvtool.compose.compose_run import ComposeOptions, compose
-    from tvtool.datasets.prepare import DataSpec
+    from tvtool.compose.compose_run import compose
+    from tvtool.compose.requests import ComposeRequest
 
     store = Store()
     d = extract(assets, assets.ft_colors, "c")
-    opts = ComposeOptions(
+    opts = ComposeRequest(
         vectors=[d],
-        data=[DataSpec(assets.colors)],
+        data=[assets.colors],
         shots=4,
         epochs=4,
         batch_size=4,
         grad_accum=2,
         partitions=2,
     )
-    full = compose(store, clip, opts)
+    full = compose(opts, clip)
 
     class Stop(Exception):
         pass
@@ -204,11 +204,10 @@ def test_resume_continues_bit_for_bit(assets, clip):
             raise Stop
 
     with pytest.raises(Stop):
-        compose(store, clip, opts, on_epoch=stop)
+        compose(opts, clip, on_epoch=stop)
     runs = list((store.tmp_dir / "compose-runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "checkpoint.pt").is_file()
-    opts.resume = True
-    resumed = compose(store, clip, opts)
+    resumed = compose(opts.model_copy(update={"resume": True}), clip)
     assert resumed["resumed_from"] == 2
     assert torch.equal(torch.tensor(resumed["coefs"]), torch.tensor(full["coefs"]))
     assert resumed["history"] == full["history"]

@@ -258,52 +258,52 @@ def compose_command(
     Several --data sets: task addition (losses summed). --negate T --control C: forgetting.
     Runs under `torchrun --nproc-per-node N -m tvtool compose ...` as DistributedDataParallel.
     """
-    from tvtool.cli.model_options import load_model
-    from tvtool.cli.options import open_store
+    from tvtool.cli.model_options import model_spec
     from tvtool.cli.output import emit, warn
-    from tvtool.compose.compose_run import ComposeOptions, compose
+    from tvtool.compose.compose_run import compose
     from tvtool.compose.ddp import init_from_env
-    from tvtool.datasets.prepare import data_specs
-    from tvtool.errors import TvtoolError
+    from tvtool.compose.registry import objective_params
+    from tvtool.compose.requests import ComposeRequest
     from tvtool.models.heads import load_templates
 
-    specs = data_specs(list(data or []), val, classnames, negate, control, head)
+    req = ComposeRequest.build(
+        vectors=list(vectors or []),
+        model=model_spec(model, model_config, base, pretrained, device, quick_gelu, text_tower),
+        data=list(data or []),
+        val=list(val or []),
+        classnames=list(classnames or []),
+        heads=list(head or []),
+        negate=negate,
+        control=control,
+        templates=load_templates(templates) if templates else None,
+        split=split,
+        val_split=val_split,
+        objective=objective_params(objective, threshold=threshold),
+        shots=shots,
+        granularity=granularity,
+        partitions=partitions,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        weight_decay=weight_decay,
+        seed=seed,
+        selection=selection,
+        vector_dtype=vector_dtype,
+        workers=workers,
+        flip=flip,
+        resume=resume,
+        allow_other_base=allow_other_base,
+        name=name,
+        force=force,
+        store=store,
+    )
     dist, device = init_from_env(device)
     try:
-        clip = load_model(model, model_config, base, pretrained, device, quick_gelu, text_tower)
-        opts = ComposeOptions(
-            vectors=list(vectors or []),
-            data=specs,
-            objective=objective,
-            shots=shots,
-            threshold=threshold,
-            val_split=val_split,
-            granularity=granularity,
-            partitions=partitions,
-            epochs=epochs,
-            lr=lr,
-            batch_size=batch_size,
-            grad_accum=grad_accum,
-            seed=seed,
-            weight_decay=weight_decay,
-            selection=selection,
-            vector_dtype=vector_dtype,
-            templates=load_templates(templates) if templates else None,
-            flip=flip,
-            workers=workers,
-            split=split,
-            allow_other_base=allow_other_base,
-            resume=resume,
-            name=name,
-            force=force,
-        )
-        if not opts.vectors and not selection:
-            raise TvtoolError("give task VECTORS (or --selection REF)")
+        clip = req.model.load(device, warn=warn)
         show = dist.main and not quiet and not json_out
         with RichReporter(show) as rep:
-            report = compose(
-                open_store(store), clip, opts, dist, reporter=rep, warn=warn if dist.main else None
-            )
+            report = compose(req, clip, dist, reporter=rep, warn=warn if dist.main else None)
     finally:
         dist.close()
     if not dist.main:

@@ -132,34 +132,29 @@ def eval_cmd(
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    from tvtool.cli.options import open_store
+    from tvtool.cli.model_options import model_spec
     from tvtool.cli.output import emit, info, progress
-    from tvtool.models.eval_run import EvalOptions, headline, run_eval
+    from tvtool.models.eval_run import EvalRequest, headline, run_eval
 
-    opts = EvalOptions(
-        model=model,
-        model_config=model_config,
-        base=base,
-        pretrained=pretrained,
-        quick_gelu=quick_gelu,
-        text_tower=text_tower,
-        heads=head,
+    req = EvalRequest.build(
+        model=model_spec(model, model_config, base, pretrained, device, quick_gelu, text_tower),
+        heads=list(head or []),
         vectors=list(vectors or []),
         weights=weights,
         coefs=coefs,
         data=list(data),
         split=split,
-        classnames=classnames,
+        classnames=list(classnames or []),
         templates=templates,
         grid=grid,
-        val=val,
+        val=list(val or []),
         finetuned_acc=finetuned_acc,
-        finetuned=finetuned,
+        finetuned=list(finetuned or []),
         disentanglement=disentanglement,
         alphas=alphas,
         allow_other_base=allow_other_base,
-        device=device,
         batch_size=batch_size,
+        store=store,
     )
     with progress() as bar:
 
@@ -167,7 +162,7 @@ def eval_cmd(
             task = bar.add_task(desc, total=total)
             return lambda: bar.advance(task)
 
-        report = run_eval(opts, open_store(store), on_note=info, on_progress=on_progress)
+        report = run_eval(req, on_note=info, on_progress=on_progress)
     emit(report, json_out=json_out, quiet=quiet, human=render,
          quiet_data=[f"{headline(report):.6f}"])
 

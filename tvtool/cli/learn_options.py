@@ -1,30 +1,19 @@
 """Option aliases shared by the commands that run data through the model to learn or score
-coefficients (`compose`, `select`): declared once so both spell and check them the same way.
-Importing this module does not import torch."""
+coefficients (`compose`, `select`): declared once so both spell them the same way; the values are
+checked once, by the command's request (`tvtool.compose.requests`). Torch-free."""
 
 from __future__ import annotations
 
-from typing import Annotated, get_args
+from typing import Annotated
 
 import typer
-
-from tvtool.errors import TvtoolError
-from tvtool.vectors.blocks import Granularity
-
-GRANULARITIES: tuple[str, ...] = get_args(Granularity)
-
-
-def _granularity(value: str) -> str:
-    if value not in GRANULARITIES:
-        raise TvtoolError(f"unknown --granularity {value!r}: use {', '.join(GRANULARITIES)}")
-    return value
-
 
 ObjectiveOpt = Annotated[
     str,
     typer.Option(
         "--objective",
         help="ce (few-shot labels), entropy (unlabelled) or pseudo (confident zero-shot labels).",
+        metavar="ce|entropy|pseudo",
     ),
 ]
 ShotsOpt = Annotated[
@@ -46,7 +35,7 @@ GranularityOpt = Annotated[
     typer.Option(
         "--granularity",
         help="Blocks: one per tensor, per layer or per whole vector (task).",
-        callback=_granularity,
+        metavar="tensor|layer|task",
     ),
 ]
 BatchOpt = Annotated[

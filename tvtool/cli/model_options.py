@@ -107,7 +107,7 @@ SplitOpt = Annotated[
 ]
 
 
-def load_model(
+def model_spec(
     model: str | None,
     model_config: Path | None,
     base: Path | None,
@@ -117,19 +117,17 @@ def load_model(
     text_tower: str | None = None,
 ) -> Any:
     """--model/--model-config + --base/--pretrained + --device (+ --quick-gelu, --text-tower)
-    -> LoadedClip; warnings (e.g. an OpenAI architecture with an unknown activation) on stderr."""
-    from tvtool.cli.output import warn
-    from tvtool.models.build import load_clip
+    -> the request's ModelSpec (torch-free; `spec.load()` builds the model)."""
+    from tvtool.models.spec import ModelSpec
 
-    return load_clip(
-        model=model,
-        model_config=model_config,
+    return ModelSpec(
+        arch=model,
+        config=model_config,
         base=base,
         pretrained=pretrained,
         device=device,
         quick_gelu=quick_gelu,
         text_tower=text_tower,
-        warn=warn,
     )
 
 

@@ -174,47 +174,39 @@ def select_command(
     per element -> one `mask` per vector for `merge --method mask` (--density d). norm: data-free
     |tau| (selection with --top/--budget-mb, masks with --density; no model needed).
     """
-    from tvtool.cli.model_options import load_model
-    from tvtool.cli.options import open_store
+    from tvtool.cli.model_options import model_spec
     from tvtool.cli.output import emit, progress, warn
-    from tvtool.compose.select_run import SelectOptions, output_kind, run_select
-    from tvtool.datasets.prepare import data_specs
+    from tvtool.compose.registry import objective_params
+    from tvtool.compose.requests import SelectRequest
+    from tvtool.compose.select_run import run_select
     from tvtool.models.heads import load_templates
 
-    opts = SelectOptions(
+    req = SelectRequest.build(
         vectors=list(vectors),
-        data=data_specs(list(data or []), classnames=classnames, heads=head),
+        model=model_spec(model, model_config, base, pretrained, device, quick_gelu, text_tower),
+        data=list(data or []),
+        classnames=list(classnames or []),
+        heads=list(head or []),
+        templates=load_templates(templates) if templates else None,
+        split=split,
         score=score,
         top=top,
         budget_mb=budget_mb,
         density=density,
         granularity=granularity,
-        objective=objective,
+        objective=objective_params(objective, threshold=threshold),
         shots=shots,
         seed=seed,
-        threshold=threshold,
         batch_size=batch_size,
         vector_dtype=vector_dtype,
-        templates=load_templates(templates) if templates else None,
-        split=split,
         allow_other_base=allow_other_base,
         name=name,
         force=force,
-    )
-    output_kind(opts)  # option errors before loading anything
-    from tvtool.models.hf_clip import is_hf_clip
-
-    has_model = model is not None or model_config is not None or is_hf_clip(base)
-    clip = (
-        load_model(model, model_config, base, pretrained, device, quick_gelu, text_tower)
-        if has_model
-        else None
+        store=store,
     )
     with progress() as bar:
         task = bar.add_task("scoring", total=None)
-        report = run_select(
-            open_store(store), clip, opts, on_batch=lambda: bar.advance(task), warn=warn
-        )
+        report = run_select(req, on_batch=lambda: bar.advance(task), warn=warn)
     emit(report, json_out=json_out, quiet=quiet, human=render, data=digests(report))
 
 

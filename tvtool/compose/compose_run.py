@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -20,45 +20,18 @@ import torch
 from tvtool.compose.coefs import Coefs, attach_layout, build_layout, learnable_mask
 from tvtool.compose.ddp import Dist
 from tvtool.compose.objectives import default_lr, get_objective
+from tvtool.compose.registry import threshold_of
+from tvtool.compose.requests import ComposeRequest
 from tvtool.compose.select import load_selection, selection_keep
 from tvtool.compose.train import Reporter, Settings, Trainer
-from tvtool.datasets.prepare import DataSpec, prepare_data
+from tvtool.datasets.prepare import data_specs, prepare_data
 from tvtool.errors import TvtoolError
 from tvtool.models.bank import load_stacks, plan_bank, stored_bytes
-from tvtool.store.store import Store, check_ref_name
+from tvtool.store.store import Store
 from tvtool.vectors.stored import save_tensor_object
 
 MIN_STEPS = 50  # fewer optimisation steps than this rarely move Lambda far from 0
 VECTOR_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@dataclass
-class ComposeOptions:
-    vectors: list[str]
-    data: list[DataSpec]
-    objective: str = "ce"
-    shots: int | None = None
-    threshold: float = 0.99
-    val_split: float | None = None
-    granularity: str = "tensor"
-    partitions: int = 1
-    epochs: int = 10
-    lr: float | None = None
-    batch_size: int = 32
-    grad_accum: int = 1
-    seed: int = 0
-    weight_decay: float = 0.0
-    selection: str | None = None
-    vector_dtype: str = "auto"
-    templates: list[str] | None = None
-    flip: bool = False
-    workers: int | None = None  # None: 0 on CPU, up to 8 per process on CUDA
-    split: str = "train"
-    allow_other_base: bool = False
-    resume: bool = False
-    name: str | None = None
-    force: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def vector_dtype(spec: str, device: torch.device, stored: list[str]) -> torch.dtype:
@@ -67,12 +40,7 @@ def vector_dtype(spec: str, device: torch.device, stored: list[str]) -> torch.dt
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if stored and all(s == "BF16" for s in stored) else torch.float16
-    try:
-        return VECTOR_DTYPES[spec]
-    except KeyError:
-        raise TvtoolError(
-            f"unknown --vector-dtype {spec!r}: use auto, fp32, fp16 or bf16"
-        ) from None
+    return VECTOR_DTYPES[spec]
 
 
 def run_hash(doc: dict[str, Any]) -> str:
@@ -80,31 +48,27 @@ def run_hash(doc: dict[str, Any]) -> str:
 
 
 def compose(
-    store: Store,
-    clip: Any,
-    opts: ComposeOptions,
+    opts: ComposeRequest,
+    clip: Any | None = None,
     dist: Dist | None = None,
     reporter: Reporter | None = None,
     on_epoch: Callable[[int], None] | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Learn the coefficients and (rank 0) store them; returns the report."""
+    """Learn the coefficients and (rank 0) store them; returns the report. `clip`: the model
+    `opts.model` names, when the caller has loaded it already (on its DDP device)."""
     from tvtool.models.functional import visual_params
 
     dist = dist or Dist()
-    if opts.name is not None:
-        check_ref_name(opts.name)
-    objective = get_objective(opts.objective)
-    roles = [d.role for d in opts.data]
-    negation = "target" in roles
-    if negation and "control" not in roles:
-        raise TvtoolError("--negate needs --control DIR (the data whose accuracy must be kept)")
-    if negation and "task" in roles:
-        raise TvtoolError("--negate and --data cannot be combined: negate first, then add")
-    if not opts.data:
-        raise TvtoolError("give --data DIR (or --negate DIR --control DIR)")
-    if opts.threshold < 0 or opts.threshold > 1:
-        raise TvtoolError(f"--threshold must be in [0, 1] (got {opts.threshold})")
+    store = Store(opts.store)
+    objective = get_objective(opts.objective.name)
+    threshold = threshold_of(opts.objective)
+    negation = opts.negation
+    data = data_specs(
+        list(opts.data), opts.val, opts.classnames, opts.negate, opts.control, opts.heads
+    )
+    if clip is None:
+        clip = opts.model.load(warn=warn)
 
     sel_digest, keep, vectors = None, None, list(opts.vectors)
     if opts.selection:
@@ -143,12 +107,12 @@ def compose(
             seed=opts.seed,
             templates=opts.templates,
             store=store,
-            threshold=opts.threshold,
+            threshold=threshold,  # type: ignore[arg-type]
             batch_size=max(opts.batch_size, 64),
             dist=dist,
             split=opts.split,
         )
-        for spec in opts.data
+        for spec in data
     ]
     _unique_names(tasks)
     lr = opts.lr if opts.lr is not None else default_lr(objective, negation)
@@ -179,7 +143,7 @@ def compose(
             for t in tasks
         ],
         "objective": objective.name,
-        "threshold": opts.threshold,
+        "threshold": threshold,
         "layout": layout.model_dump(),
         "selection": sel_digest,
         "vector_dtype": str(dtype),
@@ -212,7 +176,7 @@ def compose(
         "batch_size": opts.batch_size,
         "grad_accum": opts.grad_accum,
         "weight_decay": opts.weight_decay,
-        "threshold": opts.threshold if objective.pseudo_labels else None,
+        "threshold": threshold,
         "data": [{"name": t.name, "role": t.role, **t.info} for t in tasks],
         "selection": sel_digest,
         "learnable": coefs.n_learnable,
@@ -271,7 +235,7 @@ def compose(
     return report
 
 
-def _workers(opts: ComposeOptions, clip: Any, dist: Dist) -> int:
+def _workers(opts: ComposeRequest, clip: Any, dist: Dist) -> int:
     """Data-loading processes: as asked; by default none on CPU (the cores compute), and up to 8
     per process on CUDA (decoding and augmenting images must keep up with the GPU)."""
     if opts.workers is not None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from tvtool.compose.ddp import Dist
 from tvtool.compose.objectives import get_objective
+from tvtool.compose.registry import SCORES, threshold_of
+from tvtool.compose.requests import SelectRequest
 from tvtool.compose.select import (
     SelectionDoc,
     base_gradient,
@@ -20,80 +21,32 @@ from tvtool.compose.select import (
     norm_scores,
     pair_bytes,
 )
-from tvtool.datasets.prepare import DataSpec, prepare_data
+from tvtool.datasets.prepare import data_specs, prepare_data
 from tvtool.errors import TvtoolError
 from tvtool.models.bank import BankPlan, plan_bank, plan_from_vectors
 from tvtool.store.store import Store, check_ref_name
 from tvtool.vectors.blocks import layer_of, make_blocks
 from tvtool.vectors.stored import save_tensor_object
 
-SCORES = ("grad", "importance", "norm")
 ELEMENT_SIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 DEFAULT_DENSITY = 0.2
 
 
-@dataclass
-class SelectOptions:
-    vectors: list[str]
-    data: list[DataSpec] = field(default_factory=list)
-    score: str = "grad"
-    top: int | None = None
-    budget_mb: float | None = None
-    density: float | None = None
-    granularity: str = "tensor"
-    objective: str = "ce"
-    shots: int | None = None
-    seed: int = 0
-    threshold: float = 0.99
-    batch_size: int = 32
-    vector_dtype: str = "fp16"
-    templates: list[str] | None = None
-    split: str = "train"
-    allow_other_base: bool = False
-    name: str | None = None
-    force: bool = False
-
-
-def output_kind(opts: SelectOptions) -> str:
-    """'selection' (pairs) or 'mask' (elements), checking the options make sense together."""
-    if opts.score not in SCORES:
-        raise TvtoolError(f"unknown --score {opts.score!r}: choose from {', '.join(SCORES)}")
-    pairs = opts.top is not None or opts.budget_mb is not None
-    if opts.top is not None and opts.budget_mb is not None:
-        raise TvtoolError("give --top N or --budget-mb M, not both")
-    if opts.score == "importance" or (opts.score == "norm" and opts.density is not None):
-        if pairs:
-            raise TvtoolError(
-                f"--score {opts.score} with --density writes masks: --top/--budget-mb do not apply"
-            )
-        return "mask"
-    if opts.density is not None:
-        raise TvtoolError(
-            "--density applies to masks (--score importance, or norm without --top/--budget-mb)"
-        )
-    if not pairs:
-        raise TvtoolError(
-            f"--score {opts.score} keeps (vector, block) pairs: give --top N or --budget-mb M "
-            "(or --density d for masks with --score norm)"
-        )
-    return "selection"
-
-
 def run_select(
-    store: Store,
-    clip: Any | None,
-    opts: SelectOptions,
+    opts: SelectRequest,
+    clip: Any | None = None,
     on_batch: Callable[[], None] | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
+    """Score and keep as `opts` says; store the selection or masks; returns the report. `clip`:
+    the model `opts.model` names, when the caller has loaded it already."""
     from tvtool.models.functional import visual_params
 
-    if opts.name is not None:
-        check_ref_name(opts.name)
-    kind = output_kind(opts)
-    needs_data = opts.score != "norm"
-    if needs_data and (clip is None or not opts.data):
-        raise TvtoolError(f"--score {opts.score} needs the model (--model/--base) and --data DIR")
+    store = Store(opts.store)
+    kind = opts.kind
+    needs_data = SCORES[opts.score].needs_data
+    if clip is None and opts.model.given:
+        clip = opts.model.load(warn=warn)
     if clip is not None:
         plan = plan_bank(
             store,
@@ -108,9 +61,10 @@ def run_select(
         plan = plan_from_vectors(store, opts.vectors)
     grads, data_info = None, []
     if needs_data:
-        objective = get_objective(opts.objective)
+        objective = get_objective(opts.objective.name)
+        specs = data_specs(list(opts.data), classnames=opts.classnames, heads=opts.heads)
         sets = []
-        for spec in opts.data:
+        for spec in specs:
             t = prepare_data(
                 clip,
                 spec,
@@ -120,7 +74,7 @@ def run_select(
                 seed=opts.seed,
                 templates=opts.templates,
                 store=store,
-                threshold=opts.threshold,
+                threshold=threshold_of(opts.objective),  # type: ignore[arg-type]
                 batch_size=opts.batch_size,
                 dist=Dist(),
                 split=opts.split,
@@ -136,7 +90,7 @@ def run_select(
         "shots": opts.shots,
         "seed": opts.seed,
         "base_fingerprint": clip.base_fingerprint if clip is not None else None,
-        "objective": opts.objective if needs_data else None,
+        "objective": opts.objective.name if needs_data else None,
     }
     if kind == "mask":
         report.update(_masks(store, plan, opts, grads, report, warn))
@@ -146,7 +100,7 @@ def run_select(
 
 
 def _selection(
-    store: Store, plan: BankPlan, opts: SelectOptions, grads, common: dict[str, Any]
+    store: Store, plan: BankPlan, opts: SelectRequest, grads, common: dict[str, Any]
 ) -> dict[str, Any]:
     try:
         blocks = make_blocks(plan.shapes(), opts.granularity)  # type: ignore[arg-type]
@@ -156,8 +110,6 @@ def _selection(
         scores = grad_scores(store, plan, blocks, grads)
     else:
         scores = norm_scores(store, plan, blocks)
-    if opts.vector_dtype not in ELEMENT_SIZE:
-        raise TvtoolError(f"unknown --vector-dtype {opts.vector_dtype!r}: use fp32, fp16 or bf16")
     nbytes = pair_bytes(plan, blocks, ELEMENT_SIZE[opts.vector_dtype])
     covered = nbytes > 0
     if opts.top is not None:
@@ -206,7 +158,7 @@ def _selection(
 
 
 def _masks(
-    store: Store, plan: BankPlan, opts: SelectOptions, grads, common: dict[str, Any], warn
+    store: Store, plan: BankPlan, opts: SelectRequest, grads, common: dict[str, Any], warn
 ) -> dict[str, Any]:
     density = DEFAULT_DENSITY if opts.density is None else opts.density
     out = []

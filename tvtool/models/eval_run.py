@@ -15,37 +15,98 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import Field, model_validator
+
 from tvtool.errors import TvtoolError
+from tvtool.models.spec import ModelSpec
+from tvtool.request import Request
 
 
-@dataclass
-class EvalOptions:
-    model: str | None = None
-    model_config: Path | None = None
-    base: Path | None = None
-    pretrained: str | None = None
-    quick_gelu: bool | None = None
-    text_tower: str | None = None
-    heads: list[Path] | None = None  # head files, one per --data (instead of the text tower)
-    vectors: list[str] = field(default_factory=list)
+@dataclass(frozen=True)
+class EvalMode:
+    """What weights an eval measures, and the request field that asks for it."""
+
+    name: str
+    summary: str
+    field: str | None  # the EvalRequest field that selects the mode (None: the default)
+    flag: str  # how people ask for it
+    owns: tuple[str, ...] = ()  # request fields only this mode accepts
+
+
+EVAL_MODES: dict[str, EvalMode] = {
+    m.name: m
+    for m in (
+        EvalMode("base", "the base model alone", None, "nothing"),
+        EvalMode("vectors", "theta_0 + scale * sum_t w_t tau_t", "vectors", "VECTOR...",
+                 ("grid",)),
+        EvalMode("weights", "a fine-tuned checkpoint's image tower", "weights", "--weights"),
+        EvalMode("coefs", "learned coefficients (a compose result)", "coefs", "--coefs"),
+        EvalMode("disentanglement", "the weight-disentanglement error of two vectors",
+                 "disentanglement", "--disentanglement"),
+    )
+}
+
+
+class EvalRequest(Request):
+    """What `tvtool eval` asks for (see the module docstring); `mode` says which weights."""
+
+    model: ModelSpec = ModelSpec()
+    heads: list[Path] = Field(default_factory=list)  # head files, one per --data
+    vectors: list[str] = Field(default_factory=list)
     weights: Path | None = None
     coefs: str | None = None
-    data: list[Path] = field(default_factory=list)
+    data: list[Path] = Field(default_factory=list)
     split: str = "test"
-    classnames: list[Path] | None = None
+    classnames: list[Path] = Field(default_factory=list)
     templates: Path | None = None
     grid: str | None = None
-    val: list[Path] | None = None
+    val: list[Path] = Field(default_factory=list)
     finetuned_acc: Path | None = None
-    finetuned: list[Path] | None = None
+    finetuned: list[Path] = Field(default_factory=list)
     disentanglement: tuple[str, str] | None = None
     alphas: str = "0:1:0.25"
     allow_other_base: bool = False
-    device: str = "auto"
-    batch_size: int = 128
+    batch_size: int = Field(128, ge=1)
+    store: Path | None = None
+
+    @model_validator(mode="after")
+    def _modes(self):
+        if not self.data:
+            raise TvtoolError("give --data DIR (one or more data sets)")
+        if self.heads and len(self.heads) != len(self.data):
+            raise TvtoolError(
+                f"give one --head file per --data set ({len(self.data)}), not {len(self.heads)}"
+            )
+        self.mode  # noqa: B018  (checks the weights asked for)
+        return self
+
+    @property
+    def mode(self) -> str:
+        """The EVAL_MODES name, or 'weights-as-base' (--weights without a base: the file is the
+        whole model)."""
+        asked = [m for m in EVAL_MODES.values() if m.field and getattr(self, m.field)]
+        if len(asked) > 1 and any(m.name == "disentanglement" for m in asked):
+            raise TvtoolError(
+                "--disentanglement evaluates the base with its two vectors: drop the other weights"
+            )
+        if len(asked) > 1:
+            raise TvtoolError(
+                f"give one of {', '.join(m.flag for m in EVAL_MODES.values() if m.field)} "
+                f"(got {', '.join(m.name for m in asked)})"
+            )
+        mode = asked[0] if asked else EVAL_MODES["base"]
+        for m in EVAL_MODES.values():
+            for f in m.owns:
+                if m is not mode and getattr(self, f) is not None:
+                    raise TvtoolError(
+                        f"--{f} searches the scale of task vectors: give {m.flag} with --base"
+                    )
+        if mode.name == "weights" and self.model.base is None and self.model.pretrained is None:
+            return "weights-as-base"
+        return mode.name
 
 
 def load_finetuned_acc(path: Path) -> dict[str, float]:
@@ -66,29 +127,7 @@ def load_finetuned_acc(path: Path) -> dict[str, float]:
     return {k: float(v) / scale for k, v in doc.items()}
 
 
-def _check_modes(o: EvalOptions) -> str:
-    modes = [
-        m for m, on in (("vectors", o.vectors), ("weights", o.weights), ("coefs", o.coefs)) if on
-    ]
-    if o.disentanglement:
-        if modes:
-            raise TvtoolError(
-                "--disentanglement evaluates the base with its two vectors: drop the other weights"
-            )
-        modes = ["disentanglement"]
-    if len(modes) > 1:
-        raise TvtoolError(f"give one of VECTOR..., --weights or --coefs (got {', '.join(modes)})")
-    mode = modes[0] if modes else "base"
-    if o.grid is not None and mode != "vectors":
-        raise TvtoolError(
-            "--grid searches the scale of task vectors: give VECTOR[:w]... with --base"
-        )
-    if o.weights is not None and o.base is None and o.pretrained is None:
-        return "weights-as-base"
-    return mode
-
-
-def _finetuned_accs(clip, o: EvalOptions, sets, store, on_note) -> dict[str, float] | None:
+def _finetuned_accs(clip, o: EvalRequest, sets, store, on_note) -> dict[str, float] | None:
     """Fine-tuned accuracy per data-set name for `sets` (None when not given)."""
     from tvtool.models.evaluate import accuracy
     from tvtool.models.weights import checkpoint_override
@@ -117,8 +156,7 @@ def _finetuned_accs(clip, o: EvalOptions, sets, store, on_note) -> dict[str, flo
 
 
 def run_eval(
-    o: EvalOptions,
-    store,
+    o: EvalRequest,
     on_note: Callable[[str], None] = lambda m: None,
     on_progress: Callable[[str, int], Callable[[], None]] | None = None,
 ) -> dict:
@@ -127,7 +165,6 @@ def run_eval(
     from tvtool.datasets.registry import parse_data_arg
     from tvtool.datasets.sources import has_split
     from tvtool.models import evaluate as ev
-    from tvtool.models.build import load_clip
     from tvtool.models.heads import load_templates
     from tvtool.models.weights import (
         apply_delta,
@@ -136,23 +173,11 @@ def run_eval(
         parse_weighted,
         vectors_delta,
     )
+    from tvtool.store.store import Store
 
-    mode = _check_modes(o)
-    base = o.weights if mode == "weights-as-base" else o.base
-    clip = load_clip(
-        o.model,
-        o.model_config,
-        base,
-        o.pretrained,
-        device=o.device,
-        quick_gelu=o.quick_gelu,
-        text_tower=o.text_tower,
-        warn=on_note,
-    )
-    if o.heads and len(o.heads) != len(o.data):
-        raise TvtoolError(
-            f"give one --head file per --data set ({len(o.data)}), not {len(o.heads)}"
-        )
+    mode = o.mode
+    store = Store(o.store)
+    clip = o.model.load(base=o.weights if mode == "weights-as-base" else None, warn=on_note)
     templates = load_templates(o.templates) if o.templates else None  # None: per data set
     folders = open_folders(o.data, o.split, o.classnames)
     cached = o.grid is not None or mode == "disentanglement"

@@ -1,0 +1,35 @@
+"""The base of every typed request (`ComposeRequest`, `SelectRequest`, `EvalRequest`): what a
+command asks for, validated once, shared by the CLI (which builds it from its flags) and the
+library (which builds it directly). Torch-free."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from tvtool.errors import TvtoolError
+
+
+class Request(BaseModel):
+    """Frozen, unknown fields refused; `build` turns validation errors into one-line errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def build(cls, **fields: Any) -> Any:
+        """`cls(**fields)`, raising a `TvtoolError` that names the flag (``--threshold: ...``)."""
+        try:
+            return cls(**fields)
+        except ValidationError as e:
+            raise TvtoolError(validation_message(e)) from None
+
+
+def validation_message(e: ValidationError) -> str:
+    """The first error of `e` as ``--flag-name: what is wrong`` (field names spelled as flags)."""
+    first = e.errors()[0]
+    names = [x for x in first.get("loc", ()) if isinstance(x, str) and x.isidentifier()]
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    if not names:
+        return msg
+    return f"--{names[-1].replace('_', '-')}: {msg}"
