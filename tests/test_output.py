@@ -56,24 +56,32 @@ def test_table_in_a_terminal_wraps_and_keeps_names_literal() -> None:
     assert "[red]" in text and "\x1b]0;" not in text and "\x07" not in text
 
 
-def test_inspect_escapes_tensor_names_and_sorts_top_by_l2(invoke) -> None:
+def test_inspect_keeps_markup_literal_and_sorts_top_by_l2(invoke) -> None:
     g = torch.Generator().manual_seed(0)
+    markup = "blk.[red]x[/red][link=http://e]y[/link]"
     tensors = {
         "big.small_norm": 1e-3 * torch.randn(64, 64, generator=g),
         "tiny.large_norm": 10 * torch.randn(4, generator=g),
-        EVIL: torch.randn(8, generator=g),
+        markup: torch.randn(8, generator=g),
     }
     _vector(tensors, "evil")
     r = invoke("inspect", "evil", "--top", "2")
     assert r.exit_code == 0, r.output
-    assert "\x1b" not in r.stderr and "\x07" not in r.stderr and "\x9b" not in r.stderr
-    assert output.safe(EVIL) in r.stderr
     rows = [ln.split("\t")[0] for ln in r.stderr.splitlines() if "\t" in ln][1:]
     l2 = {k: float(v.norm()) for k, v in tensors.items()}
-    expect = sorted(l2, key=lambda k: -l2[k])[:2]
-    assert rows == [output.safe(k) for k in expect]
+    assert rows == sorted(l2, key=lambda k: -l2[k])[:2]
+    r = invoke("inspect", "evil", "--top", "0")
+    assert markup in r.stderr
     doc = json.loads(invoke("inspect", "evil", "--json").stdout)
     assert {b["name"] for b in doc["vectors"][0]["blocks"]} == set(tensors)
+
+
+def test_control_characters_in_tensor_names_are_refused_and_escaped(invoke) -> None:
+    _vector({EVIL: torch.zeros(2)}, "evil")
+    r = invoke("inspect", "evil")
+    assert r.exit_code == 1 and r.stderr.startswith("Error: ")
+    assert "\x1b" not in r.stderr and "\x07" not in r.stderr and "\x9b" not in r.stderr
+    assert output.safe(EVIL) in r.stderr
 
 
 def test_error_messages_escape_controls(invoke) -> None:
@@ -95,7 +103,7 @@ def test_help_shows_real_metavars(invoke, command) -> None:
 
 def test_metavars_name_what_the_value_is(invoke) -> None:
     text = " ".join(invoke("compose", "--help").stdout.split())
-    assert "--data -d DIR" in text and "--model-config FILE" in text
+    assert "--data -d PATH" in text and "--model-config FILE" in text
     assert "--shots -k INT" in text and "--threshold FLOAT" in text
     assert "--json Print" in text  # a flag takes no value
 
