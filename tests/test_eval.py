@@ -66,12 +66,12 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict:
 @pytest.fixture
 def vecs(env) -> list[str]:
     """The two task vectors, stored (with the base fingerprint) in this test's store."""
-    from tvtool.checkpoints.readers import file_sha256
+    from tvtool.checkpoints.readers import checkpoint_fingerprint
     from tvtool.store.store import Store
     from tvtool.vectors.stored import save_tensor_object
 
     store = Store(None)
-    fp = file_sha256(env["dir"] / "base.safetensors")
+    fp = checkpoint_fingerprint(env["dir"] / "base.safetensors")
     names = []
     for t, tau in enumerate(env["taus"]):
         m = save_tensor_object(store, "vector", tau, params={"base": {"fingerprint": fp}})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -15,6 +14,9 @@ import torch
 
 from tvtool.store.store import Store
 from tvtool.vectors.stored import load_tensor_object
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_readers import content_fingerprint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,8 +68,12 @@ def test_round_trip_matches_plain_torch(invoke, pair) -> None:
         assert tensors[k].dtype == torch.float32
         torch.testing.assert_close(tensors[k], v, rtol=0, atol=0)
     p = manifest.params
-    assert p["base"]["fingerprint"] == hashlib.sha256(bp.read_bytes()).hexdigest()
-    assert p["finetuned"]["fingerprint"] == hashlib.sha256(fp.read_bytes()).hexdigest()
+    assert p["base"]["fingerprint"] == content_fingerprint(safetensors.torch.load_file(bp))
+    assert p["finetuned"]["fingerprint"] == content_fingerprint(safetensors.torch.load_file(fp))
+    assert p["base_fingerprint"] == p["base"]["fingerprint"]
+    assert p["sources"] == [{"base": str(bp.resolve()), "base_format": "safetensors",
+                             "finetuned": str(fp.resolve()), "finetuned_format": "safetensors",
+                             "finetuned_fingerprint": p["finetuned"]["fingerprint"]}]
     assert p["base"]["path"] == str(bp.resolve())
     assert p["skipped_non_float"] == ["text.position_ids"]
     assert p["storage_dtype"] == "fp32" and p["max_rounding_error"] == 0.0
@@ -274,3 +280,38 @@ def test_subprocess_quiet_composes(pair, tmp_path: Path) -> None:
     digest = out.stdout.strip()
     assert len(digest) == 64
     assert Store(tmp_path / "home").get_ref("sub/v") == digest
+
+
+def test_same_weights_as_pt_and_safetensors_give_one_vector_with_both_sources(
+    invoke, pair, tmp_path: Path
+) -> None:
+    bp, fp, _ = pair
+    bpt = tmp_path / "base.pt"
+    torch.save({"state_dict": safetensors.torch.load_file(bp)}, bpt)
+    first = invoke("extract", bp, fp, "--name", "v1")
+    second = invoke("extract", bpt, fp, "--name", "v2")
+    assert first.exit_code == 0 and second.exit_code == 0, second.stderr
+    assert first.stdout == second.stdout  # one object
+    manifest, _ = stored("v2")
+    p = manifest.params
+    assert p["base_fingerprint"] == content_fingerprint(safetensors.torch.load_file(bp))
+    assert [(s["base"], s["base_format"]) for s in p["sources"]] == [
+        (str(bp.resolve()), "safetensors"), (str(bpt.resolve()), "torch")]
+    third = invoke("extract", bpt, fp)  # the same pair again adds nothing
+    assert third.exit_code == 0
+    assert len(stored("v1")[0].params["sources"]) == 2
+    assert invoke("store", "verify").exit_code == 0
+
+
+def test_norm_overflow_is_not_mistaken_for_nonfinite(invoke, tmp_path: Path) -> None:
+    base = {"w": torch.zeros(4)}
+    ft = {"w": torch.tensor([3e19, -3e19, 1.0, 0.0])}  # squares overflow fp32, values do not
+    safetensors.torch.save_file(base, tmp_path / "b.safetensors")
+    safetensors.torch.save_file(ft, tmp_path / "f.safetensors")
+    r = invoke("extract", tmp_path / "b.safetensors", tmp_path / "f.safetensors", "--name", "big")
+    assert r.exit_code == 0, r.stderr
+    manifest, tensors = stored("big")
+    assert torch.equal(tensors["w"], ft["w"])
+    want = float(torch.linalg.vector_norm(ft["w"].double()))
+    assert manifest.params["l2"] == pytest.approx(want, rel=1e-6)
+    assert manifest.params["nonfinite"] == 0

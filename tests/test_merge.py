@@ -406,9 +406,9 @@ def test_checkpoint_terms_equal_their_extracted_vectors(world, method, params):
     assert recipe["terms"][0]["checkpoint"] == plan.terms[0].fingerprint
     assert recipe["terms"][0]["path"] == str(paths[0].resolve())
     assert recipe["terms"][1]["vector"] == digests[1]
-    from tvtool.checkpoints.readers import file_sha256
+    from tvtool.checkpoints.readers import checkpoint_fingerprint
 
-    assert plan.terms[0].fingerprint == file_sha256(paths[0])
+    assert plan.terms[0].fingerprint == checkpoint_fingerprint(paths[0])
 
 
 def test_checkpoint_recipe_rebuilds_and_checks_the_file(world):

@@ -54,9 +54,9 @@ def test_load_from_safetensors_round_trips_state(tiny, clip):
     assert clip.image_size == (16, 16)
     assert not clip.model.training
     assert not any(p.requires_grad for p in clip.model.parameters())
-    from tvtool.checkpoints.readers import file_sha256
+    from test_readers import content_fingerprint
 
-    assert clip.base_fingerprint == file_sha256(tiny["st"])
+    assert clip.base_fingerprint == content_fingerprint(tiny["state"])
     expected = min(float(tiny["state"]["logit_scale"].exp()), 100.0)
     assert clip.logit_scale == pytest.approx(expected)
 

@@ -19,6 +19,18 @@ from tvtool.checkpoints.safe_unpickle import Stub
 from tvtool.errors import TvtoolError, UnsafePickleError
 
 
+def content_fingerprint(sd: dict[str, torch.Tensor]) -> str:
+    """The content fingerprint, computed independently of tvtool's code."""
+    import hashlib
+
+    lines = []
+    for k in sorted(sd):
+        raw = sd[k].contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        dt = str(sd[k].dtype).split(".")[1]
+        lines.append(f"{k}\t{dt}\t{list(sd[k].shape)}\t{hashlib.sha256(raw).hexdigest()}\n")
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
 def state(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {
@@ -54,11 +66,7 @@ def test_safetensors_single(tmp_path: Path) -> None:
         assert r.meta("visual.ln.bias").dtype == torch.bfloat16
         assert r.metadata() == {"a": "b"}
         assert r.format == "safetensors"
-        import hashlib
-
-        assert (
-            r.fingerprint() == hashlib.sha256((tmp_path / "m.safetensors").read_bytes()).hexdigest()
-        )
+        assert r.fingerprint() == content_fingerprint(sd)
     assert_same(read_all(tmp_path / "m.safetensors"), sd)
 
 
@@ -454,3 +462,54 @@ def test_index_shard_outside_directory_is_not_read(tmp_path: Path) -> None:
     index.write_text(json.dumps(doc))
     with pytest.raises(TvtoolError, match="outside the index's directory"):
         open_checkpoint(index)
+
+
+# -- content fingerprints (issue 8: the same weights in any format have one identity) ----------
+
+
+def test_same_weights_in_every_format_have_one_fingerprint(tmp_path: Path) -> None:
+    sd = state()
+    safetensors.torch.save_file(sd, tmp_path / "m.safetensors")
+    torch.save(sd, tmp_path / "m.pt")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "ddp.pt")
+    torch.save(sd, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    d, _ = _shards(tmp_path)
+    want = content_fingerprint(sd)
+    for path in ("m.safetensors", "m.pt", "ddp.pt", "legacy.pt", d):
+        with open_checkpoint(tmp_path / path) as r:
+            assert r.fingerprint() == want, path
+
+
+@pytest.mark.parametrize("change", ["value", "dtype", "name", "shape"])
+def test_fingerprint_changes_with_the_content(tmp_path: Path, change: str) -> None:
+    sd = state()
+    other = dict(sd)
+    if change == "value":
+        other["visual.proj"] = sd["visual.proj"].clone()
+        other["visual.proj"][0, 0] += 1e-6
+    elif change == "dtype":
+        other["visual.proj"] = sd["visual.proj"].double()
+    elif change == "name":
+        other["visual.proj2"] = other.pop("visual.proj")
+    else:
+        other["visual.proj"] = sd["visual.proj"].reshape(3, 4)
+    safetensors.torch.save_file(sd, tmp_path / "a.safetensors")
+    safetensors.torch.save_file(other, tmp_path / "b.safetensors")
+    with open_checkpoint(tmp_path / "a.safetensors") as a, open_checkpoint(
+        tmp_path / "b.safetensors"
+    ) as b:
+        assert a.fingerprint() != b.fingerprint()
+
+
+def test_fingerprint_after_a_pass_reads_nothing_again(tmp_path: Path) -> None:
+    sd = state()
+    safetensors.torch.save_file(sd, tmp_path / "m.safetensors")
+    with open_checkpoint(tmp_path / "m.safetensors") as r:
+        reads: list[str] = []
+        inner = r._read
+        r._read = lambda k: reads.append(k) or inner(k)  # type: ignore[method-assign]
+        for k in r.keys()[:3]:
+            r.get(k).add_(1)  # callers may update what they read in place
+        fp = r.fingerprint()
+        assert sorted(reads) == sorted(r.keys())  # the first three once, the others for the hash
+    assert fp == content_fingerprint(sd)

@@ -47,6 +47,12 @@ def normalise_keys(keys: list[str]) -> dict[str, str]:
     return dict(zip(names, keys, strict=True))
 
 
+def checkpoint_fingerprint(path: str | Path) -> str:
+    """The content fingerprint of the checkpoint at `path` (see `fingerprint`)."""
+    with open_checkpoint(path) as reader:
+        return reader.fingerprint()
+
+
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -66,6 +72,7 @@ class CheckpointReader:
         self.path = path
         self.files = files
         self._fingerprint: str | None = None
+        self._hasher: Any = None  # a fingerprint.ContentHasher once a tensor is read
         self._names: dict[str, str] = {}
 
     def keys(self) -> list[str]:
@@ -77,26 +84,57 @@ class CheckpointReader:
     def meta(self, key: str) -> TensorMeta:
         raise NotImplementedError
 
-    def get(self, key: str) -> torch.Tensor:
+    def _read(self, key: str) -> torch.Tensor:
         raise NotImplementedError
 
-    def fingerprint(self) -> str:
-        """sha256 of the file (for several shards: of their names and digests)."""
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor `key`; hashed on the side for `fingerprint` (unless that is known)."""
+        t = self._read(key)
         if self._fingerprint is None:
-            if len(self.files) == 1:
-                self._fingerprint = file_sha256(self.files[0])
-            else:
-                h = hashlib.sha256()
-                for f in sorted(self.files, key=lambda p: p.name):
-                    h.update(f"{f.name}:{file_sha256(f)}\n".encode())
-                self._fingerprint = h.hexdigest()
+            if self._hasher is None:
+                from tvtool.checkpoints.fingerprint import ContentHasher
+
+                self._hasher = ContentHasher()
+            self._hasher.add(key, t)
+        return t
+
+    def fingerprint(self) -> str:
+        """The content fingerprint (`tvtool.checkpoints.fingerprint`): sha256 over sorted
+        names, dtypes, shapes and tensor bytes, the same for the same weights in any format.
+        Tensors already read were hashed as they were read; only the others are read now."""
+        if self._fingerprint is None:
+            keys = self.keys()
+            for k in keys:
+                if self._hasher is None or k not in self._hasher:
+                    self.get(k)
+            if self._hasher is None:  # no tensors at all
+                from tvtool.checkpoints.fingerprint import ContentHasher
+
+                self._hasher = ContentHasher()
+            self._fingerprint = self._hasher.hexdigest(keys)
+            self._hasher.close()
+            self._hasher = None
         return self._fingerprint
+
+    def file_fingerprint(self) -> str:
+        """sha256 of the file (for several shards: of their names and digests)."""
+        if len(self.files) == 1:
+            return file_sha256(self.files[0])
+        h = hashlib.sha256()
+        for f in sorted(self.files, key=lambda p: p.name):
+            h.update(f"{f.name}:{file_sha256(f)}\n".encode())
+        return h.hexdigest()
 
     def metadata(self) -> dict[str, str]:
         return {}
 
     def close(self) -> None:
-        pass
+        self._close_hasher()
+
+    def _close_hasher(self) -> None:
+        if self._hasher is not None:
+            self._hasher.close()
+            self._hasher = None
 
     def __enter__(self) -> CheckpointReader:
         return self
@@ -144,7 +182,7 @@ class SafetensorsReader(CheckpointReader):
         sf = self._raw[raw]
         return TensorMeta(sf.entries[raw].shape, sf.dtype(raw))
 
-    def get(self, key: str) -> torch.Tensor:
+    def _read(self, key: str) -> torch.Tensor:
         raw = self._names[key]
         return self._raw[raw].read(raw)
 
@@ -155,6 +193,7 @@ class SafetensorsReader(CheckpointReader):
         return out
 
     def close(self) -> None:
+        self._close_hasher()
         for sf in self._files:
             sf.close()
         self._files = []
@@ -179,10 +218,11 @@ class TorchReader(CheckpointReader):
         t = self._tensors[self._names[key]]
         return TensorMeta(tuple(t.shape), t.dtype)
 
-    def get(self, key: str) -> torch.Tensor:
+    def _read(self, key: str) -> torch.Tensor:
         return self._tensors[self._names[key]]
 
     def close(self) -> None:
+        self._close_hasher()
         self._tensors = {}
 
 

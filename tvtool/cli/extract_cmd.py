@@ -143,9 +143,9 @@ def _summary(result, base: Path, finetuned: Path) -> None:
     err.print(f"Task vector {title} {verb}", soft_wrap=True)
     source = p.get("finetuned") or p["lora"]
     rows = [
-        ("base", f"{base}  sha256 {p['base']['fingerprint'][:12]}"),
+        ("base", f"{base}  content {p['base']['fingerprint'][:12]}"),
         ("lora" if "lora" in p else "finetuned",
-         f"{finetuned}  sha256 {source['fingerprint'][:12]}"),
+         f"{finetuned}  content {source['fingerprint'][:12]}"),
         ("tensors", f"{len(m.tensors)} ({m.numel:,} parameters), {p['storage_dtype']}, "
                     f"{human_bytes(m.size)}"),
         ("l2 norm", f"{p['l2']:.6g}"),

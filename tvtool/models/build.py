@@ -16,7 +16,7 @@
   text `transformer`) load with `has_text=False`; heads then come from head files or from
   `--text-tower FILE|TAG` (another checkpoint's, or a cached pretrained tag's, text tower).
 
-`base_fingerprint` identifies the weights (sha256 of the checkpoint file or shards): heads are
+`base_fingerprint` identifies the weights (content fingerprint, any format or sharding): heads are
 cached under it, and stored task vectors/coefficients record it.
 """
 
@@ -244,7 +244,7 @@ def load_clip(
                 "or use --model-config FILE)"
             )
     dev = resolve_device(device)
-    from tvtool.checkpoints.readers import file_sha256, open_checkpoint
+    from tvtool.checkpoints.readers import checkpoint_fingerprint, open_checkpoint
 
     source, image_only, text_fp = "", False, ""
     with contextlib.ExitStack() as stack:
@@ -254,13 +254,13 @@ def load_clip(
             declared = "quick_gelu" if tag_cfg.get("quick_gelu") else None
             quick, why, note = resolve_activation(name, declared, quick_gelu)
             net = _create(name, preprocess, quick, path)
-            fingerprint, source = file_sha256(Path(path)), f"{name}/{pretrained}"
+            fingerprint, source = checkpoint_fingerprint(path), f"{name}/{pretrained}"
         else:
             reader = stack.enter_context(open_checkpoint(Path(base)))  # type: ignore[arg-type]
             quick, why, note = resolve_activation(name, checkpoint_activation(reader), quick_gelu)
             net = _create(name, preprocess, quick)
-            fingerprint, source = reader.fingerprint(), str(base)
             image_only = copy_state(net, reader, Path(base))  # type: ignore[arg-type]
+            fingerprint, source = reader.fingerprint(), str(base)  # hashed while copying
         if note:
             say(note)
         if text_tower is not None:

@@ -134,6 +134,30 @@ class Store:
         fsync_dir(path.parent)
         return manifest
 
+    def add_sources(self, digest: str, sources: list[dict[str, Any]]) -> Manifest:
+        """Append `sources` (files an object was made from, e.g. the same weights in another
+        format) to its manifest's `params.sources`, under the store lock. The only change a
+        manifest ever sees: the data and every claim about it stay as first written."""
+        with self.lock():
+            manifest = self.manifest(digest)
+            have = list(manifest.params.get("sources") or [])
+            added = [s for s in sources if s not in have]
+            if not added:
+                return manifest
+            updated = manifest.model_copy(
+                update={"params": {**manifest.params, "sources": have + added}}
+            )
+            path = self.manifest_path(digest)
+            tmp = self.tmp_dir / f"{uuid.uuid4().hex}.manifest"
+            with create_locked(tmp) as f:
+                f.write(canonical_json(updated.model_dump(mode="json")))
+                f.flush()
+                os.fsync(f.fileno())
+                os.chmod(tmp, 0o444)
+                os.replace(tmp, path)
+            fsync_dir(path.parent)
+            return updated
+
     # -- reading ------------------------------------------------------------------------------
     def iter_digests(self) -> Iterator[str]:
         """Digests of every committed object, sorted."""

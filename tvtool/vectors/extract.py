@@ -112,10 +112,12 @@ def _dt(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _source(reader: CheckpointReader) -> dict[str, str]:
+def _source(reader: CheckpointReader, fingerprint: bool = True) -> dict[str, str]:
+    """Where a checkpoint came from, with its content fingerprint (a full read unless the
+    tensors were read already; `fingerprint=False`: filled in by the caller after its pass)."""
     return {
         "path": str(Path(reader.path).resolve()),
-        "fingerprint": reader.fingerprint(),
+        "fingerprint": reader.fingerprint() if fingerprint else "",
         "format": reader.format,
     }
 
@@ -133,7 +135,13 @@ def extract_vector(
     on_start: Callable[[int], None] | None = None,
     on_tensor: Callable[[str], None] | None = None,
 ) -> ExtractResult:
-    """Store `finetuned - base` as a `vector` object (tagged `name` if given)."""
+    """Store `finetuned - base` as a `vector` object (tagged `name` if given).
+
+    One read of each input tensor: it is hashed for the content fingerprints as it is read
+    (`checkpoints.fingerprint`), subtracted once, and checked for NaN/Inf through its norm
+    (a sum of squares is finite iff every entry is, overflow aside, which the slow path
+    tells apart). The manifest records `base_fingerprint` (content, format-independent) and
+    `sources`: every (base, fine-tune) file pair the same vector was extracted from."""
     if dtype not in STORAGE_NAMES:
         raise TvtoolError(f"cannot store task vectors as {dtype}: use fp32, fp16 or bf16")
     if name is not None:
@@ -145,8 +153,8 @@ def extract_vector(
         specs = [TensorSpec(s.name, s.shape, dtype) for s in fp32_specs]
         created = datetime.now(timezone.utc).isoformat()
         params: dict = {
-            "base": _source(base),
-            "finetuned": _source(ft),
+            "base": _source(base, fingerprint=False),
+            "finetuned": _source(ft, fingerprint=False),
             "filters": keep.describe(),
             "skipped_non_float": skipped,
             "filtered_out": filtered_out,
@@ -162,25 +170,31 @@ def extract_vector(
         acc = _Accum()
         if on_start:
             on_start(len(specs))
+        last = specs[-1].name
 
         def produce(spec: TensorSpec) -> torch.Tensor:
             d = ft.get(spec.name).to(torch.float32) - base.get(spec.name).to(torch.float32)
             out = d if dtype == torch.float32 else d.to(dtype)
             stored = d if dtype == torch.float32 else out.to(torch.float32)
-            clean = bool(torch.isfinite(stored).all())
-            if not clean:
-                _count_nonfinite(stored, d, spec.name, dtype, allow_nonfinite, acc)
+            sq = float(torch.linalg.vector_norm(stored)) ** 2 if stored.numel() else 0.0
+            if not math.isfinite(sq):  # NaN/Inf, or squares past the fp32 range
+                sq = _slow_path(stored, d, spec.name, dtype, allow_nonfinite, acc)
                 stored = torch.nan_to_num(stored, nan=0.0, posinf=0.0, neginf=0.0)
             if dtype != torch.float32 and stored.numel():
                 err = (stored - d).abs_()
-                if not clean:  # entries that are not finite are counted, not rounding errors
+                if acc.nonfinite:  # entries that are not finite are counted, not rounding errors
                     err = torch.nan_to_num(err, nan=0.0, posinf=0.0).masked_fill_(
                         ~torch.isfinite(out), 0.0)
                 acc.max_round = max(acc.max_round, float(err.max()))
-            acc.sumsq += float(torch.linalg.vector_norm(stored)) ** 2
+            acc.sumsq += sq
             # the manifest is committed after the last tensor: keep its params current
             params.update(max_rounding_error=acc.max_round, nonfinite=acc.nonfinite,
                           l2=math.sqrt(acc.sumsq))
+            if spec.name == last:  # every tensor read: the fingerprints cost no second pass
+                params["base"]["fingerprint"] = base.fingerprint()
+                params["finetuned"]["fingerprint"] = ft.fingerprint()
+                params["base_fingerprint"] = params["base"]["fingerprint"]
+                params["sources"] = [_pair(params)]
             if on_tensor:
                 on_tensor(spec.name)
             return out
@@ -189,6 +203,8 @@ def extract_vector(
             store, "vector", specs, produce, params=params, created=created
         )
     deduplicated = manifest.created != created
+    if deduplicated:  # the same vector from other files (e.g. the same weights as .pt)
+        manifest = store.add_sources(manifest.digest, [_pair(params)])
     if name is not None:
         try:
             store.set_ref(name, manifest.digest, force=force)
@@ -197,6 +213,24 @@ def extract_vector(
                 f"vector stored as {manifest.digest[:12]}, but not named: {e}"
             ) from None
     return ExtractResult(manifest, name, deduplicated, skipped, filtered_out)
+
+
+def _pair(params: dict) -> dict[str, str]:
+    b, f = params["base"], params["finetuned"]
+    return {"base": b["path"], "base_format": b["format"], "finetuned": f["path"],
+            "finetuned_format": f["format"], "finetuned_fingerprint": f["fingerprint"]}
+
+
+def _slow_path(
+    stored: torch.Tensor, diff: torch.Tensor, key: str, dtype: torch.dtype, allow: bool,
+    acc: _Accum,
+) -> float:
+    """The sum of squares of a tensor whose fp32 norm was not finite: refuse (or count) its
+    non-finite entries, and sum the finite ones in float64 so that large values do not
+    overflow."""
+    _count_nonfinite(stored, diff, key, dtype, allow, acc)
+    clean = torch.nan_to_num(stored, nan=0.0, posinf=0.0, neginf=0.0).to(torch.float64)
+    return float(torch.dot(clean.reshape(-1), clean.reshape(-1)))
 
 
 def _count_nonfinite(

@@ -1,0 +1,89 @@
+"""Content fingerprints: the identity of a checkpoint's weights, whatever file holds them.
+
+    fingerprint = sha256(concat over sorted names: "name\\tdtype\\tshape\\tsha256(bytes)\\n")
+
+over the reader's (normalised) tensor names, so the same weights saved as `.pt`, as one
+`.safetensors` file or as shards (with or without a shared `module.` prefix) have one identity,
+while any change of a value, dtype, shape or name gives another. Per-tensor digests let the
+tensors be hashed in whatever order they are read: readers hash each tensor as it is read (a
+private copy, on a worker thread: hashlib releases the GIL, and callers may update what they
+read in place), so a fingerprint after a full streamed pass costs no second read, and only the
+tensors nobody read are read for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+MAX_PENDING = 2  # tensors kept alive while waiting for the hashing thread
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes in row-major order (native, i.e. little-endian, byte order)."""
+    flat = t.detach().contiguous().reshape(-1)
+    h = hashlib.sha256()
+    if flat.numel():
+        h.update(memoryview(flat.view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def _line(name: str, dtype: torch.dtype, shape: tuple[int, ...], digest: str) -> str:
+    return f"{name}\t{str(dtype).removeprefix('torch.')}\t{list(shape)}\t{digest}\n"
+
+
+class ContentHasher:
+    """Collects per-tensor digests (hashed on one worker thread) and combines them."""
+
+    def __init__(self) -> None:
+        self._lines: dict[str, str | Future[str]] = {}
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[Future[str]] = []
+        self._lock = threading.Lock()  # a fingerprint may be taken on a thread while reading
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._lines
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        """Hash `t` as the content of `name` (asynchronously; at most MAX_PENDING in flight)."""
+        with self._lock:
+            if name in self._lines:
+                return
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="tvtool-hash")
+            self._pending = [f for f in self._pending if not f.done()]
+            while len(self._pending) >= MAX_PENDING:
+                self._pending.pop(0).result()
+            dtype, shape = t.dtype, tuple(t.shape)
+            own = t.detach().contiguous().clone()  # callers may update their tensor in place
+            fut = self._pool.submit(lambda: _line(name, dtype, shape, tensor_digest(own)))
+            self._pending.append(fut)
+            self._lines[name] = fut
+
+    def hexdigest(self, names: list[str]) -> str:
+        """The fingerprint over exactly `names` (each must have been added)."""
+        h = hashlib.sha256()
+        for name in sorted(names):
+            line = self._lines[name]
+            if isinstance(line, Future):
+                line = self._lines[name] = line.result()
+            h.update(line.encode())
+        return h.hexdigest()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._pending = []
+
+
+def fingerprint_tensors(tensors: dict[str, torch.Tensor]) -> str:
+    """The content fingerprint of an in-memory state dict (names as given)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(_line(name, t.dtype, tuple(t.shape), tensor_digest(t)).encode())
+    return h.hexdigest()
