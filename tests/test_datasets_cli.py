@@ -139,6 +139,7 @@ def test_compose_on_hf_and_csv_data_with_builtin_names_and_val_split(assets, inv
     data = json.loads(r.stdout)["data"]
     assert [d["name"] for d in data] == ["rendered_sst2", "colors"]
     assert data[0]["dataset"] == "rendered_sst2" and "dataset" not in data[1]
+    assert data[0]["templates"] == 1 and "templates" not in data[1]
     assert [d["classes"] for d in data] == [2, 3]
     assert [d["train"] for d in data] == [4, 6]  # 2 shots per class
     assert [d["val"] for d in data] == [6, 9]  # 25% of 12 images per class held out first

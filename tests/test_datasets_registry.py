@@ -38,6 +38,9 @@ from tvtool.errors import TvtoolError
         ("rendered_sst2", 2, "negative", "positive", 1),
         ("emnist_letters", 26, "A", "Z", 1),
         ("fashion_mnist", 10, "T - shirt / top", "Ankle boot", 2),
+        ("kmnist", 10, "お", "を", 1),
+        ("stl10", 10, "airplane", "truck", 2),
+        ("tiny_imagenet", 200, "goldfish", "orange", 80),
     ],
 )
 def test_published_names_and_templates(name, classes, first, last, templates):

@@ -121,6 +121,8 @@ def prepare_data(
     info: dict[str, Any] = {"path": str(Path(folder.root).resolve()), "classes": folder.num_classes}
     if folder.dataset:
         info["dataset"] = folder.dataset
+    if templates is None and folder.templates:
+        info["templates"] = len(folder.templates)  # the data set's own (else --templates/defaults)
     if objective.pseudo_labels:
         indices, targets, kept = _pseudo_labels(
             clip, folder, indices, head, threshold, batch_size, dist
