@@ -136,6 +136,19 @@ def test_forged_tensor_claims(invoke, target, tmp_path) -> None:
     refused(invoke, target, bundle, 3, "shape [3, 2]")
 
 
+def test_lenient_headers_in_bundles_are_refused(invoke, target, tmp_path) -> None:
+    """Data whose digest is right but whose header is malformed (a shape given as "22")."""
+    raw = json.dumps({"w": {"dtype": "F32", "shape": "22", "data_offsets": [0, 16]}}).encode()
+    data = len(raw).to_bytes(8, "little") + raw + bytes(16)
+    d = hashlib.sha256(data).hexdigest()
+    claims = manifest_bytes(d, len(data), format="safetensors", numel=4, dtype="F32",
+                            tensors=[{"name": "w", "dtype": "F32", "shape": [2, 2]}])
+    bundle = write_bundle(tmp_path / "b.tar", [index({"w": d}, [d]),
+                                               (f"objects/{d}.json", claims, None),
+                                               (f"objects/{d}", data, None)])
+    refused(invoke, target, bundle, 3, d[:12])
+
+
 def test_round_trip_of_a_real_tensor_object(invoke, tmp_path) -> None:
     src = Store()
     m = put_tensors(src, {"w": ("F32", [2, 3]), "b": ("BF16", [3])})

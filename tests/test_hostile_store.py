@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ def one_line_error(r, code: int = 1) -> str:
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:"), r.stderr
     assert "Traceback" not in r.stderr
-    return lines[0]
+    return re.sub(r"\S*pytest-of-\S*", "<path>", lines[0])  # test names are in the paths
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -183,6 +184,22 @@ def test_corrupt_ref_content(invoke) -> None:
     r = invoke("store", "verify")
     assert r.exit_code == 3 and "junk" in r.stderr
     assert store.resolve("ok") == m.digest
+    (store.refs_dir / "junk").write_text("\x1b]0;pwned\x07\x1b[2J[red]x[/red]\n")
+    for args in (("store", "verify"), ("store", "ls")):
+        r = invoke(*args)
+        assert "junk" in r.stderr and "\x1b" not in r.stderr and "\x07" not in r.stderr
+
+
+def test_damaged_store_format_file(invoke, isolated_store) -> None:
+    m = Store().put_json({"v": 1}, "vector")
+    (isolated_store / "store.json").write_text("{nope")
+    before = snapshot(isolated_store)
+    line = one_line_error(invoke("store", "tag", m.digest, "y"))
+    assert "<path> is unreadable: Expecting" in line
+    (isolated_store / "store.json").write_text('{"format": 99}')
+    assert "format 99" in one_line_error(invoke("store", "gc"))
+    assert {k for k in snapshot(isolated_store) if k != "store.json"} == {
+        k for k in before if k != "store.json"}
 
 
 # -- verify -----------------------------------------------------------------------------------

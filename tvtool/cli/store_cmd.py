@@ -100,7 +100,17 @@ def ls_cmd(
     store: StoreOpt = None,
 ) -> None:
     """List named and untagged objects (names, digest, kind, numel, size, dtype, created)."""
-    from tvtool.cli.output import Col, emit_json, emit_line, err, human_bytes, info, out, table
+    from tvtool.cli.output import (
+        Col,
+        emit_json,
+        emit_line,
+        err,
+        human_bytes,
+        info,
+        out,
+        table,
+        warn,
+    )
     from tvtool.store.maintenance import dangling_refs, list_objects
     from tvtool.store.store import Store
 
@@ -126,7 +136,7 @@ def ls_cmd(
                 _when(r["created"]) if r["created"] else ""] for r in rows),
               console=out)
     for n, d in dangling.items():
-        err.print(f"[yellow]warning:[/yellow] ref {n!r} points at missing object {d[:12]}")
+        warn(f"ref {n!r} points at missing object {d[:12]}")
 
 
 @store_app.command("show")
@@ -316,15 +326,15 @@ def verify_cmd(as_json: JsonOpt = False, store: StoreOpt = None) -> None:
         emit_json({"store": str(st.root), "checked": checked, "ok": not problems,
                    "problems": listed(problems), "warnings": listed(warnings)})
     else:
-        from rich.markup import escape
+        from tvtool.cli.output import plain
 
         for p, item in zip(problems, listed(problems), strict=True):
             names = f" ({', '.join(item['names'])})" if item["names"] else ""
             label = "dangling" if p.ref else "corrupt"
-            err.print(f"[red]{label}[/red] {escape(p.digest + names)}: {escape(p.what)}",
+            err.print(f"[red]{label}[/red] {plain(p.digest + names)}: {plain(p.what)}",
                       soft_wrap=True, highlight=False)
         for p in warnings:
-            err.print(f"[yellow]warning[/yellow] {escape(p.digest[:12])}: {escape(p.what)}",
+            err.print(f"[yellow]warning[/yellow] {plain(p.digest[:12])}: {plain(p.what)}",
                       soft_wrap=True, highlight=False)
     if problems:
         bad = len({p.digest for p in problems if p.ref is None})
