@@ -79,8 +79,12 @@ def screen(items: Sequence[object], opener: Callable[[object], object], where: s
 
     with warnings.catch_warnings():  # counted below instead of one warning per image
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) + 2)) as ex:
-            codes = list(ex.map(ok, items, chunksize=64))
+        workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+        if workers < 2 or len(items) < 512:  # header parsing holds the GIL: threads only help
+            codes = [ok(x) for x in items]  # to overlap slow reads (cold or network storage)
+        else:
+            with ThreadPoolExecutor(max_workers=workers) as ex:
+                codes = list(ex.map(ok, items, chunksize=256))
     bad, big = codes.count(1), codes.count(2)
     if bad:
         _note(f"{where}: skipped {bad} unreadable image(s)")
