@@ -21,7 +21,7 @@ from tvtool.store import Store
 from tvtool.store.maintenance import gc, verify
 from tvtool.store.parts import is_part_file, stale_parts
 
-ROUNDS = 8
+ROUNDS = 6
 _CLI: list = []
 
 

@@ -262,3 +262,53 @@ def test_gc_sweeps_stale_staging_but_not_a_live_import(tmp_path) -> None:
         assert gc(store, 3600, dry_run=True).tmp_removed == 1 and stale.exists()
         assert gc(store, 3600).tmp_removed == 1
         assert not stale.exists() and live.exists()
+
+
+def _tar_bytes(fmt: int, members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_stream_reads_what_tarfile_writes(tmp_path, fmt) -> None:
+    from tvtool.store.tarstream import TarStream, open_stream
+
+    long = "d/" + "n" * 150 if fmt != tarfile.USTAR_FORMAT else "d/" + "n" * 90
+    members = {"a": b"x" * 1000, long: b"", "ünï": b"yz" * 700, "e": b"\0" * 512}
+    if fmt != tarfile.PAX_FORMAT:
+        members.pop("ünï")
+    raw = _tar_bytes(fmt, members)
+    for i, blob in enumerate((raw, gzip.compress(raw))):
+        path = tmp_path / f"t{fmt}{i}"
+        path.write_bytes(blob)
+        with open_stream(path) as f:
+            tar = TarStream(f, str(path))
+            got = {m.name: tar.read(m.size + 10) for m in tar.members()}
+        assert got == members
+
+
+def test_tar_stream_base256_sizes_and_checksums(tmp_path) -> None:
+    from tvtool.store.tarstream import TarFormatError, TarStream
+
+    info = tarfile.TarInfo("big")
+    info.size = 5
+    block = bytearray(info.tobuf(tarfile.USTAR_FORMAT))
+    block[124:136] = b"\x80" + (5).to_bytes(11, "big")  # GNU base-256, as for sizes >= 8 GiB
+    block[148:156] = b" " * 8
+    block[148:156] = f"{sum(block):06o}\0 ".encode()
+    good = bytes(block) + b"hello".ljust(512, b"\0") + bytes(1024)
+    tar = TarStream(io.BytesIO(good), "t")
+    assert [(m.name, m.size, tar.read(99)) for m in tar.members()] == [("big", 5, b"hello")]
+    bad = bytearray(good)
+    bad[0] ^= 1  # the name changes, the checksum does not
+    with pytest.raises(TarFormatError, match="checksum"):
+        list(TarStream(io.BytesIO(bytes(bad)), "t").members())
+    with pytest.raises(TarFormatError, match="truncated"):
+        t = TarStream(io.BytesIO(good[:600]), "t")
+        for m in t.members():
+            t.read(m.size)
