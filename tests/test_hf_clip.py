@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from compose_assets import write_task
+from compose_assets import accuracy, write_task
 
 transformers = pytest.importorskip("transformers")
 
@@ -126,21 +126,6 @@ def _extract(base: Path, ft: Path, name: str) -> str:
     return extract_vector(Store(), base, ft, name=name).digest
 
 
-def _accuracy(clip, data: Path, override=None) -> float:
-    from tvtool.datasets import images as mdata
-    from tvtool.models.functional import encode_images
-    from tvtool.models.heads import zeroshot_head
-
-    folder = mdata.ImageFolder(data)
-    head = zeroshot_head(clip, folder.classnames)
-    images, labels = mdata.load_tensors(
-        folder, list(range(len(folder))), mdata.eval_transform(clip)
-    )
-    with torch.no_grad():
-        pred = (encode_images(clip, override, images) @ head.T).argmax(-1)
-    return float((pred == labels).float().mean())
-
-
 def test_features_equal_transformers_forward(hf, tmp_path):
     from tvtool.models.build import load_clip
     from tvtool.models.functional import encode_images, visual_params
@@ -167,6 +152,10 @@ def test_features_equal_transformers_forward(hf, tmp_path):
         want = ref.get_image_features(pixel_values=images)
         want = getattr(want, "pooler_output", want)
         assert (encode_images(clip, bumped, images, normalize=False) - want).abs().max() < 1e-5
+    # an HF config.json as --model-config with a weights file as --base: the same model
+    split = load_clip(model_config=hf.base / "config.json", base=hf.base / "model.safetensors")
+    with torch.no_grad():
+        assert torch.equal(encode_images(split, None, images), encode_images(clip, None, images))
     # a half-precision copy of the base loads into the same (fp32) architecture
     half = tmp_path / "half"
     transformers.CLIPModel.from_pretrained(hf.base, dtype=torch.bfloat16).save_pretrained(half)
@@ -295,7 +284,7 @@ def test_compose_select_eval_merge_on_an_hf_bank(hf, invoke, tmp_path):
     _extract(hf.base, hf.ft_colors_4x, "hf/colors")
     _extract(hf.base, hf.ft_stripes_5x, "hf/stripes")
     clip = load_clip(base=hf.base)
-    base_acc = _accuracy(clip, hf.colors_val)
+    base_acc = accuracy(clip, hf.colors_val)
     model = ["--base", hf.base, "--device", "cpu"]
     r = invoke(
         "compose", "hf/colors", "hf/stripes", *model, "--data", hf.colors, "--val",

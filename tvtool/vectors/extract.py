@@ -202,6 +202,19 @@ def extract_vector(
         manifest = write_tensor_object(
             store, "vector", specs, produce, params=params, created=created
         )
+    return stored_result(store, manifest, created, name, force, skipped, filtered_out)
+
+
+def stored_result(
+    store: Store,
+    manifest: Manifest,
+    created: str,
+    name: str | None,
+    force: bool,
+    skipped: list[str],
+    filtered_out: int,
+) -> ExtractResult:
+    """Tag the stored vector `name` (if given) and say whether it was already there."""
     deduplicated = manifest.created != created
     if deduplicated:  # the same vector from other files (e.g. the same weights as .pt)
         manifest = store.add_sources(manifest.digest, [_pair(params)])

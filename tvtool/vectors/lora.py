@@ -23,9 +23,9 @@ from tvtool.checkpoints.readers import CheckpointReader, open_checkpoint
 from tvtool.checkpoints.writer import TensorSpec
 from tvtool.errors import TvtoolError
 from tvtool.store.store import Store, check_ref_name
-from tvtool.vectors.extract import STORAGE_NAMES, ExtractResult, _source
+from tvtool.vectors.extract import STORAGE_NAMES, ExtractResult, _source, stored_result
 from tvtool.vectors.filters import TensorFilter
-from tvtool.vectors.stored import FACTOR_A, FACTOR_B, write_tensor_object
+from tvtool.vectors.stored import FACTOR_A, FACTOR_B, factored_sq_norm, write_tensor_object
 
 Source = tuple[str, str]  # (kind: A | B | whole | bias, base key)
 
@@ -89,15 +89,7 @@ def extract_lora(
             manifest = write_tensor_object(
                 store, "vector", specs, produce, params=params, created=created
             )
-    deduplicated = manifest.created != created
-    if name is not None:
-        try:
-            store.set_ref(name, manifest.digest, force=force)
-        except TvtoolError as e:
-            raise TvtoolError(
-                f"vector stored as {manifest.digest[:12]}, but not named: {e}"
-            ) from None
-    return ExtractResult(manifest, name, deduplicated, [], params["filtered_out"])
+    return stored_result(store, manifest, created, name, force, [], params["filtered_out"])
 
 
 def _all_keys(adapter: Adapter) -> set[str]:
@@ -152,9 +144,7 @@ def _tensor(kind: str, key: str, adapter: Adapter, base, ad) -> torch.Tensor:
 
 def _factored_sq(ad: CheckpointReader, f, dtype: torch.dtype) -> float:
     """||s B A||_F^2 of the factors as stored (rounded to the storage dtype)."""
-    a = ad.get(f.a).to(dtype).double()
-    b = ad.get(f.b).to(dtype).double()
-    return float(f.scale**2 * ((b.T @ b) * (a @ a.T)).sum())
+    return factored_sq_norm(ad.get(f.a).to(dtype), ad.get(f.b).to(dtype), f.scale)
 
 
 def _check_base_layers(adapter: Adapter, base, ad) -> None:

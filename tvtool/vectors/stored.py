@@ -122,17 +122,14 @@ class FactoredReader(CheckpointReader):
             return self.inner.get(key)
         return expand(*parts)
 
-    def sq_norm(self, key: str) -> float:
-        """||tau[K]||^2, from the factors when K is factored: s^2 sum((B^T B) * (A A^T))."""
-        parts = self.factor(key)
-        if parts is None:
-            return float(self.inner.get(key).float().square().sum())
-        a, b, s, _ = parts
-        a, b = a.double(), b.double()
-        return float((s * s) * ((b.T @ b) * (a @ a.T)).sum())
-
     def close(self) -> None:
         self.inner.close()
+
+
+def factored_sq_norm(a: torch.Tensor, b: torch.Tensor, scale: float) -> float:
+    """||scale * B @ A||_F^2 = scale^2 sum((B^T B) * (A A^T)): r x r products, nothing dense."""
+    a, b = a.double(), b.double()
+    return float(scale * scale * ((b.T @ b) * (a @ a.T)).sum())
 
 
 def expand(a: torch.Tensor, b: torch.Tensor, scale: float, transpose: bool) -> torch.Tensor:
