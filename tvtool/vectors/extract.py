@@ -202,7 +202,9 @@ def extract_vector(
         manifest = write_tensor_object(
             store, "vector", specs, produce, params=params, created=created
         )
-    return stored_result(store, manifest, created, name, force, skipped, filtered_out)
+    return stored_result(
+        store, manifest, created, name, force, skipped, filtered_out, [_pair(params)]
+    )
 
 
 def stored_result(
@@ -213,11 +215,13 @@ def stored_result(
     force: bool,
     skipped: list[str],
     filtered_out: int,
+    sources: list[dict] | None = None,
 ) -> ExtractResult:
-    """Tag the stored vector `name` (if given) and say whether it was already there."""
+    """Tag the stored vector `name` (if given) and say whether it was already there; a vector
+    already stored records the new `sources` it was made from."""
     deduplicated = manifest.created != created
-    if deduplicated:  # the same vector from other files (e.g. the same weights as .pt)
-        manifest = store.add_sources(manifest.digest, [_pair(params)])
+    if deduplicated and sources:  # the same vector from other files (e.g. the same weights as .pt)
+        manifest = store.add_sources(manifest.digest, sources)
     if name is not None:
         try:
             store.set_ref(name, manifest.digest, force=force)

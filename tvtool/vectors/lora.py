@@ -71,6 +71,7 @@ def extract_lora(
                 "dense_numel": sum(metas[k].numel for k in kept),
                 "l2": math.sqrt(factored_sq),
             }
+            params["base_fingerprint"] = params["base"]["fingerprint"]
             source = dict(plan)
             dense_sq = [0.0]
 
