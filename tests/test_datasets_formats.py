@@ -205,7 +205,7 @@ def test_folder_with_builtin_names(tmp_path, capsys):
 
 def test_val_inherits_the_named_dataset_and_data_specs(tmp_path):
     from tests.test_data import make_folder
-    from tvtool.datasets.prepare import data_specs
+    from tvtool.compose.prepare import data_specs
 
     make_folder(tmp_path / "tr", classes=("truck", "cat"), n=2)
     make_folder(tmp_path / "va", classes=("truck", "cat"), n=1, seed=1)

@@ -20,11 +20,11 @@ import torch
 from tvtool.compose.coefs import Coefs, attach_layout, build_layout, learnable_mask
 from tvtool.compose.ddp import Dist
 from tvtool.compose.objectives import default_lr, get_objective
+from tvtool.compose.prepare import data_specs, prepare_data
 from tvtool.compose.registry import threshold_of
 from tvtool.compose.requests import ComposeRequest
 from tvtool.compose.select import load_selection, selection_keep
 from tvtool.compose.train import Reporter, Settings, Trainer
-from tvtool.datasets.prepare import data_specs, prepare_data
 from tvtool.errors import TvtoolError
 from tvtool.models.bank import load_stacks, plan_bank, stored_bytes
 from tvtool.store.store import Store

@@ -9,6 +9,7 @@ import torch
 
 from tvtool.compose.ddp import Dist
 from tvtool.compose.objectives import get_objective
+from tvtool.compose.prepare import data_specs, prepare_data
 from tvtool.compose.registry import SCORES, threshold_of
 from tvtool.compose.requests import SelectRequest
 from tvtool.compose.select import (
@@ -21,7 +22,6 @@ from tvtool.compose.select import (
     norm_scores,
     pair_bytes,
 )
-from tvtool.datasets.prepare import data_specs, prepare_data
 from tvtool.errors import TvtoolError
 from tvtool.models.bank import BankPlan, plan_bank, plan_from_vectors
 from tvtool.store.store import Store, check_ref_name

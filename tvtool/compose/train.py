@@ -25,9 +25,9 @@ import torch
 from tvtool.compose.coefs import Coefs, compose_params
 from tvtool.compose.ddp import Dist
 from tvtool.compose.objectives import SIGN, Objective, keeps_control
+from tvtool.compose.prepare import LabelledSubset, PreparedData
 from tvtool.compose.sampling import SeededView, collate, epoch_plan, shard, steps_per_epoch
 from tvtool.datasets import images as mdata
-from tvtool.datasets.prepare import LabelledSubset, PreparedData
 from tvtool.errors import TvtoolError
 from tvtool.models.bank import Stack, share_base
 from tvtool.models.functional import autocast, encode_images, visual_params

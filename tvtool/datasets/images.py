@@ -27,11 +27,14 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from tvtool.errors import TvtoolError
-from tvtool.models.build import LoadedClip
+
+if TYPE_CHECKING:
+    from tvtool.models.build import LoadedClip
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 Transform = Callable[[object], torch.Tensor]
@@ -178,7 +181,7 @@ class ImageFolder(ImageSource):
         cache: bool = False,
         names: Sequence[str] | None = None,
     ):
-        from tvtool.models.heads import read_lines
+        from tvtool.datasets.templates import read_lines
 
         super().__init__(cache)
         self.root, self.name = resolve_data_dir(root, split)

@@ -35,7 +35,7 @@ def _open_path(path: Path, split: str | None, names: Sequence[str] | None, cache
 
 
 def _names_file(src: ImageSource, classnames_file: Path) -> None:
-    from tvtool.models.heads import read_lines
+    from tvtool.datasets.templates import read_lines
 
     given = read_lines(classnames_file, "class names")
     if src.labelled and len(given) != len(src.classes):

@@ -1,4 +1,4 @@
-"""Prompt templates: exactly one placeholder for the class name, filled without str.format.
+"""Prompt templates (one placeholder, filled without str.format) and the text files of names.
 
 A template is text with one ``{}`` (or ``{c}``) where the class name goes, e.g.
 ``"a photo of a {}."``. Templates are never passed to ``str.format``: a template such as
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 from tvtool.errors import TvtoolError
 
@@ -37,3 +38,16 @@ def fill(t: str, classname: str) -> str:
     """The prompt for one class: the placeholder replaced by `classname` (no formatting)."""
     check_template(t)
     return _PLACEHOLDER.sub(lambda _: classname, t, count=1)
+
+
+def read_lines(path: Path, what: str) -> list[str]:
+    """Non-empty, stripped lines of a text file (class names, templates)."""
+    path = Path(path).expanduser()
+    try:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise TvtoolError(f"cannot read {what} file {path}: {e}") from None
+    lines = [ln for ln in lines if ln]
+    if not lines:
+        raise TvtoolError(f"{what} file {path} is empty")
+    return lines

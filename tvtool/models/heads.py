@@ -37,22 +37,9 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 )
 
 
-def read_lines(path: Path, what: str) -> list[str]:
-    """Non-empty, stripped lines of a text file (class names, templates)."""
-    path = Path(path).expanduser()
-    try:
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise TvtoolError(f"cannot read {what} file {path}: {e}") from None
-    lines = [ln for ln in lines if ln]
-    if not lines:
-        raise TvtoolError(f"{what} file {path} is empty")
-    return lines
-
-
 def load_templates(path: Path | None) -> list[str]:
     """Templates from a file (one per line, each with one `{}` for the class name) or defaults."""
-    from tvtool.datasets.templates import check_templates
+    from tvtool.datasets.templates import check_templates, read_lines
 
     if path is None:
         return list(DEFAULT_TEMPLATES)
