@@ -218,3 +218,27 @@ def test_val_inherits_the_named_dataset_and_data_specs(tmp_path):
     assert va.templates == tr.templates == registry.get("cifar10").templates
     with pytest.raises(TvtoolError, match="give one --val DIR per --data"):
         data_specs([tmp_path / "tr"], [tmp_path / "va", tmp_path / "va"])
+
+
+def test_hf_unlabelled_and_classnames_file(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    images, _ = _hf_rows(n_per_class=1)
+    ds = datasets.Dataset.from_dict(
+        {"image": images}, features=datasets.Features({"image": datasets.Image()})
+    )
+    ds.save_to_disk(str(tmp_path / "u"))
+    with pytest.raises(TvtoolError, match="unlabelled data needs class names"):
+        open_source(tmp_path / "u")
+    src = open_source(f"gtsrb={tmp_path / 'u'}")  # for the unsupervised objectives
+    assert not src.labelled and src.labels == [-1, -1, -1]
+    assert src.classnames == registry.get("gtsrb").classnames
+    _hf_dataset().save_to_disk(str(tmp_path / "l"))
+    names = tmp_path / "names.txt"
+    names.write_text("a cat\na dog\na frog\n")
+    src = open_source(tmp_path / "l", classnames_file=names)
+    assert src.classnames == ["a cat", "a dog", "a frog"]
+    src = open_source(f"cifar10={tmp_path / 'l'}", classnames_file=names)  # the file wins
+    assert src.classnames == ["a cat", "a dog", "a frog"] and src.dataset == "cifar10"
+    names.write_text("x\ny\n")
+    with pytest.raises(TvtoolError, match="lists 2 class names but .* has 3 classes"):
+        open_source(tmp_path / "l", classnames_file=names)
