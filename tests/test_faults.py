@@ -97,11 +97,12 @@ def assert_consistent(store: Store) -> None:
         assert store.manifest(store.resolve(name)).digest == store.resolve(name)
 
 
-def assert_swept(store: Store) -> None:
-    """gc leaves no temp files behind, keeps every ref, and the store still verifies."""
+def assert_swept(store: Store, keep: tuple[str, ...] = ()) -> None:
+    """gc leaves no temp files behind (but `keep`), keeps every ref, and the store verifies."""
     refs = store.refs()
     gc(store, 0)
-    assert not store.tmp_dir.exists() or list(store.tmp_dir.iterdir()) == []
+    left = [p.name for p in store.tmp_dir.iterdir()] if store.tmp_dir.exists() else []
+    assert [n for n in left if n not in keep] == []
     assert store.refs() == refs
     assert_consistent(store)
 
@@ -196,6 +197,30 @@ def test_killed_imports(checkpoints, tmp_path, sig) -> None:
         assert run_cli("store", "import", bundle, "--store", store.root) == 0
         assert store.refs() == wanted
         assert_consistent(store)
+
+
+@pytest.mark.slow
+def test_killed_composes(assets, isolated_store) -> None:
+    """SIGKILL and SIGTERM in turn (compose's runs are the slowest, so one loop for both)."""
+    from compose_assets import extract, model_args
+
+    store = Store()
+    for task in ("colors", "stripes"):
+        extract(assets, getattr(assets, f"ft_{task}"), task)
+    args = ["compose", "colors", "stripes", *model_args(assets), "--data", assets.colors,
+            "--epochs", "2", "--store", store.root, "-q"]
+    duration = timed(*args, "--name", "first")
+    for i, delay in enumerate(delays(30, duration)):
+        sig = (signal.SIGKILL, signal.SIGTERM)[i % 2]
+        code = kill_after(fork_cli(*args, "--name", f"c/{i}"), delay, sig)
+        assert code in (0, -sig)
+        assert_consistent(store)
+        if code == 0:
+            assert store.manifest(store.resolve(f"c/{i}")).kind == "coefs"
+    assert_swept(store, keep=("compose-runs",))  # resumable runs are compose's to remove
+    assert run_cli(*args, "--name", "last", "--resume") == 0
+    assert store.resolve("last") == store.resolve("first")  # same inputs, same coefficients
+    assert_swept(store, keep=("compose-runs",))
 
 
 @pytest.mark.slow

@@ -251,17 +251,21 @@ def test_gc_sweeps_stale_staging_but_not_a_live_import(tmp_path) -> None:
     store = Store()
     store.init()
     stale, live = store.tmp_dir / "a.import", store.tmp_dir / "b.import"
+    run = store.tmp_dir / "compose-runs" / "abc"  # compose's resumable run: not gc's to take
+    run.mkdir(parents=True)
+    (run / "checkpoint.pt").write_bytes(b"state")
     for d in (stale, live):
         d.mkdir()
         (d / ("0" * 64)).write_bytes(b"half an object")
     (stale / "lock").write_bytes(b"")
     with create_locked(live / "lock"):
         old = time.time() - 7200
-        for d in (stale, live):
+        for d in (stale, live, run, run.parent):
             os.utime(d, (old, old))
         assert gc(store, 3600, dry_run=True).tmp_removed == 1 and stale.exists()
         assert gc(store, 3600).tmp_removed == 1
         assert not stale.exists() and live.exists()
+        assert (run / "checkpoint.pt").exists()
 
 
 def _tar_bytes(fmt: int, members: dict[str, bytes]) -> bytes:

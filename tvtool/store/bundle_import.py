@@ -27,6 +27,7 @@ from tvtool.store.bundle import MAX_INDEX, parse_index
 from tvtool.store.claims import claim_problems, entries_from_bytes, header_length
 from tvtool.store.files import create_locked, lock_file
 from tvtool.store.graph import edges
+from tvtool.store.maintenance import STAGING_SUFFIX
 from tvtool.store.manifest import Manifest
 from tvtool.store.store import Store
 from tvtool.store.tarstream import Member, TarFormatError, TarStream, open_stream
@@ -34,7 +35,6 @@ from tvtool.store.writer import place
 
 MAX_MANIFEST = 16 << 20
 CHUNK = 1 << 20
-STAGING_SUFFIX = ".import"
 
 
 @dataclass

@@ -19,6 +19,7 @@ from tvtool.store.manifest import Manifest
 from tvtool.store.names import is_digest, ref_name_problem
 from tvtool.store.store import Store
 
+STAGING_SUFFIX = ".import"  # `store import` stages into tmp/<uuid>.import/ (bundle_import)
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -248,8 +249,10 @@ def _orphan_blobs(store: Store) -> list[Path]:
 def _stale_temp_files(store: Store) -> list[Path]:
     """Temp files of object writes, and leftovers of ref writes (we hold the store lock)."""
     out = []
-    if store.tmp_dir.exists():
-        out += sorted(store.tmp_dir.iterdir())  # files, and staging directories of imports
+    if store.tmp_dir.exists():  # files, and import staging directories (other directories,
+        # such as compose's resumable runs in tmp/compose-runs, belong to their commands)
+        out += sorted(p for p in store.tmp_dir.iterdir()
+                      if p.is_file() or p.name.endswith(STAGING_SUFFIX))
     if store.refs_dir.exists():
         out += sorted(p for p in store.refs_dir.rglob(".*.tmp") if p.is_file())
     return out
