@@ -54,12 +54,14 @@ def attach_layout(layout: CoefsLayout, stacks: Sequence[Stack]) -> None:
     and, when partitioned, its element -> group map (small ints, on the stack's device)."""
     index = layout.key_index()
     for s in stacks:
-        dev = s.tensor.device
+        dev = s.device
         where = [index[k] for k in s.keys]
         groups = {layout.blocks[b].groups for b, _ in where}
         if len(groups) != 1:
             raise ValueError(f"parameters of one shape with different partitions: {s.keys[:3]}")
         s.groups = groups.pop()
+        if s.groups > 1:
+            s.expand()  # per-element groups weight dense tensors
         cols = torch.tensor([off for _, off in where], dtype=torch.long, device=dev)
         rows = torch.tensor(s.rows, dtype=torch.long, device=dev)
         span = torch.arange(s.groups, device=dev)
@@ -138,6 +140,8 @@ class _PartitionedMix(torch.autograd.Function):
 def mix(lam: torch.Tensor, stack: Stack) -> torch.Tensor:
     """[L, *shape]: sum_j lam[l, j] * tau_j for each of the stack's parameters; `lam` is
     [L, n, groups] (the stack's coefficients)."""
+    if stack.factors is not None:  # low-rank vectors: one product of rank n * r, nothing dense
+        return stack.factors.mix(lam[..., 0], stack.shape)
     if stack.ids is None:
         L, n = stack.tensor.shape[:2]
         w = lam[..., 0].to(stack.tensor.dtype).unsqueeze(1)  # [L, 1, n]

@@ -22,7 +22,7 @@ from tvtool.checkpoints.keymaps import BARE_TOWER_PREFIXES
 from tvtool.errors import TvtoolError, few
 from tvtool.store.manifest import Manifest
 from tvtool.store.store import Store
-from tvtool.vectors.stored import open_tensor_object, vector_tensors
+from tvtool.vectors.stored import factored_tensors, open_tensor_object, vector_tensors
 
 VISUAL = "visual."
 SHOW = 4
@@ -73,10 +73,47 @@ class Stack:
     ids: torch.Tensor | None = None  # [L, *shape] partition of every element (small ints)
     index: tuple[torch.Tensor, torch.Tensor] | None = None  # gathers Lambda -> [L, n, groups]
     base: torch.Tensor | None = None  # [L, *shape] base weights, when shared (share_base)
+    factors: LowRank | None = None  # factored (LoRA) vectors: `tensor` is empty until expanded
 
     @property
     def nbytes(self) -> int:
+        if self.factors is not None:
+            return sum(t.numel() * t.element_size() for t in (self.factors.a, self.factors.b))
         return self.tensor.numel() * self.tensor.element_size()
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensor.device
+
+    def expand(self) -> None:
+        """Materialise factored vectors as the dense [L, n, *shape] stack (partitioned
+        coefficients weight every element on its own, so they need the dense tensors)."""
+        if self.factors is not None:
+            with torch.no_grad():
+                self.tensor = self.factors.dense(self.shape)
+            self.factors = None
+
+
+@dataclass
+class LowRank:
+    """The factors of L x n factored vectors: ``tau[l, j] = b[l, j] @ a[l, j]`` (transposed when
+    `transpose`), the scale folded into `b`; ranks below `r` are zero-padded (padding adds
+    nothing to the product). a: [L, n, r, in], b: [L, n, out, r]."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    transpose: bool
+
+    def mix(self, w: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """[L, *shape]: sum_j w[l, j] * tau[l, j] as one batched product of rank n * r."""
+        L, n, out, r = self.b.shape
+        bw = (self.b * w.to(self.b.dtype)[:, :, None, None]).permute(0, 2, 1, 3)
+        d = torch.bmm(bw.reshape(L, out, n * r), self.a.reshape(L, n * r, -1))
+        return (d.transpose(1, 2) if self.transpose else d).reshape(L, *shape)
+
+    def dense(self, shape: tuple[int, ...]) -> torch.Tensor:
+        d = torch.matmul(self.b, self.a)  # [L, n, out, in]
+        return (d.transpose(2, 3) if self.transpose else d).reshape(*d.shape[:2], *shape)
 
 
 def recorded_base(manifest: Manifest) -> str | None:
@@ -187,21 +224,38 @@ def load_stacks(
     keep: Callable[[int, str], bool] | None = None,
 ) -> list[Stack]:
     """The kept (vector, key) pairs on `device`, grouped by (shape, kept vectors), read one
-    tensor at a time."""
+    tensor at a time. A key that only factored (LoRA) vectors cover is held as its factors
+    (`Stack.factors`), never dense, unless partitions later need it (`Stack.expand`)."""
+    factored = [factored_tensors(v.manifest) for v in plan.vectors]
     groups: dict[tuple, list] = {}
     for k in plan.keys:
         rows = tuple(t for t in k.rows if keep is None or keep(t, k.key))
-        if rows:
-            groups.setdefault((k.shape, rows), []).append(k)
+        if not rows:
+            continue
+        low = len(k.shape) == 2 and all(k.key in factored[t] for t in rows)
+        kind = ("lora", bool(factored[rows[0]][k.key].get("transpose"))) if low else ("dense",)
+        groups.setdefault((k.shape, rows, kind), []).append(k)
     stacks: list[Stack] = []
     slot: dict[tuple[int, str], tuple[int, int, int]] = {}
-    for (shape, rows), members in groups.items():
+    for (shape, rows, kind), members in groups.items():
         for l_, k in enumerate(members):
             for j, t in enumerate(rows):
                 slot[(t, k.key)] = (len(stacks), l_, j)
-        tensor = torch.empty((len(members), len(rows), *shape), dtype=dtype, device=device)
+        L, n = len(members), len(rows)
         keys, params = [k.key for k in members], [k.param for k in members]
-        stacks.append(Stack(keys, params, shape, list(rows), tensor))
+        if kind[0] == "dense":
+            tensor = torch.empty((L, n, *shape), dtype=dtype, device=device)
+            stacks.append(Stack(keys, params, shape, list(rows), tensor))
+            continue
+        r = max(int(factored[t][k.key]["rank"]) for k in members for t in rows)
+        out, inp = (shape[1], shape[0]) if kind[1] else shape
+        low_rank = LowRank(
+            torch.zeros((L, n, r, inp), dtype=dtype, device=device),
+            torch.zeros((L, n, out, r), dtype=dtype, device=device),
+            kind[1],
+        )
+        empty = torch.empty((L, n, 0), dtype=dtype, device=device)
+        stacks.append(Stack(keys, params, shape, list(rows), empty, factors=low_rank))
     for t, v in enumerate(plan.vectors):
         wanted = [key for key in v.keys if (t, key) in slot]
         if not wanted:
@@ -210,7 +264,13 @@ def load_stacks(
         with reader, torch.no_grad():
             for key in wanted:
                 s, l_, j = slot[(t, key)]
-                stacks[s].tensor[l_, j].copy_(reader.get(key).to(dtype))
+                f = stacks[s].factors
+                if f is None:
+                    stacks[s].tensor[l_, j].copy_(reader.get(key).to(dtype))
+                    continue
+                a, b, scale, _ = reader.factor(key)  # type: ignore[attr-defined]
+                f.a[l_, j, : a.shape[0]].copy_(a.to(dtype))
+                f.b[l_, j, :, : b.shape[1]].copy_((b.to(torch.float32) * scale).to(dtype))
     return stacks
 
 
@@ -229,11 +289,18 @@ def share_base(stacks: list[Stack], params: Mapping[str, torch.Tensor]) -> None:
 def stored_bytes(
     plan: BankPlan, dtype: torch.dtype, keep: Callable[[int, str], bool] | None = None
 ) -> int:
-    """Device bytes `load_stacks` would allocate."""
+    """Device bytes `load_stacks` would allocate (a factored pair: its factors, unpadded)."""
     size = torch.empty((), dtype=dtype).element_size()
+    factored = [factored_tensors(v.manifest) for v in plan.vectors]
+
+    def numel(t: int, k: BankKey) -> int:
+        f = factored[t].get(k.key)
+        if f is None or len(k.shape) != 2 or not all(k.key in factored[u] for u in k.rows):
+            return math.prod(k.shape)
+        return int(f["rank"]) * sum(k.shape)
+
     return sum(
-        math.prod(k.shape) * size * sum(1 for t in k.rows if keep is None or keep(t, k.key))
-        for k in plan.keys
+        numel(t, k) * size for k in plan.keys for t in k.rows if keep is None or keep(t, k.key)
     )
 
 
