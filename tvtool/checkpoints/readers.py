@@ -84,6 +84,10 @@ class CheckpointReader:
     def meta(self, key: str) -> TensorMeta:
         raise NotImplementedError
 
+    def raw_name(self, key: str) -> str:
+        """The tensor's name as written (keys() are normalised, for matching only)."""
+        return self._names[key]
+
     def _read(self, key: str) -> torch.Tensor:
         raise NotImplementedError
 
@@ -185,6 +189,10 @@ class SafetensorsReader(CheckpointReader):
     def _read(self, key: str) -> torch.Tensor:
         raw = self._names[key]
         return self._raw[raw].read(raw)
+
+    def shard_of(self, key: str) -> Path:
+        """The file that holds tensor `key`."""
+        return self._raw[self._names[key]].path
 
     def metadata(self) -> dict[str, str]:
         out: dict[str, str] = {}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tvtool.checkpoints.readers import open_checkpoint
@@ -46,6 +46,8 @@ def execute_merge(store: Store, plan: MergePlan, progress: Progress = _noop) -> 
     t0 = time.perf_counter()
     force = plan.request.force
     keep_freed_memory()
+    if plan.layout is not None and plan.layout.folder is not None:
+        plan.layout.folder.mkdir(exist_ok=True)
     with ExitStack() as stack:
         inputs = MergeInputs(stack, store, plan)
         hashing = None
@@ -59,7 +61,8 @@ def execute_merge(store: Store, plan: MergePlan, progress: Progress = _noop) -> 
             f = stack.enter_context(atomic_output(path, force=force))
             header_size = f.write(build_header(specs, plan.metadata))
             for spec in specs:
-                size = sum(write_bytes(f, piece.to(spec.dtype)) for piece in inputs.pieces(spec))
+                key = replace(spec, name=plan.key_of.get(spec.name, spec.name))
+                size = sum(write_bytes(f, piece.to(spec.dtype)) for piece in inputs.pieces(key))
                 if size != spec.nbytes:  # pragma: no cover - pieces cover the tensor exactly
                     raise TvtoolError(f"internal error: {spec.name} wrote {size} bytes")
                 done += 1
@@ -74,6 +77,8 @@ def execute_merge(store: Store, plan: MergePlan, progress: Progress = _noop) -> 
     if plan.index is not None:
         with atomic_output(plan.index, force=force) as f:
             f.write(index_document(plan.files, plan.metadata))
+    if plan.layout is not None:
+        plan.layout.finish()
     inputs_digests = {t.digest for t in plan.terms if t.digest} | {
         t.mask for t in plan.terms if t.mask
     }

@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 
 from tvtool.checkpoints.keymaps import align_vector
-from tvtool.checkpoints.readers import TensorMeta, open_checkpoint
+from tvtool.checkpoints.readers import SafetensorsReader, TensorMeta, open_checkpoint
 from tvtool.checkpoints.writer import TensorSpec, build_header, parse_dtype
 from tvtool.errors import TvtoolError, few
 from tvtool.store.manifest import canonical_json
 from tvtool.store.store import Store, check_ref_name
 from tvtool.vectors.filters import TensorFilter
+from tvtool.vectors.merge_out import OutputLayout, plan_output, refuse_existing
 from tvtool.vectors.methods import get_method
 from tvtool.vectors.methods.base import Method, Params
 from tvtool.vectors.recipe import (
@@ -29,7 +30,6 @@ from tvtool.vectors.recipe import (
     MergeRequest,
     OutputOptions,
     RecipeTerm,
-    output_files,
     provenance_metadata,
 )
 from tvtool.vectors.stored import load_coefs, open_tensor_object
@@ -73,6 +73,8 @@ class MergePlan:
     recipe: MergeRecipe | None = None
     digest: str = PENDING  # sha256 of the canonical recipe = the merge object's digest
     metadata: dict[str, str] = field(default_factory=dict)
+    layout: OutputLayout | None = None
+    key_of: dict[str, str] = field(default_factory=dict)  # written name -> normalised key
     extra_metadata: dict[str, str] = field(default_factory=dict)  # e.g. tvtool.activation
     image_tower_only: bool = False  # a CLIP base whose text transformer was deleted
 
@@ -276,6 +278,10 @@ def plan_merge(store: Store, req: MergeRequest, *, hash_base: bool = True) -> Me
     with open_checkpoint(req.base) as base:
         metas = {k: base.meta(k) for k in base.keys()}
         fingerprint = base.fingerprint() if hash_base else None
+        st_base = isinstance(base, SafetensorsReader)
+        raw = {k: base.raw_name(k) for k in metas} if st_base else {}  # names as written
+        shard_of = {k: base.shard_of(k).name for k in metas} if st_base else None
+        index_name = base.path.name if base.path.name.endswith(".index.json") else None
         activation = checkpoint_activation(base)  # carried over, so eval builds the same model
     index = layout.key_index() if layout else None
     keep = (lambda k: tfilter(k) and k in index) if index is not None else tfilter
@@ -295,16 +301,11 @@ def plan_merge(store: Store, req: MergeRequest, *, hash_base: bool = True) -> Me
         return out_dtype if out_dtype is not None and m.dtype.is_floating_point else m.dtype
 
     specs = [TensorSpec(k, m.shape, out_type(m)) for k, m in metas.items()]
-    out = req.out / "model.safetensors" if req.out.is_dir() else req.out
-    if not out.parent.is_dir():
-        raise TvtoolError(f"output directory {out.parent} does not exist")
-    files, index_path = output_files(out, specs, req.shard_size)
-    exists = [str(p) for p in [*(f for f, _ in files), index_path] if p is not None and p.exists()]
-    if exists and not req.force:
-        raise TvtoolError(f"{few(exists, 2)} exists; use --force to overwrite")
+    layout = plan_output(req.base, req.out, specs, raw, shard_of, index_name, req.shard_size)
+    refuse_existing(layout, req.force)
     plan = MergePlan(
-        req, method, params, scale, terms, coefs_digest, specs, touched, offenders, files,
-        index_path,
+        req, method, params, scale, terms, coefs_digest, specs, touched, offenders,
+        layout.files, layout.index, layout=layout, key_of={raw.get(k, k): k for k in metas},
     )
     if activation:
         plan.extra_metadata["tvtool.activation"] = activation
