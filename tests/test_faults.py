@@ -121,6 +121,13 @@ def checkpoints(tmp_path: Path) -> tuple[Path, list[Path]]:
     return tmp_path / "base.safetensors", fts
 
 
+def extract_all(base: Path, fts: list[Path], store: Store, name: str) -> Store:
+    """Every fine-tuned checkpoint's vector, named `name.format(index)`."""
+    for j, ft in enumerate(fts):
+        assert run_cli("extract", base, ft, "--name", name.format(j), "--store", store.root) == 0
+    return store
+
+
 def delays(seed: int, duration: float) -> list[float]:
     """Seeded kill times spread over a run of `duration` seconds (a few land after it)."""
     rng = random.Random(seed)
@@ -152,9 +159,7 @@ def test_killed_extracts(checkpoints, tmp_path, sig) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "term"])
 def test_killed_merges(checkpoints, tmp_path, sig) -> None:
     base, fts = checkpoints
-    store = Store(tmp_path / "store")
-    for j, ft in enumerate(fts):
-        assert run_cli("extract", base, ft, "--name", f"t{j}", "--store", store.root) == 0
+    store = extract_all(base, fts, Store(tmp_path / "store"), "t{}")
     outdir = tmp_path / "out"
     outdir.mkdir()
     reference = outdir / "reference.safetensors"
@@ -178,9 +183,7 @@ def test_killed_merges(checkpoints, tmp_path, sig) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "term"])
 def test_killed_imports(checkpoints, tmp_path, sig) -> None:
     base, fts = checkpoints
-    src = Store(tmp_path / "src")
-    for j, ft in enumerate(fts):
-        assert run_cli("extract", base, ft, "--name", f"ns/t{j}", "--store", src.root) == 0
+    src = extract_all(base, fts, Store(tmp_path / "src"), "ns/t{}")
     bundle = tmp_path / "b.tar"
     assert run_cli("store", "export", "ns/", "-o", bundle, "--store", src.root) == 0
     wanted = src.refs()

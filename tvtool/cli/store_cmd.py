@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, get_args
 
@@ -18,6 +17,7 @@ from tvtool.cli.options import (
     YesOpt,
     complete_refs,
 )
+from tvtool.cli.store_render import count, render_manifest, short_dtype, when
 from tvtool.errors import IntegrityError, TvtoolError
 from tvtool.store.manifest import ObjectKind
 
@@ -60,29 +60,6 @@ def _kind(value: str | None) -> str | None:
     if value is not None and value not in _KINDS:
         raise typer.BadParameter(f"{value!r} is not one of {', '.join(_KINDS)}")
     return value
-
-
-def _when(iso: str) -> str:
-    try:
-        return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M")
-    except ValueError:
-        return iso
-
-
-def _count(n: int | None) -> str:
-    """87849216 -> '87.8M' (exact counts are in --json)."""
-    if not n:
-        return ""
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.1f}{unit}"
-    return str(n)
-
-
-def _short_dtype(dtype: str | None) -> str:
-    names = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64",
-             "F32": "fp32", "F16": "fp16", "BF16": "bf16", "F64": "fp64"}
-    return ",".join(names.get(d, d) for d in dtype.split(",")) if dtype else ""
 
 
 @store_app.command("ls")
@@ -131,9 +108,9 @@ def ls_cmd(
         info(f"store {st.root}")
         table([Col("name"), Col("digest", digest=True), Col("kind"), Col("numel", "right"),
                Col("size", "right"), Col("dtype"), Col("created")],
-              ([",".join(r["names"]) or "(untagged)", r["digest"], r["kind"], _count(r["numel"]),
-                human_bytes(r["size"] or 0), _short_dtype(r["dtype"]),
-                _when(r["created"]) if r["created"] else ""] for r in rows),
+              ([",".join(r["names"]) or "(untagged)", r["digest"], r["kind"], count(r["numel"]),
+                human_bytes(r["size"] or 0), short_dtype(r["dtype"]),
+                when(r["created"]) if r["created"] else ""] for r in rows),
               console=out)
     for n, d in dangling.items():
         warn(f"ref {n!r} points at missing object {d[:12]}")
@@ -159,66 +136,7 @@ def show_cmd(
     elif quiet:
         emit_line(digest)
     else:
-        _render_manifest(st, manifest, names)
-
-
-def _render_manifest(st: Any, m: Any, names: list[str]) -> None:
-    import json
-
-    from rich.markup import escape
-    from rich.table import Table
-
-    from tvtool.cli.output import err, human_bytes
-
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold")
-    grid.add_column()
-    rows = [
-        ("names", ", ".join(names) or "(untagged)"), ("digest", m.digest), ("kind", m.kind),
-        ("format", m.format), ("size", f"{human_bytes(m.size)} ({m.size:,} bytes)"),
-        ("numel", f"{m.numel:,}"), ("dtype", m.dtype or ""),
-        ("created", _when(m.created)), ("tool", f"tvtool {m.tool_version}"),
-        ("schema", str(m.schema_version)),
-    ]
-    for d in m.inputs:
-        rows.append(("input", f"{d[:12]} {st.display_name(d) if st.has(d) else '(not in store)'}"))
-    if m.tensors:
-        shown = ", ".join(f"{t.name} {t.shape}" for t in m.tensors[:6])
-        more = f" ... and {len(m.tensors) - 6} more" if len(m.tensors) > 6 else ""
-        rows.append(("tensors", f"{len(m.tensors)}: {shown}{more}"))
-    for k, v in m.params.items():
-        text = json.dumps(v, sort_keys=True)
-        rows.append((f"params.{k}", text if len(text) <= 120 else text[:117] + "..."))
-    for k, v in rows:
-        grid.add_row(k, escape(v))
-    err.print(grid)
-    if m.kind == "coefs" and m.format == "safetensors":
-        _render_coefs(st, m)
-
-
-def _render_coefs(st: Any, m: Any, max_rows: int = 40) -> None:
-    """Coefficients per block (rows) and vector (columns); groups of a block are averaged."""
-    from rich.table import Table
-
-    from tvtool.cli.output import err, warn
-    from tvtool.store.peek import coefs_by_block
-
-    vectors = (m.params.get("layout") or {}).get("vectors", [])
-    try:
-        blocks = coefs_by_block(st.blob_path(m.digest), m.params.get("layout") or {})
-    except (TvtoolError, KeyError, TypeError, ValueError) as e:
-        warn(f"cannot show coefficients: {e}")
-        return
-    table = Table(title="coefficients (block x vector)", title_justify="left", box=None)
-    table.add_column("block")
-    for d in vectors:
-        table.add_column(st.display_name(d) if st.has(d) else d[:12], justify="right")
-    for name, groups, cells in blocks[:max_rows]:
-        label = name + (f" (mean of {groups})" if groups > 1 else "")
-        table.add_row(label, *(f"{c:.4f}" for c in cells))
-    err.print(table)
-    if len(blocks) > max_rows:
-        err.print(f"... {len(blocks) - max_rows} more blocks (see --json / the coefs tensor)")
+        render_manifest(st, manifest, names)
 
 
 @store_app.command("tag")

@@ -86,3 +86,16 @@ def _shown(name: str, limit: int = 80) -> str:
     """A name for a one-line message: repr (escapes control characters), shortened."""
     text = repr(name)
     return text if len(text) <= limit else text[: limit - 5] + "...'"
+
+
+def check_namespaces(names) -> None:
+    """Refuse a set of ref names in which one is the namespace of another (`a` and `a/b`)."""
+    given = set(names)
+    for name in sorted(given):
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in given:
+                raise TvtoolError(
+                    f"refs {'/'.join(parts[:i])!r} and {name!r} conflict"
+                    " (a name cannot be both a ref and a namespace)"
+                )

@@ -27,6 +27,7 @@ from tvtool.store.manifest import Manifest, ObjectKind, canonical_json
 from tvtool.store.names import (
     MIN_PREFIX,
     _shown,
+    check_namespaces,
     check_ref_name,
     is_digest,
     is_ref_path,
@@ -393,16 +394,3 @@ class Store:
     def display_name(self, digest: str) -> str:
         names = self.names_for(digest)
         return names[0] if names else digest[:12]
-
-
-def check_namespaces(names) -> None:
-    """Refuse a set of ref names in which one is the namespace of another (`a` and `a/b`)."""
-    given = set(names)
-    for name in sorted(given):
-        parts = name.split("/")
-        for i in range(1, len(parts)):
-            if "/".join(parts[:i]) in given:
-                raise TvtoolError(
-                    f"refs {'/'.join(parts[:i])!r} and {name!r} conflict"
-                    " (a name cannot be both a ref and a namespace)"
-                )
