@@ -315,3 +315,117 @@ def test_norm_overflow_is_not_mistaken_for_nonfinite(invoke, tmp_path: Path) -> 
     want = float(torch.linalg.vector_norm(ft["w"].double()))
     assert manifest.params["l2"] == pytest.approx(want, rel=1e-6)
     assert manifest.params["nonfinite"] == 0
+
+
+# -- HF folders (issue 10): torch shards, several checkpoints, renames, tied embeddings --------
+
+
+def _llama_like(seed: int, head: bool = True) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    sd = {
+        "model.embed_tokens.weight": torch.randn(10, 4, generator=g),
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(4, 4, generator=g),
+        "model.layers.0.mlp.up_proj.weight": torch.randn(8, 4, generator=g),
+        "model.norm.weight": torch.randn(4, generator=g),
+    }
+    if head:
+        sd["lm_head.weight"] = torch.randn(10, 4, generator=g)
+    return sd
+
+
+def _save_torch_shards(sd: dict[str, torch.Tensor], d: Path) -> None:
+    d.mkdir(parents=True)
+    keys = sorted(sd)
+    parts = {"pytorch_model-00001-of-00002.bin": keys[:2],
+             "pytorch_model-00002-of-00002.bin": keys[2:]}
+    weight_map = {}
+    for fname, ks in parts.items():
+        torch.save({k: sd[k] for k in ks}, d / fname)
+        weight_map.update(dict.fromkeys(ks, fname))
+    (d / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_sharded_torch_bins_with_index(invoke, tmp_path: Path) -> None:
+    base, ft = _llama_like(0), _llama_like(1)
+    _save_torch_shards(base, tmp_path / "base")
+    _save_torch_shards(ft, tmp_path / "ft")
+    r = invoke("extract", tmp_path / "base", tmp_path / "ft", "--name", "llm/bins")
+    assert r.exit_code == 0, r.stderr
+    manifest, tensors = stored("llm/bins")
+    want = {k: ft[k] - base[k] for k in base}
+    assert set(tensors) == set(want)
+    for k, v in want.items():
+        torch.testing.assert_close(tensors[k], v, rtol=0, atol=0)
+    assert manifest.params["base_fingerprint"] == content_fingerprint(base)
+
+
+def test_directory_with_unrelated_checkpoints_names_them(invoke, tmp_path: Path) -> None:
+    d = tmp_path / "several"
+    d.mkdir()
+    safetensors.torch.save_file(_llama_like(0), d / "a.safetensors")
+    safetensors.torch.save_file(_llama_like(1), d / "b.safetensors")
+    safetensors.torch.save_file(_llama_like(2), tmp_path / "ft.safetensors")
+    r = invoke("extract", d, tmp_path / "ft.safetensors")
+    assert r.exit_code == 1
+    assert "holds 2 checkpoints (a.safetensors, b.safetensors)" in r.stderr
+    assert "appears in two shards" not in r.stderr
+    d2 = tmp_path / "bins"
+    d2.mkdir()
+    torch.save(_llama_like(0), d2 / "epoch1.pt")
+    torch.save(_llama_like(1), d2 / "epoch2.pt")
+    r = invoke("extract", d2, tmp_path / "ft.safetensors")
+    assert r.exit_code == 1 and "epoch1.pt, epoch2.pt" in r.stderr
+
+
+def test_rename_lines_up_keys(invoke, tmp_path: Path) -> None:
+    base, ft = _llama_like(0), _llama_like(1)
+    renamed = {k.replace("layers.", "blocks."): v for k, v in ft.items()}
+    safetensors.torch.save_file(base, tmp_path / "b.safetensors")
+    safetensors.torch.save_file(renamed, tmp_path / "f.safetensors")
+    r = invoke("extract", tmp_path / "b.safetensors", tmp_path / "f.safetensors")
+    assert r.exit_code == 1 and "--rename" in r.stderr
+    r = invoke("extract", tmp_path / "b.safetensors", tmp_path / "f.safetensors",
+               "--rename", r"blocks\.(\d+)=layers.\1", "--name", "ren")
+    assert r.exit_code == 0, r.stderr
+    _, tensors = stored("ren")
+    for k in base:
+        torch.testing.assert_close(tensors[k], ft[k] - base[k], rtol=0, atol=0)
+    r = invoke("extract", tmp_path / "b.safetensors", tmp_path / "f.safetensors",
+               "--rename", r"^model\..*=x")  # maps two keys of a side to one name
+    assert r.exit_code == 1 and "to one name" in r.stderr
+
+
+def test_tied_embedding_base_against_untied_finetune(invoke, tmp_path: Path) -> None:
+    base = _llama_like(0, head=False)  # every key starts with model.
+    ft = _llama_like(1)
+    (tmp_path / "base").mkdir()
+    safetensors.torch.save_file(base, tmp_path / "base" / "model.safetensors")
+    safetensors.torch.save_file(ft, tmp_path / "ft.safetensors")
+    r = invoke("extract", tmp_path / "base", tmp_path / "ft.safetensors")
+    assert r.exit_code == 1 and "tie_word_embeddings" in r.stderr  # no config.json: a hint
+    (tmp_path / "base" / "config.json").write_text(json.dumps({"tie_word_embeddings": True}))
+    r = invoke("extract", tmp_path / "base", tmp_path / "ft.safetensors", "--name", "tied")
+    assert r.exit_code == 0, r.stderr
+    assert "ties lm_head.weight" in r.stderr
+    _, tensors = stored("tied")
+    want = {k: ft[k] - base[k] for k in base}
+    want["lm_head.weight"] = ft["lm_head.weight"] - base["model.embed_tokens.weight"]
+    assert set(tensors) == set(want)  # the base's own names, model. prefix kept
+    for k, v in want.items():
+        torch.testing.assert_close(tensors[k], v, rtol=0, atol=0)
+    (tmp_path / "base" / "config.json").write_text(json.dumps({"tie_word_embeddings": False}))
+    assert invoke("extract", tmp_path / "base", tmp_path / "ft.safetensors").exit_code == 1
+
+
+def test_non_float_tensor_on_one_side_only_is_skipped(invoke, tmp_path: Path) -> None:
+    base, ft = _llama_like(0), _llama_like(1)
+    ft["model.position_ids"] = torch.arange(10)
+    safetensors.torch.save_file(base, tmp_path / "b.safetensors")
+    safetensors.torch.save_file(ft, tmp_path / "f.safetensors")
+    r = invoke("extract", tmp_path / "b.safetensors", tmp_path / "f.safetensors", "--name", "p")
+    assert r.exit_code == 0, r.stderr
+    assert "skipped 1 non-float" in r.stderr and "position_ids" in r.stderr
+    manifest, tensors = stored("p")
+    assert set(tensors) == set(base)
+    assert manifest.params["skipped_non_float"] == ["model.position_ids"]

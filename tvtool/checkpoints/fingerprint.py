@@ -5,10 +5,10 @@
 over the reader's (normalised) tensor names, so the same weights saved as `.pt`, as one
 `.safetensors` file or as shards (with or without a shared `module.` prefix) have one identity,
 while any change of a value, dtype, shape or name gives another. Per-tensor digests let the
-tensors be hashed in whatever order they are read: readers hash each tensor as it is read (a
-private copy, on a worker thread: hashlib releases the GIL, and callers may update what they
-read in place), so a fingerprint after a full streamed pass costs no second read, and only the
-tensors nobody read are read for it.
+tensors be hashed in whatever order they are read: readers hash each tensor as it is read
+(on a worker thread when the caller promises not to update it in place, `shared_reads`:
+hashlib releases the GIL, so hashing overlaps the caller's arithmetic), so a fingerprint after
+a full streamed pass costs no second read, and only the tensors nobody read are read for it.
 """
 
 from __future__ import annotations
@@ -47,10 +47,14 @@ class ContentHasher:
     def __contains__(self, name: str) -> bool:
         return name in self._lines
 
-    def add(self, name: str, t: torch.Tensor) -> None:
-        """Hash `t` as the content of `name` (asynchronously; at most MAX_PENDING in flight)."""
+    def add(self, name: str, t: torch.Tensor, *, background: bool = False) -> None:
+        """Hash `t` as the content of `name`: now, or with `background` on the worker thread
+        (at most MAX_PENDING in flight; the caller must not modify `t` in place meanwhile)."""
         with self._lock:
             if name in self._lines:
+                return
+            if not background:
+                self._lines[name] = _line(name, t.dtype, tuple(t.shape), tensor_digest(t))
                 return
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="tvtool-hash")
@@ -58,8 +62,7 @@ class ContentHasher:
             while len(self._pending) >= MAX_PENDING:
                 self._pending.pop(0).result()
             dtype, shape = t.dtype, tuple(t.shape)
-            own = t.detach().contiguous().clone()  # callers may update their tensor in place
-            fut = self._pool.submit(lambda: _line(name, dtype, shape, tensor_digest(own)))
+            fut = self._pool.submit(lambda: _line(name, dtype, shape, tensor_digest(t)))
             self._pending.append(fut)
             self._lines[name] = fut
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from tvtool.checkpoints.header import looks_like_safetensors, read_index
-from tvtool.errors import TvtoolError
+from tvtool.errors import TvtoolError, few, printable
 
 _PREFIXES = ("module.", "model.")
 
@@ -73,6 +73,7 @@ class CheckpointReader:
         self.files = files
         self._fingerprint: str | None = None
         self._hasher: Any = None  # a fingerprint.ContentHasher once a tensor is read
+        self.shared_reads = False  # True: callers never update what `get` returns in place
         self._names: dict[str, str] = {}
 
     def keys(self) -> list[str]:
@@ -99,7 +100,7 @@ class CheckpointReader:
                 from tvtool.checkpoints.fingerprint import ContentHasher
 
                 self._hasher = ContentHasher()
-            self._hasher.add(key, t)
+            self._hasher.add(key, t, background=self.shared_reads)
         return t
 
     def fingerprint(self) -> str:
@@ -234,22 +235,124 @@ class TorchReader(CheckpointReader):
         self._tensors = {}
 
 
+class TorchShardsReader(CheckpointReader):
+    """Several torch shards (`pytorch_model-00001-of-00002.bin` ... with their index) read as
+    one checkpoint; each shard is loaded (memory-mapped) and checked by `torch_file`."""
+
+    format = "torch"
+
+    def __init__(self, path: Path, files: list[Path], weight_map: dict[str, Path]):
+        super().__init__(path, files)
+        self._parts: list[TorchReader] = []
+        tensors: dict[str, torch.Tensor] = {}
+        where: dict[str, str] = {}
+        try:
+            for f in files:
+                part = TorchReader(f)
+                self._parts.append(part)
+                for k, v in part._tensors.items():
+                    if k in where:
+                        raise TvtoolError(
+                            f"{printable(str(path))}: tensor {k!r} is in two shards "
+                            f"({where[k]} and {f.name})"
+                        )
+                    where[k] = f.name
+                    tensors[k] = v
+        except BaseException:
+            self.close()
+            raise
+        stray = sorted(set(tensors) ^ set(weight_map))
+        if stray:
+            self.close()
+            raise TvtoolError(
+                f"{printable(str(path))}: the index and its shards disagree on {len(stray)} "
+                f"tensor(s) (e.g. {stray[0]!r}): a stale index?"
+            )
+        self._tensors = tensors
+        self.skipped_non_tensor = sorted({k for p in self._parts for k in p.skipped_non_tensor})
+        self._names = normalise_keys(sorted(tensors))
+
+    def meta(self, key: str) -> TensorMeta:
+        t = self._tensors[self._names[key]]
+        return TensorMeta(tuple(t.shape), t.dtype)
+
+    def _read(self, key: str) -> torch.Tensor:
+        return self._tensors[self._names[key]]
+
+    def close(self) -> None:
+        self._close_hasher()
+        for part in self._parts:
+            part.close()
+        self._parts = []
+        self._tensors = {}
+
+
+_TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+_TORCH_NAMES = ("pytorch_model.bin", "model.pt", "model.bin", "model.pth")
+
+
+def _checkpoints_in(d: Path) -> CheckpointReader:
+    """The checkpoint a directory holds, as transformers would pick it: a safetensors index,
+    else its `.safetensors` files (shards when their names are disjoint), else a torch index,
+    else one torch file. Several unrelated checkpoints are an error that names them."""
+    st_index = sorted(d.glob("*.safetensors.index.json"))
+    if len(st_index) > 1:
+        raise _several(d, st_index)
+    if st_index:
+        return _from_index(st_index[0])
+    shards = sorted(d.glob("*.safetensors"))
+    if len(shards) > 1:
+        _check_disjoint(d, shards)
+    if shards:
+        return SafetensorsReader(d, shards)
+    pt_index = sorted(p for p in d.glob("*.index.json") if p.name.endswith(
+        tuple(s + ".index.json" for s in _TORCH_SUFFIXES)))
+    if len(pt_index) > 1:
+        raise _several(d, pt_index)
+    if pt_index:
+        return _from_index(pt_index[0])
+    named = [d / n for n in _TORCH_NAMES if (d / n).is_file()]
+    if len(named) == 1:
+        return TorchReader(named[0])
+    found = sorted(p for p in d.iterdir() if p.suffix in _TORCH_SUFFIXES and p.is_file())
+    if len(found) == 1:
+        return TorchReader(found[0])
+    if found:
+        raise _several(d, found)
+    raise TvtoolError(
+        f"{printable(str(d))}: directory holds no checkpoint (.safetensors, a shard index, "
+        "pytorch_model.bin or another .bin/.pt file)"
+    )
+
+
+def _several(d: Path, paths: list[Path]) -> TvtoolError:
+    names = few([p.name for p in paths])
+    return TvtoolError(
+        f"{printable(str(d))} holds {len(paths)} checkpoints ({printable(names)}): give the "
+        "file (or index) to read"
+    )
+
+
+def _check_disjoint(d: Path, files: list[Path]) -> None:
+    """Safetensors files in one directory without an index are shards only if no tensor name
+    appears twice; otherwise they are separate checkpoints (named in the error)."""
+    from tvtool.checkpoints.header import read_header
+
+    seen: set[str] = set()
+    for f in files:
+        names = set(read_header(f).entries)
+        if names & seen:
+            raise _several(d, files)
+        seen |= names
+
+
 def open_checkpoint(path: str | Path) -> CheckpointReader:
     """Open any supported checkpoint for streaming reads."""
     p = Path(path).expanduser()
     if not p.exists():
         raise TvtoolError(f"checkpoint not found: {p}")
     if p.is_dir():
-        indexes = sorted(p.glob("*.safetensors.index.json"))
-        if indexes:
-            return _from_index(indexes[0])
-        shards = sorted(p.glob("*.safetensors"))
-        if shards:
-            return SafetensorsReader(p, shards)
-        for name in ("pytorch_model.bin", "model.pt", "model.bin"):
-            if (p / name).exists():
-                return TorchReader(p / name)
-        raise TvtoolError(f"{p}: directory holds no .safetensors shards or pytorch_model.bin")
+        return _checkpoints_in(p)
     if p.name.endswith(".index.json"):
         return _from_index(p)
     if p.suffix == ".safetensors" or looks_like_safetensors(p):
@@ -257,12 +360,14 @@ def open_checkpoint(path: str | Path) -> CheckpointReader:
     return TorchReader(p)
 
 
-def _from_index(index: Path) -> SafetensorsReader:
+def _from_index(index: Path) -> CheckpointReader:
     weight_map, _ = read_index(index)
     files = sorted(set(weight_map.values()))
     missing = [f.name for f in files if not f.exists()]
     if missing:
         raise TvtoolError(f"{index}: missing shard(s) {', '.join(missing[:3])}")
+    if not all(f.suffix == ".safetensors" or looks_like_safetensors(f) for f in files):
+        return TorchShardsReader(index, files, weight_map)
     reader = SafetensorsReader(index, files)
     stray = sorted(set(reader._raw) ^ set(weight_map))
     if stray:

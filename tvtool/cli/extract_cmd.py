@@ -70,6 +70,16 @@ LoraOpt = Annotated[
         file_okay=False,
     ),
 ]
+RenameOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--rename",
+        metavar="REGEX=REPL",
+        help="Rename tensor keys of both checkpoints before matching them (repeatable, applied "
+        "in order, re.sub syntax: 'encoder\\.(\\d+)=layers.\\1').",
+        show_default=False,
+    ),
+]
 MoveNameOpt = Annotated[
     bool, typer.Option("--force", help="Move --name if it already points at another object.")
 ]
@@ -85,6 +95,7 @@ def extract(
     preset: PresetOpt = None,
     dtype: StorageDtypeOpt = "fp32",
     allow_nonfinite: AllowNonfiniteOpt = False,
+    rename: RenameOpt = None,
     force: MoveNameOpt = False,
     store: StoreOpt = None,
     quiet: QuietOpt = False,
@@ -93,11 +104,14 @@ def extract(
     """Store the task vector FINETUNED - BASE (read tensor by tensor) and print its digest.
 
     Reads safetensors (a file, a shard index or a directory of shards), torch state dicts
-    and pickled nn.Module checkpoints (restricted unpickler: pickled code never runs).
-    Non-float tensors are skipped and reported. The same pair twice gives the same digest.
+    (one file, or pytorch_model-*.bin shards with their index) and pickled nn.Module
+    checkpoints (restricted unpickler: pickled code never runs). Non-float tensors are
+    skipped and reported, also when only one side has them (position_ids). A base without
+    lm_head.weight whose config.json ties it to the input embedding is matched as such.
+    The same pair twice gives the same digest.
     """
     from tvtool.checkpoints.writer import parse_dtype
-    from tvtool.cli.output import emit_json, emit_line, progress
+    from tvtool.cli.output import emit_json, emit_line, info, progress
     from tvtool.errors import TvtoolError
     from tvtool.vectors.extract import extract_vector
     from tvtool.vectors.filters import TensorFilter
@@ -119,9 +133,10 @@ def extract(
             task = bar.add_task("extracting", total=None)
             result = extract_vector(
                 st, base, finetuned, keep=keep, dtype=storage, allow_nonfinite=allow_nonfinite,
-                name=name, force=force,
+                name=name, force=force, renames=rename or [],
                 on_start=lambda n: bar.update(task, total=n),
                 on_tensor=lambda k: bar.advance(task),
+                on_note=info,
             )
     if json_out:
         doc = {"name": name, "deduplicated": result.deduplicated}

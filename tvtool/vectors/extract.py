@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from tvtool.checkpoints.keymaps import align_submodel
+from tvtool.checkpoints.pairing import pair_readers
 from tvtool.checkpoints.readers import CheckpointReader, open_checkpoint
 from tvtool.checkpoints.writer import TensorSpec
 from tvtool.errors import TvtoolError, few
@@ -73,12 +74,18 @@ def plan_keys(
         raise TvtoolError(
             "no tensors selected: check --include/--exclude/--preset against the key names"
         )
-    only_base = [k for k in selected if k not in fkeys]
-    only_ft = [k for k in selected if k not in bkeys]
+    skipped: list[str] = []
+    only_base, only_ft = [], []
+    for k in selected:  # non-float tensors on one side only (position_ids buffers): skipped
+        if k not in fkeys or k not in bkeys:
+            one = base if k in bkeys else ft
+            if not _is_float(one.meta(k).dtype):
+                skipped.append(k)
+            else:
+                (only_base if k in bkeys else only_ft).append(k)
     shape_bad: list[str] = []
     kind_bad: list[str] = []
     specs: list[TensorSpec] = []
-    skipped: list[str] = []
     for k in selected:
         if k not in bkeys or k not in fkeys:
             continue
@@ -102,7 +109,13 @@ def plan_keys(
     if kind_bad:
         problems.append(f"{len(kind_bad)} float/non-float mismatch(es): {_names(kind_bad)}")
     if problems:
-        raise TvtoolError("checkpoints do not match: " + "; ".join(problems))
+        hint = ""
+        if any(k.endswith("lm_head.weight") for k in only_base + only_ft):
+            hint = (" (tied embeddings? put the model's config.json, with tie_word_embeddings, "
+                    "beside the checkpoint that lacks lm_head.weight)")
+        elif only_base and only_ft:
+            hint = " (keys named differently? see --rename REGEX=REPL)"
+        raise TvtoolError("checkpoints do not match: " + "; ".join(problems) + hint)
     if not specs:
         raise TvtoolError(f"no floating-point tensors selected ({len(skipped)} non-float skipped)")
     return specs, skipped, filtered_out
@@ -134,8 +147,11 @@ def extract_vector(
     force: bool = False,
     on_start: Callable[[int], None] | None = None,
     on_tensor: Callable[[str], None] | None = None,
+    renames: list[str] | None = None,
+    on_note: Callable[[str], None] | None = None,
 ) -> ExtractResult:
-    """Store `finetuned - base` as a `vector` object (tagged `name` if given).
+    """Store `finetuned - base` as a `vector` object (tagged `name` if given); names are
+    lined up first (`checkpoints.pairing`: prefixes, `renames`, tied embeddings).
 
     One read of each input tensor: it is hashed for the content fingerprints as it is read
     (`checkpoints.fingerprint`), subtracted once, and checked for NaN/Inf through its norm
@@ -149,6 +165,10 @@ def extract_vector(
     keep = keep or TensorFilter()
     with open_checkpoint(base_path) as base, open_checkpoint(finetuned_path) as ft:
         base, ft, submodel = align_submodel(base, ft)  # HF CLIPVisionModel of a CLIPModel
+        base, ft, notes = pair_readers(base, ft, renames)
+        for note in notes:
+            if on_note:
+                on_note(note)
         fp32_specs, skipped, filtered_out = plan_keys(base, ft, keep)
         specs = [TensorSpec(s.name, s.shape, dtype) for s in fp32_specs]
         created = datetime.now(timezone.utc).isoformat()
@@ -162,6 +182,10 @@ def extract_vector(
         }
         if submodel:
             params["submodel"] = submodel
+        if renames:
+            params["renames"] = list(renames)
+        if notes:
+            params["notes"] = notes
         skipped_objects = sorted(
             {*getattr(base, "skipped_non_tensor", []), *getattr(ft, "skipped_non_tensor", [])}
         )
@@ -171,9 +195,17 @@ def extract_vector(
         if on_start:
             on_start(len(specs))
         last = specs[-1].name
+        for r in (base, ft):
+            while r is not None:  # inputs are only read: hash them beside the arithmetic
+                r.shared_reads = True
+                r = getattr(r, "inner", None)
+        # the difference goes into one reused buffer: written (and hashed) before the next
+        scratch = torch.empty(max(_numel(s.shape) for s in specs), dtype=torch.float32)
 
         def produce(spec: TensorSpec) -> torch.Tensor:
-            d = ft.get(spec.name).to(torch.float32) - base.get(spec.name).to(torch.float32)
+            a, b = ft.get(spec.name), base.get(spec.name)
+            d = scratch[: a.numel()].view(a.shape)
+            torch.sub(a.to(torch.float32), b.to(torch.float32), out=d)
             out = d if dtype == torch.float32 else d.to(dtype)
             stored = d if dtype == torch.float32 else out.to(torch.float32)
             sq = float(torch.linalg.vector_norm(stored)) ** 2 if stored.numel() else 0.0
@@ -230,6 +262,13 @@ def stored_result(
                 f"vector stored as {manifest.digest[:12]}, but not named: {e}"
             ) from None
     return ExtractResult(manifest, name, deduplicated, skipped, filtered_out)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def _pair(params: dict) -> dict[str, str]:
