@@ -7,17 +7,19 @@ import typer
 from tvtool import __version__
 from tvtool.cli.group import TvtoolGroup
 
+# Each module has `register(app)`; imported by name, so the demo (a room above the CLI, which
+# drives it) registers its command without the CLI importing it.
 COMMAND_MODULES = (
-    "extract_cmd",
-    "inspect_cmd",
-    "merge_cmd",
-    "compose_cmd",
-    "select_cmd",
-    "eval_cmd",
-    "store_cmd",
-    "datasets_cmd",
-    "clean_cmd",
-    "demo_cmd",
+    "tvtool.cli.extract_cmd",
+    "tvtool.cli.inspect_cmd",
+    "tvtool.cli.merge_cmd",
+    "tvtool.cli.compose_cmd",
+    "tvtool.cli.select_cmd",
+    "tvtool.cli.eval_cmd",
+    "tvtool.cli.store_cmd",
+    "tvtool.cli.datasets_cmd",
+    "tvtool.cli.clean_cmd",
+    "tvtool.demo.command",
 )
 
 
@@ -54,7 +56,7 @@ def _register() -> None:
     import importlib
 
     for name in COMMAND_MODULES:
-        importlib.import_module(f"tvtool.cli.{name}").register(app)
+        importlib.import_module(name).register(app)
 
 
 _register()

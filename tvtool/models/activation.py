@@ -8,8 +8,6 @@ feature, so the choice is made explicitly here and reported.
 
 from __future__ import annotations
 
-from typing import Any
-
 
 def openai_architecture(name: str) -> bool:
     """Does open_clip know OpenAI CLIP weights for this architecture (trained with QuickGELU)?"""
@@ -61,20 +59,3 @@ def resolve_activation(
 
 def _act(quick: bool) -> str:
     return "QuickGELU" if quick else "nn.GELU"
-
-
-def checkpoint_activation(reader: Any) -> str | None:
-    """'quick_gelu' / 'gelu' when the checkpoint says (a whole pickled module names its
-    activation classes; tvtool-written safetensors may record `tvtool.activation`), else None."""
-    classes = getattr(reader, "module_classes", None) or set()
-    names = {c.rsplit(".", 1)[-1] for c in classes}
-    if "QuickGELU" in names:
-        return "quick_gelu"
-    if "GELU" in names:
-        return "gelu"
-    try:
-        meta = reader.metadata() or {}
-    except Exception:  # noqa: BLE001 - metadata is optional
-        meta = {}
-    act = meta.get("tvtool.activation")
-    return act if act in ("quick_gelu", "gelu") else None

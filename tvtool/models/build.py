@@ -37,8 +37,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before open_clip imports hugging
 
 import torch  # noqa: E402
 
+from tvtool.checkpoints.activation import checkpoint_activation  # noqa: E402
 from tvtool.errors import TvtoolError, few  # noqa: E402
-from tvtool.models.activation import checkpoint_activation, resolve_activation  # noqa: E402
+from tvtool.models.activation import resolve_activation  # noqa: E402
 
 _PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
 

@@ -273,7 +273,7 @@ def plan_merge(store: Store, req: MergeRequest, *, hash_base: bool = True) -> Me
         if t.checkpoint is not None and (hash_base or seeded):
             t.fingerprint = ""  # ask _match_keys to hash it
 
-    from tvtool.models.activation import checkpoint_activation
+    from tvtool.checkpoints.activation import checkpoint_activation
 
     with open_checkpoint(req.base) as base:
         metas = {k: base.meta(k) for k in base.keys()}
