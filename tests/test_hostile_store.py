@@ -190,6 +190,31 @@ def test_corrupt_ref_content(invoke) -> None:
         assert "junk" in r.stderr and "\x1b" not in r.stderr and "\x07" not in r.stderr
 
 
+def test_special_files_under_refs(invoke) -> None:
+    """A fifo under refs/ would block a reader forever: it is reported, never opened."""
+    store = Store()
+    m = store.put_json({"v": 1}, "vector")
+    store.set_ref("ok", m.digest)
+    loose = store.put_json({"v": "loose"}, "vector")
+    make_old(store, loose.digest)
+    os.mkfifo(store.refs_dir / "pipe")
+    assert store.refs() == {"ok": m.digest, "pipe": ""}
+    r = invoke("store", "verify")
+    assert r.exit_code == 3 and "pipe" in r.stderr
+    r = invoke("store", "gc", "--grace", "0", "--json")  # a root is unknown: nothing is swept
+    assert r.exit_code == 0 and json.loads(r.stdout)["corrupt_refs"] == ["pipe"]
+    assert store.has(m.digest) and store.has(loose.digest)
+    assert "no ref" in one_line_error(invoke("store", "show", "pipe"))
+
+
+def test_legacy_names_do_not_travel(invoke, tmp_path) -> None:
+    store = Store()
+    m = store.put_json({"v": 1}, "vector")
+    (store.refs_dir / "old.tmp").write_text(m.digest + "\n")
+    line = one_line_error(invoke("store", "export", "old.tmp", "-o", tmp_path / "b.tar"))
+    assert "invalid ref name 'old.tmp'" in line and not (tmp_path / "b.tar").exists()
+
+
 def test_damaged_store_format_file(invoke, isolated_store) -> None:
     m = Store().put_json({"v": 1}, "vector")
     (isolated_store / "store.json").write_text("{nope")

@@ -286,7 +286,7 @@ def gc_cmd(
         emit_json({"store": str(st.root), "dry_run": dry_run, "grace_seconds": seconds,
                    "removed": report.removed, "reclaimed_bytes": report.reclaimed_bytes,
                    "kept_recent": report.kept_recent, "kept_damaged": report.kept_damaged,
-                   "tmp_removed": report.tmp_removed})
+                   "corrupt_refs": report.corrupt_refs, "tmp_removed": report.tmp_removed})
         return
     verb = "would remove" if dry_run else "removed"
     for d in report.removed:
@@ -298,6 +298,9 @@ def gc_cmd(
              f" {format_duration(seconds)} (--grace)")
     for d in report.kept_damaged:
         warn(f"kept {d[:12]}: a ref reaches it but its manifest is missing or corrupt"
+             " (see `tvtool store verify`)")
+    for n in report.corrupt_refs:
+        warn(f"ref {n!r} holds no digest: no object swept until it is fixed or removed"
              " (see `tvtool store verify`)")
 
 

@@ -149,6 +149,7 @@ class GcReport:
     removed: list[str] = field(default_factory=list)
     kept_recent: list[str] = field(default_factory=list)
     kept_damaged: list[str] = field(default_factory=list)  # reached, manifest missing/corrupt
+    corrupt_refs: list[str] = field(default_factory=list)  # refs that hold no digest
     reclaimed_bytes: int = 0
     tmp_removed: int = 0
     dry_run: bool = False
@@ -162,7 +163,8 @@ def gc(store: Store, grace_seconds: float, dry_run: bool = False) -> GcReport:
     (a fresh merge result that is about to be tagged keeps the vectors it was made from).
     Refs are the roots and reachability never trusts a manifest to exist: when a ref reaches
     an object whose manifest is missing or corrupt, its inputs are unknown, so no object is
-    swept at all (only temp files) and the object is reported in `kept_damaged`.
+    swept at all (only temp files) and the object is reported in `kept_damaged`; the same
+    holds while a ref is corrupt (it holds no digest: `corrupt_refs`).
     Files a live writer holds locked are never touched. Runs under the store lock, so a
     concurrent `tag` either lands before the sweep (and is honoured) or fails cleanly after.
     """
@@ -178,13 +180,15 @@ def gc(store: Store, grace_seconds: float, dry_run: bool = False) -> GcReport:
         keep = referenced | set(closure(store, recent))
         report.kept_recent = sorted(set(recent) - referenced)
         report.kept_damaged = sorted(reach.damaged)
-        if reach.damaged:  # their inputs are unknown: sweeping anything could lose data
+        report.corrupt_refs = [n for n, d in store.refs().items() if not is_digest(d)]
+        blocked = bool(reach.damaged or report.corrupt_refs)
+        if blocked:  # some roots' reach is unknown: sweeping anything could lose data
             digests = []
         for digest in digests:
             if digest not in keep and _sweep_object(store, digest, cutoff, report, dry_run):
                 report.removed.append(digest)
         for blob in _orphan_blobs(store):  # data whose manifest never got written
-            if reach.damaged or blob.parent.name + blob.name in keep:  # ...or was lost
+            if blocked or blob.parent.name + blob.name in keep:  # ...or was lost
                 continue
             size = _size(blob)
             if _mtime(blob) <= cutoff and _sweep_file(blob, dry_run):

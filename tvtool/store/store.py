@@ -278,6 +278,9 @@ class Store:
                 if f.startswith("."):
                     continue
                 p = Path(top) / f
+                if not p.is_file():  # a fifo or device would block or lie: never a ref
+                    out[p.relative_to(self.refs_dir).as_posix()] = ""
+                    continue
                 try:
                     out[p.relative_to(self.refs_dir).as_posix()] = (
                         p.read_text(errors="replace").strip()
