@@ -43,8 +43,9 @@ ScoreOpt = Annotated[
     str,
     typer.Option(
         "--score",
-        help="grad: |dL/dLambda| per (vector, block); importance: |tau * grad| per element "
-        "(masks); norm: data-free |tau|.",
+        help="grad: |dL/dLambda| per (vector, block); fisher: sum over batches of "
+        "(dL/dLambda)^2 (disagreeing batches do not cancel); importance: |tau * grad| per "
+        "element (masks); norm: data-free |tau|.",
     ),
 ]
 TopOpt = Annotated[

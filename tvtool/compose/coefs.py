@@ -5,7 +5,8 @@
 for every parameter k a vector covers (g(k): the column(s) of k's block; a partitioned tensor has
 one column per group, chosen element by element by `partition_ids`). Base weights and vectors are
 frozen; only the learnable entries of Lambda (vector t covers, and a selection keeps, the block)
-are parameters, the others stay exactly 0. Lambda starts at 0: training starts from the base.
+are parameters, the others stay exactly 0. Lambda starts at 0 (training starts from the base) or
+at `--init` (AdaMerging's isotropic 0.3), optionally clamped (`--clamp 0:1`).
 
 The mix is computed in the vectors' device dtype (fp16/bf16 halve the memory traffic) and added
 to the fp32 base; autograd keeps references to the stacks, never copies of them, so memory grows
@@ -19,30 +20,46 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from tvtool.models.bank import BankPlan, Stack
-from tvtool.vectors.blocks import CoefsLayout, Granularity, make_blocks, partition_ids
+from tvtool.vectors.blocks import (
+    CoefsLayout,
+    Granularity,
+    PartitionRule,
+    make_blocks,
+    partition_ids,
+)
 
 
 def build_layout(
-    plan: BankPlan, granularity: Granularity = "tensor", partitions: int = 1, seed: int = 0
+    plan: BankPlan,
+    granularity: Granularity = "tensor",
+    partitions: int = 1,
+    seed: int = 0,
+    rule: PartitionRule = "tvtool",
 ) -> CoefsLayout:
     """The layout of a coefs object over the bank's vectors and the keys they cover."""
-    blocks = make_blocks(plan.shapes(), granularity, partitions)
+    blocks = make_blocks(plan.shapes(), granularity, partitions, rule)
     return CoefsLayout(
         vectors=plan.digests,
         blocks=blocks,
         granularity=granularity,
         partitions=partitions,
         partition_seed=seed,
+        partition_rule=rule,
     )
 
 
 def learnable_mask(layout: CoefsLayout, stacks: Sequence[Stack]) -> torch.Tensor:
-    """[T, G] bool: True where a loaded (vector, key) pair feeds the coefficient."""
+    """[T, G] bool: True where a loaded (vector, key) pair feeds the coefficient. Under atlas's
+    partition rule only the partitioned (2-D) tensors are learned: the released code gives every
+    other tensor a zero update (`mask_multiply` returns 0 for them): their coefficients stay 0."""
     mask = torch.zeros(len(layout.vectors), layout.n_groups, dtype=torch.bool)
     index = layout.key_index()
+    atlas = layout.partition_rule == "atlas" and layout.partitions > 1
     for s in stacks:
         for key in s.keys:
             b, off = index[key]
+            if atlas and layout.blocks[b].groups == 1:
+                continue
             groups = layout.blocks[b].groups
             for t in s.rows:
                 mask[t, off : off + groups] = True
@@ -79,13 +96,20 @@ attach_partitions = attach_layout  # the older name
 
 
 class Coefs(torch.nn.Module):
-    """Lambda [T, G] with only the `mask` entries learnable (a flat parameter `values`)."""
+    """Lambda [T, G] with only the `mask` entries learnable (a flat parameter `values`).
 
-    def __init__(self, mask: torch.Tensor):
+    `init`: the starting value of every learnable entry (0: the base model; AdaMerging starts
+    from 0.3). `clamp` (lo, hi): Lambda = clamp(values, lo, hi) in the forward pass, as
+    AdaMerging clamps to [0, 1] (the gradient is 0 outside the range)."""
+
+    def __init__(
+        self, mask: torch.Tensor, init: float = 0.0, clamp: tuple[float, float] | None = None
+    ):
         super().__init__()
         self.shape = tuple(mask.shape)
+        self.clamp = clamp
         self.register_buffer("index", mask.flatten().nonzero().squeeze(1), persistent=False)
-        self.values = torch.nn.Parameter(torch.zeros(int(self.index.numel())))
+        self.values = torch.nn.Parameter(torch.full((int(self.index.numel()),), float(init)))
 
     @property
     def n_learnable(self) -> int:
@@ -95,7 +119,8 @@ class Coefs(torch.nn.Module):
         flat = torch.zeros(
             self.shape[0] * self.shape[1], dtype=self.values.dtype, device=self.values.device
         )
-        return flat.index_put((self.index,), self.values).view(self.shape)
+        values = self.values if self.clamp is None else self.values.clamp(*self.clamp)
+        return flat.index_put((self.index,), values).view(self.shape)
 
     @torch.no_grad()
     def matrix(self) -> torch.Tensor:

@@ -6,6 +6,8 @@ streamed from the store one tensor at a time (none is put on the device):
 
 * grad:       s[t, b] = |dL/dLambda[t, b]| at Lambda = 0 = |sum_{k in b} <G_k, tau_t,k>|
               (the chain rule through theta_k = theta_0,k + Lambda[t, b] tau_t,k);
+* fisher:     s[t, b] = sum_j (dL_j/dLambda[t, b])^2 over batches j (the empirical Fisher
+              diagonal of the coefficients): batches that disagree in sign do not cancel;
 * importance: I_t = |tau_t ⊙ G| element-wise (first-order Taylor estimate of the loss change
               when tau_t's element is dropped), top `density` of each vector kept as a mask;
 * norm:       data-free, s[t, b] = ||tau_t,b||_2 for selections, |tau_t| for masks.
@@ -17,7 +19,7 @@ fit a budget (`--budget-mb`); compose then loads and learns only those pairs.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -72,21 +74,18 @@ def selection_keep(doc: SelectionDoc, plan: BankPlan) -> Callable[[int, str], bo
 
 
 # -- the gradient at the base -------------------------------------------------------------------
-def base_gradient(
+def batch_gradients(
     clip: Any,
     plan: BankPlan,
     objective: Objective,
     datasets: Sequence[tuple[Any, list[int], list[int], torch.Tensor]],
     batch_size: int,
     on_batch: Callable[[], None] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Mean gradient of the objective over all images (eval preprocessing), per covered param.
-
-    `datasets`: (folder, indices, targets, head) per data set; each set's loss is its mean, summed.
-    """
+) -> Iterator[tuple[dict[str, torch.Tensor], int, int]]:
+    """Per batch: (d sum-of-losses / dtheta per covered param, batch size, its data set's size),
+    at the base weights, eval preprocessing. `datasets`: (folder, indices, targets, head)."""
     tower = visual_params(clip)
     params = {k.param: tower[k.param].detach().clone().requires_grad_(True) for k in plan.keys}
-    grads = {p: torch.zeros_like(v, dtype=torch.float32) for p, v in params.items()}
     tf = mdata.eval_transform(clip)
     scale = clip.logit_scale
     for folder, indices, targets, head in datasets:
@@ -96,12 +95,49 @@ def base_gradient(
             labels = torch.tensor(targets[s : s + batch_size], dtype=torch.long, device=clip.device)
             with autocast(clip.device):
                 feats = encode_images(clip, params, images.to(clip.device))
-            loss = objective.loss(scale * feats.float() @ head.T, labels).sum() / n
-            for p, g in zip(params, torch.autograd.grad(loss, list(params.values())), strict=True):
-                grads[p] += g.float()
+            loss = objective.loss(scale * feats.float() @ head.T, labels).sum()
+            grads = torch.autograd.grad(loss, list(params.values()))
+            yield {p: g.float() for p, g in zip(params, grads, strict=True)}, len(labels), n
             if on_batch:
                 on_batch()
-    return grads
+
+
+def base_gradient(
+    clip: Any,
+    plan: BankPlan,
+    objective: Objective,
+    datasets: Sequence[tuple[Any, list[int], list[int], torch.Tensor]],
+    batch_size: int,
+    on_batch: Callable[[], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Mean gradient of the objective over all images (eval preprocessing), per covered param;
+    each data set's loss is its mean, the sets' losses are summed."""
+    total: dict[str, torch.Tensor] = {}
+    for grads, _, n in batch_gradients(clip, plan, objective, datasets, batch_size, on_batch):
+        for p, g in grads.items():
+            total[p] = total[p].add_(g / n) if p in total else g / n
+    return total
+
+
+def fisher_scores(
+    store: Store,
+    plan: BankPlan,
+    blocks: list[BlockInfo],
+    clip: Any,
+    objective: Objective,
+    datasets: Sequence[tuple[Any, list[int], list[int], torch.Tensor]],
+    batch_size: int,
+    on_batch: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """[T, B] sum over batches j of (dL_j/dLambda[t, b])^2 at Lambda = 0, L_j the mean loss of
+    batch j: the diagonal of the empirical Fisher information of the coefficients, estimated per
+    batch. Unlike `grad` (the magnitude of the *mean* gradient), gradients of batches that pull
+    a coefficient in opposite directions do not cancel, so a vector that matters to part of the
+    data keeps its score. Costs one pass over the vectors per batch (larger batches: fewer)."""
+    out = torch.zeros(len(plan.vectors), len(blocks), dtype=torch.float64)
+    for grads, m, _ in batch_gradients(clip, plan, objective, datasets, batch_size, on_batch):
+        out += pair_dots(store, plan, blocks, {p: g / m for p, g in grads.items()}).pow(2)
+    return out
 
 
 def _vector_tensors(store: Store, plan: BankPlan, t: int):
@@ -117,6 +153,13 @@ def grad_scores(
     store: Store, plan: BankPlan, blocks: list[BlockInfo], grads: dict[str, torch.Tensor]
 ) -> torch.Tensor:
     """[T, B] |dL/dLambda[t, b]| at Lambda = 0."""
+    return pair_dots(store, plan, blocks, grads).abs()
+
+
+def pair_dots(
+    store: Store, plan: BankPlan, blocks: list[BlockInfo], grads: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """[T, B] sum_{k in b} <G_k, tau_t,k> (= dL/dLambda[t, b] when G = dL/dtheta)."""
     block_of = {k: b for b, blk in enumerate(blocks) for k in blk.keys}
     out = torch.zeros(len(plan.vectors), len(blocks), dtype=torch.float64)
     for t in range(len(plan.vectors)):
@@ -124,7 +167,7 @@ def grad_scores(
             if param is not None:
                 g = grads[param]
                 out[t, block_of[key]] += float((g.double() * tau.to(g.device, torch.float64)).sum())
-    return out.abs()
+    return out
 
 
 def norm_scores(store: Store, plan: BankPlan, blocks: list[BlockInfo]) -> torch.Tensor:

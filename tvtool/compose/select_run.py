@@ -16,6 +16,7 @@ from tvtool.compose.select import (
     SelectionDoc,
     base_gradient,
     element_masks,
+    fisher_scores,
     grad_scores,
     keep_budget,
     keep_top,
@@ -59,7 +60,7 @@ def run_select(
         )
     else:
         plan = plan_from_vectors(store, opts.vectors)
-    grads, data_info = None, []
+    grads, data_info, fisher = None, [], None
     if needs_data:
         objective = get_objective(opts.objective.name)
         specs = data_specs(list(opts.data), classnames=opts.classnames, heads=opts.heads)
@@ -81,7 +82,14 @@ def run_select(
             )
             sets.append((t.folder, t.train_idx, t.labels, t.head))
             data_info.append({"name": t.name, **t.info})
-        grads = base_gradient(clip, plan, objective, sets, opts.batch_size, on_batch)
+        if opts.score == "fisher":  # scored per batch once the blocks are known
+
+            def fisher(blocks):
+                return fisher_scores(
+                    store, plan, blocks, clip, objective, sets, opts.batch_size, on_batch
+                )
+        else:
+            grads = base_gradient(clip, plan, objective, sets, opts.batch_size, on_batch)
     report: dict[str, Any] = {
         "kind": kind,
         "score": opts.score,
@@ -95,18 +103,25 @@ def run_select(
     if kind == "mask":
         report.update(_masks(store, plan, opts, grads, report, warn))
     else:
-        report.update(_selection(store, plan, opts, grads, report))
+        report.update(_selection(store, plan, opts, grads, report, fisher))
     return report
 
 
 def _selection(
-    store: Store, plan: BankPlan, opts: SelectRequest, grads, common: dict[str, Any]
+    store: Store,
+    plan: BankPlan,
+    opts: SelectRequest,
+    grads,
+    common: dict[str, Any],
+    fisher: Callable | None = None,
 ) -> dict[str, Any]:
     try:
         blocks = make_blocks(plan.shapes(), opts.granularity)  # type: ignore[arg-type]
     except ValueError as e:
         raise TvtoolError(str(e)) from None
-    if grads is not None:
+    if fisher is not None:
+        scores = fisher(blocks)
+    elif grads is not None:
         scores = grad_scores(store, plan, blocks, grads)
     else:
         scores = norm_scores(store, plan, blocks)

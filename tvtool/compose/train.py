@@ -299,7 +299,10 @@ class Trainer:
             if on_epoch:
                 on_epoch(epoch)
         chosen = torch.zeros(self.coefs.shape).flatten()
-        chosen[self.coefs.index.cpu()] = best_values.float()
+        best = best_values.float()
+        chosen[self.coefs.index.cpu()] = (
+            best if self.coefs.clamp is None else best.clamp(*self.coefs.clamp)
+        )
         return FitResult(
             chosen.view(self.coefs.shape),
             best_epoch,

@@ -6,7 +6,9 @@
 * `task`: one block for the whole vector (isotropic).
 * `partitions=K` (with `tensor` only): each element of a weight with 2 or more dimensions is
   assigned, seeded and deterministically per name, to one of K groups, one coefficient per group
-  (aTLAS x K). Other tensors keep one coefficient.
+  (aTLAS x K). Other tensors keep one coefficient. `partition_rule="atlas"` follows the released
+  aTLAS code (`src/composition.py`, `mask_multiply`): only 2-D weights are partitioned and the
+  other tensors are not composed at all (their coefficients stay 0, see compose/coefs.py).
 
 A `coefs` object is a safetensors blob with one tensor `coefs` of shape [T, G] (T vectors, G
 groups in block order) and a `CoefsLayout` in its manifest's `params["layout"]`.
@@ -21,6 +23,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict
 
 Granularity = Literal["tensor", "layer", "task"]
+PartitionRule = Literal["tvtool", "atlas"]
 LAYER_PATTERN = re.compile(r"^(.*?\b(?:resblocks|layers|layer|blocks|h)\.\d+)\.")
 
 
@@ -42,6 +45,7 @@ class CoefsLayout(BaseModel):
     granularity: Granularity = "tensor"
     partitions: int = 1
     partition_seed: int = 0
+    partition_rule: PartitionRule = "tvtool"
 
     @property
     def n_groups(self) -> int:
@@ -72,6 +76,7 @@ def make_blocks(
     shapes: dict[str, tuple[int, ...]],
     granularity: Granularity = "tensor",
     partitions: int = 1,
+    rule: PartitionRule = "tvtool",
 ) -> list[BlockInfo]:
     """Group `shapes` (key -> shape, in the order to keep) into blocks."""
     if partitions < 1:
@@ -86,9 +91,17 @@ def make_blocks(
             grouped.setdefault(layer_of(k), []).append(k)
         return [BlockInfo(name=n, keys=ks, groups=1) for n, ks in grouped.items()]
     return [
-        BlockInfo(name=k, keys=[k], groups=partitions if len(s) >= 2 and partitions > 1 else 1)
+        BlockInfo(name=k, keys=[k], groups=partitions if partitioned(s, partitions, rule) else 1)
         for k, s in shapes.items()
     ]
+
+
+def partitioned(shape: tuple[int, ...], partitions: int, rule: PartitionRule = "tvtool") -> bool:
+    """Is a tensor of `shape` split into `partitions` groups? tvtool: every tensor of 2 or more
+    dimensions (conv kernels, embeddings included); atlas: exactly the 2-D weights."""
+    if partitions <= 1:
+        return False
+    return len(shape) == 2 if rule == "atlas" else len(shape) >= 2
 
 
 def partition_ids(key: str, shape: tuple[int, ...], k: int, seed: int):
