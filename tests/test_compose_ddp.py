@@ -57,6 +57,8 @@ def _args(a, extra: list[str]) -> list[str]:
         str(a.colors_val),
         "--shots",
         "5",
+        "--min-steps",
+        "0",
         "--epochs",
         "2",
         "--batch-size",

@@ -30,6 +30,8 @@ def test_compose_recovers_accuracy_on_its_task(assets, clip, invoke):
         assets.colors_val,
         "--shots",
         "4",
+        "--min-steps",
+        "0",
         "--epochs",
         "4",
         "--partitions",

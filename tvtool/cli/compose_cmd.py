@@ -8,7 +8,6 @@ from typing import Annotated, Any
 import typer
 
 from tvtool.cli.learn_options import (
-    BatchOpt,
     GranularityOpt,
     ObjectiveOpt,
     ShotsOpt,
@@ -56,22 +55,111 @@ PartitionsOpt = Annotated[
         min=1,
     ),
 ]
-EpochsOpt = Annotated[int, typer.Option("--epochs", help="Passes over the training images.", min=1)]
+EpochsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--epochs",
+        help="Passes over the training images (default per run kind, see below).",
+        min=1,
+        show_default=False,
+    ),
+]
 LrOpt = Annotated[
     float | None,
     typer.Option(
         "--lr",
-        help="Learning rate (default 1e-1 for ce/pseudo, 1e-2 for entropy and --negate).",
+        help="Learning rate (default: few-shot 1e-1, addition 1e-3, negation 5e-3, test-time "
+        "1e-3; see below).",
         show_default=False,
+    ),
+]
+ComposeBatchOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--batch-size",
+        help="Images per micro-batch and data set (default: the authors' 128 per step split "
+        "over the data sets; 32 per set for entropy).",
+        min=1,
+        show_default=False,
+    ),
+]
+ScheduleOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--schedule",
+        help="Learning-rate schedule: cosine (no warm-up) or constant (default per run kind).",
+        show_default=False,
+    ),
+]
+ClipGradOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--clip-grad",
+        help="Clip the coefficients' gradient norm per step (default 1.0 as aTLAS; entropy: "
+        "none; 0 turns it off).",
+        min=0.0,
+        show_default=False,
+    ),
+]
+AugmentOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--augment",
+        help="Training views: atlas (crop 0.5-1 + flip), clip (open_clip train crop 0.9-1), "
+        "none, mild (crop 0.8-1), strong (crop 0.5-1 + colour jitter).",
+        show_default=False,
+    ),
+]
+MinStepsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--min-steps",
+        help="Oversample small training sets so an epoch has at least N steps (aTLAS few-shot: "
+        "10; 0: never).",
+        min=0,
+        show_default=False,
+    ),
+]
+InitOpt = Annotated[
+    float,
+    typer.Option("--init", help="Start every coefficient here (AdaMerging: 0.3; aTLAS: 0)."),
+]
+ClampOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--clamp",
+        help="Clamp the coefficients to LO:HI in every forward pass (AdaMerging: 0:1).",
+        show_default=False,
+    ),
+]
+PartitionRuleOpt = Annotated[
+    str,
+    typer.Option(
+        "--partition-rule",
+        help="With --partitions: tvtool (every tensor of 2+ dims partitioned, the others one "
+        "coefficient) or atlas (only 2-D weights, the others not composed, as the released code).",
+    ),
+]
+FinetunedAccOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--finetuned-acc",
+        help='JSON {"dataset": accuracy} (or a tvtool eval --json report): addition keeps the '
+        "epoch of best mean normalised validation accuracy.",
+        show_default=False,
+        dir_okay=False,
     ),
 ]
 AccumOpt = Annotated[
     int, typer.Option("--grad-accum", help="Micro-batches per optimisation step.", min=1)
 ]
 WdOpt = Annotated[
-    float,
+    float | None,
     typer.Option(
-        "--weight-decay", help="AdamW weight decay on the coefficients (pulls them to 0)."
+        "--weight-decay",
+        help="AdamW weight decay on the coefficients (pulls them to 0; default 0.1 as aTLAS, "
+        "0 for entropy as AdaMerging's Adam).",
+        show_default=False,
     ),
 ]
 ValOpt = Annotated[
@@ -134,6 +222,8 @@ ResumeOpt = Annotated[
         help="Continue an interrupted run of the same configuration from its last epoch.",
     ),
 ]
+
+
 class RichReporter:
     """Progress on stderr, only in a terminal: a bar per epoch and one line per finished epoch
     (the final table repeats every epoch, so logs lose nothing)."""
@@ -233,11 +323,19 @@ def compose_command(
     threshold: ThresholdOpt = 0.99,
     granularity: GranularityOpt = "tensor",
     partitions: PartitionsOpt = 1,
-    epochs: EpochsOpt = 10,
+    partition_rule: PartitionRuleOpt = "tvtool",
+    epochs: EpochsOpt = None,
     lr: LrOpt = None,
-    batch_size: BatchOpt = 32,
+    batch_size: ComposeBatchOpt = None,
     grad_accum: AccumOpt = 1,
-    weight_decay: WdOpt = 0.0,
+    weight_decay: WdOpt = None,
+    schedule: ScheduleOpt = None,
+    clip_grad: ClipGradOpt = None,
+    augment: AugmentOpt = None,
+    min_steps: MinStepsOpt = None,
+    init: InitOpt = 0.0,
+    clamp: ClampOpt = None,
+    finetuned_acc: FinetunedAccOpt = None,
     seed: SeedOpt = 0,
     selection: SelectionOpt = None,
     device: DeviceOpt = "auto",
@@ -262,8 +360,10 @@ def compose_command(
     from tvtool.cli.output import emit, warn
     from tvtool.compose.compose_run import compose
     from tvtool.compose.ddp import init_from_env
+    from tvtool.compose.recipes import parse_clamp
     from tvtool.compose.registry import objective_params
     from tvtool.compose.requests import ComposeRequest
+    from tvtool.models.eval_run import load_finetuned_acc
     from tvtool.models.heads import load_templates
 
     req = ComposeRequest.build(
@@ -282,11 +382,19 @@ def compose_command(
         shots=shots,
         granularity=granularity,
         partitions=partitions,
+        partition_rule=partition_rule,
         epochs=epochs,
         lr=lr,
         batch_size=batch_size,
         grad_accum=grad_accum,
         weight_decay=weight_decay,
+        schedule=schedule,
+        clip_grad=clip_grad,
+        augment=augment,
+        min_steps=min_steps,
+        init=init,
+        clamp=parse_clamp(clamp),
+        finetuned_acc=load_finetuned_acc(finetuned_acc) if finetuned_acc else None,
         seed=seed,
         selection=selection,
         vector_dtype=vector_dtype,
@@ -312,4 +420,9 @@ def compose_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("compose")(compose_command)
+    from tvtool.compose.recipes import help_table
+
+    epilog = (
+        "Defaults per run kind (the authors' settings; options override them): \n\n" + help_table()
+    )
+    app.command("compose", epilog=epilog)(compose_command)

@@ -19,8 +19,9 @@ import torch
 
 from tvtool.compose.coefs import Coefs, attach_layout, build_layout, learnable_mask
 from tvtool.compose.ddp import Dist
-from tvtool.compose.objectives import default_lr, get_objective
+from tvtool.compose.objectives import get_objective
 from tvtool.compose.prepare import data_specs, prepare_data
+from tvtool.compose.recipes import Recipe, recipe_for
 from tvtool.compose.registry import threshold_of
 from tvtool.compose.requests import ComposeRequest
 from tvtool.compose.select import load_selection, selection_keep
@@ -63,7 +64,6 @@ def compose(
     store = Store(opts.store)
     objective = get_objective(opts.objective.name)
     threshold = threshold_of(opts.objective)
-    negation = opts.negation
     data = data_specs(
         list(opts.data), opts.val, opts.classnames, opts.negate, opts.control, opts.heads
     )
@@ -87,7 +87,13 @@ def compose(
     if opts.selection:
         keep = selection_keep(sel, plan)
     try:
-        layout = build_layout(plan, opts.granularity, opts.partitions, opts.seed)  # type: ignore[arg-type]
+        layout = build_layout(
+            plan,
+            opts.granularity,  # type: ignore[arg-type]
+            opts.partitions,
+            opts.seed,
+            opts.partition_rule,  # type: ignore[arg-type]
+        )
     except ValueError as e:
         raise TvtoolError(f"{e}") from None
     dtype = vector_dtype(
@@ -97,6 +103,7 @@ def compose(
     if n_bytes == 0:
         raise TvtoolError("the selection keeps no (vector, block) pair of these vectors")
 
+    recipe = resolve_recipe(opts, objective.name, [d.role for d in data])
     tasks = [
         prepare_data(
             clip,
@@ -108,24 +115,28 @@ def compose(
             templates=opts.templates,
             store=store,
             threshold=threshold,  # type: ignore[arg-type]
-            batch_size=max(opts.batch_size, 64),
+            batch_size=max(recipe.batch_size, 64),
             dist=dist,
             split=opts.split,
         )
         for spec in data
     ]
     _unique_names(tasks)
-    lr = opts.lr if opts.lr is not None else default_lr(objective, negation)
+    lr = recipe.lr
     settings = Settings(
-        epochs=opts.epochs,
+        epochs=recipe.epochs,
         lr=lr,
-        batch_size=opts.batch_size,
+        batch_size=recipe.per_set_batch(len(tasks)),
         grad_accum=opts.grad_accum,
         seed=opts.seed,
-        weight_decay=opts.weight_decay,
+        weight_decay=recipe.weight_decay,
         workers=_workers(opts, clip, dist),
-        augment=objective.augment,
+        augment=recipe.augment,
         flip=opts.flip,
+        schedule=recipe.schedule,
+        clip_grad=recipe.clip_grad,
+        min_steps=recipe.min_steps,
+        finetuned=_finetuned(opts.finetuned_acc, tasks),
     )
     config = {
         "vectors": plan.digests,
@@ -153,7 +164,7 @@ def compose(
     run_dir = store.tmp_dir / "compose-runs" / run_hash(config)[:24]
     stacks = load_stacks(store, plan, clip.device, dtype, keep)
     attach_layout(layout, stacks)
-    coefs = Coefs(learnable_mask(layout, stacks))
+    coefs = Coefs(learnable_mask(layout, stacks), init=opts.init, clamp=opts.clamp)
     trainer = Trainer(clip, stacks, layout, coefs, tasks, objective, settings, dist, run_dir)
     total_steps = trainer.steps * settings.epochs
     if warn and total_steps < MIN_STEPS:
@@ -172,10 +183,17 @@ def compose(
         "shots": opts.shots,
         "seed": opts.seed,
         "lr": lr,
-        "epochs": opts.epochs,
-        "batch_size": opts.batch_size,
+        "recipe": recipe.name,
+        "epochs": settings.epochs,
+        "batch_size": settings.batch_size,
         "grad_accum": opts.grad_accum,
-        "weight_decay": opts.weight_decay,
+        "weight_decay": settings.weight_decay,
+        "schedule": settings.schedule,
+        "clip_grad": settings.clip_grad,
+        "augment": settings.augment,
+        "oversampling": trainer.repeats,
+        "init": opts.init,
+        "clamp": list(opts.clamp) if opts.clamp else None,
         "threshold": threshold,
         "data": [{"name": t.name, "role": t.role, **t.info} for t in tasks],
         "selection": sel_digest,
@@ -216,6 +234,22 @@ def compose(
                 "world_size",
             )
         },
+        "recipe": recipe.name,
+        "settings": {
+            k: params[k]
+            for k in (
+                "lr",
+                "epochs",
+                "batch_size",
+                "weight_decay",
+                "schedule",
+                "clip_grad",
+                "augment",
+                "oversampling",
+                "init",
+                "clamp",
+            )
+        },
         "coefs": result.coefs.tolist(),
         "block_names": [b.name for b in layout.blocks],
     }
@@ -233,6 +267,37 @@ def compose(
         shutil.rmtree(run_dir, ignore_errors=True)
     dist.barrier()
     return report
+
+
+def resolve_recipe(opts: ComposeRequest, objective: str, roles: list[str]) -> Recipe:
+    """The authors' settings for this kind of run (tvtool.compose.recipes), with every option the
+    user gave taking precedence. batch_size stays 'over all data sets' until `per_set_batch`."""
+    r = recipe_for(objective, roles)
+    given = {
+        "lr": opts.lr,
+        "epochs": opts.epochs,
+        "weight_decay": opts.weight_decay,
+        "schedule": opts.schedule,
+        "augment": opts.augment,
+        "min_steps": opts.min_steps,
+    }
+    r = r.with_(**{k: v for k, v in given.items() if v is not None})
+    if opts.clip_grad is not None:
+        r = r.with_(clip_grad=opts.clip_grad or None)
+    if opts.batch_size is not None:  # the user's batch is per data set
+        r = r.with_(batch_size=opts.batch_size, split_batch=False)
+    if r.epochs < 1:
+        raise TvtoolError("--epochs must be >= 1")
+    return r
+
+
+def _finetuned(accs: dict[str, float] | None, tasks: list) -> dict[str, float] | None:
+    if not accs:
+        return None
+    missing = [t.name for t in tasks if t.role == "task" and t.name not in accs]
+    if missing:
+        raise TvtoolError(f"--finetuned-acc has no accuracy for data set(s) {', '.join(missing)}")
+    return accs
 
 
 def _workers(opts: ComposeRequest, clip: Any, dist: Dist) -> int:

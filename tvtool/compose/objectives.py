@@ -36,8 +36,6 @@ class Objective:
     summary: str
     labelled: bool  # training needs class folders
     pseudo_labels: bool  # targets are the zero-shot model's confident predictions
-    augment: Literal["fewshot", "strong"]
-    default_lr: float
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> [N]
 
 
@@ -58,8 +56,6 @@ OBJECTIVES: dict[str, Objective] = {
             "few-shot cross-entropy with the zero-shot head",
             True,
             False,
-            "fewshot",
-            1e-1,
             _ce,
         ),
         Objective(
@@ -67,8 +63,6 @@ OBJECTIVES: dict[str, Objective] = {
             "entropy minimisation on unlabelled images",
             False,
             False,
-            "fewshot",
-            1e-2,
             _entropy,
         ),
         Objective(
@@ -76,13 +70,10 @@ OBJECTIVES: dict[str, Objective] = {
             "confident zero-shot pseudo-labels on strongly augmented views",
             False,
             True,
-            "strong",
-            1e-1,
             _ce,
         ),
     )
 }
-NEGATION_LR = 1e-2
 
 
 def get_objective(name: str) -> Objective:
@@ -92,10 +83,6 @@ def get_objective(name: str) -> Objective:
         raise TvtoolError(
             f"unknown objective {name!r}: choose from {', '.join(OBJECTIVES)}"
         ) from None
-
-
-def default_lr(objective: Objective, negation: bool) -> float:
-    return NEGATION_LR if negation else objective.default_lr
 
 
 @torch.no_grad()

@@ -13,12 +13,13 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from tvtool.compose.recipes import Augment, Schedule
 from tvtool.compose.registry import SCORES, CeParams, ObjectiveParams
 from tvtool.errors import TvtoolError
 from tvtool.models.spec import ModelSpec
 from tvtool.request import Request
 from tvtool.store.store import check_ref_name
-from tvtool.vectors.blocks import Granularity
+from tvtool.vectors.blocks import Granularity, PartitionRule
 
 DeviceDtype = Literal["fp32", "fp16", "bf16"]
 
@@ -58,10 +59,20 @@ class ComposeRequest(_RunRequest):
     negate: Path | None = None  # forget this data set ...
     control: Path | None = None  # ... while keeping this one's accuracy
     partitions: int = Field(1, ge=1)
-    epochs: int = Field(10, ge=1)
-    lr: float | None = Field(None, gt=0.0)  # None: the objective's default
+    partition_rule: PartitionRule = "tvtool"  # atlas: only 2-D weights, the rest not composed
+    # None: the default of the run's kind (tvtool.compose.recipes: the authors' settings)
+    epochs: int | None = Field(None, ge=1)
+    lr: float | None = Field(None, ge=0.0)
+    batch_size: int | None = Field(None, ge=1)  # per micro-batch and data set when given
     grad_accum: int = Field(1, ge=1)
-    weight_decay: float = Field(0.0, ge=0.0)
+    weight_decay: float | None = Field(None, ge=0.0)
+    schedule: Schedule | None = None
+    clip_grad: float | None = Field(None, ge=0.0)  # 0: no clipping
+    augment: Augment | None = None
+    min_steps: int | None = Field(None, ge=0)
+    init: float = 0.0  # every learnable coefficient starts here (AdaMerging: 0.3)
+    clamp: tuple[float, float] | None = None  # Lambda = clamp(values, lo, hi) (AdaMerging: 0:1)
+    finetuned_acc: dict[str, float] | None = None  # addition: select by normalised accuracy
     selection: str | None = None
     vector_dtype: Literal["auto"] | DeviceDtype = "auto"
     workers: int | None = Field(None, ge=0)
@@ -80,6 +91,12 @@ class ComposeRequest(_RunRequest):
             raise TvtoolError("--negate and --data cannot be combined: negate first, then add")
         if not self.data and self.negate is None:
             raise TvtoolError("give --data DIR (or --negate DIR --control DIR)")
+        return self
+
+    @model_validator(mode="after")
+    def _clamp(self):
+        if self.clamp is not None and self.clamp[0] > self.clamp[1]:
+            raise TvtoolError(f"--clamp takes LO:HI with LO <= HI (got {self.clamp})")
         return self
 
     @property

@@ -30,7 +30,7 @@ from tvtool.compose.sampling import SeededView, collate, epoch_plan, shard, step
 from tvtool.datasets import images as mdata
 from tvtool.errors import TvtoolError
 from tvtool.models.bank import Stack, share_base
-from tvtool.models.functional import autocast, encode_images, visual_params
+from tvtool.models.functional import autocast, autocast_dtype, encode_images, visual_params
 from tvtool.vectors.blocks import CoefsLayout
 
 SelectBy = Literal["val", "negation", "last"]
@@ -46,8 +46,12 @@ class Settings:
     seed: int = 0
     weight_decay: float = 0.0
     workers: int = 0
-    augment: Literal["fewshot", "strong"] = "fewshot"
-    flip: bool = False
+    augment: str = "mild"  # atlas | clip | none | mild | strong (see `train_views`)
+    flip: bool = False  # force horizontal flips on (atlas already flips)
+    schedule: str = "cosine"  # cosine (no warm-up) | constant
+    clip_grad: float | None = None  # max gradient norm of Lambda per step
+    min_steps: int = 0  # oversample training sets so an epoch has >= this many steps
+    finetuned: dict[str, float] | None = None  # fine-tuned accuracies: select by normalised acc
 
 
 class Reporter(Protocol):
@@ -93,16 +97,28 @@ class Trainer:
         self.opt = torch.optim.AdamW(
             self.coefs.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
         )
-        self.steps = steps_per_epoch(
-            [len(t.train_idx) for t in self.tasks], settings.batch_size, settings.grad_accum
+        per_step = settings.batch_size * settings.grad_accum
+        self.repeats = [oversampling(len(t.train_idx), per_step, settings.min_steps) for t in tasks]
+        self.sizes = [len(t.train_idx) * r for t, r in zip(self.tasks, self.repeats, strict=True)]
+        self.steps = steps_per_epoch(self.sizes, settings.batch_size, settings.grad_accum)
+        if settings.schedule == "cosine":
+            self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(
+                self.opt, T_max=max(1, self.steps * settings.epochs)
+            )
+        elif settings.schedule == "constant":
+            self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: 1.0)
+        else:
+            raise TvtoolError(f"unknown --schedule {settings.schedule!r}: use cosine or constant")
+        # fp16 autocast needs loss scaling (as the authors' GradScaler); bf16 has fp32's range
+        self.scaler = (
+            torch.amp.GradScaler("cuda") if autocast_dtype(self.device) == torch.float16 else None
         )
-        self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.opt, T_max=max(1, self.steps * settings.epochs)
-        )
-        tf = mdata.train_transform(clip, flip=settings.flip, strong=settings.augment == "strong")
+        tf = train_views(clip, settings.augment, settings.flip)
         self.views = [
-            SeededView(LabelledSubset(t.folder, t.train_idx, t.labels, tf), settings.seed, k)
-            for k, t in enumerate(self.tasks)
+            SeededView(
+                LabelledSubset(t.folder, t.train_idx * r, t.labels * r, tf), settings.seed, k
+            )
+            for k, (t, r) in enumerate(zip(self.tasks, self.repeats, strict=True))
         ]
         self.select_by: SelectBy = (
             "negation"
@@ -144,7 +160,7 @@ class Trainer:
 
     def train_epoch(self, epoch: int, reporter: Reporter | None) -> tuple[float, list[float]]:
         plan = epoch_plan(
-            [len(t.train_idx) for t in self.tasks],
+            self.sizes,
             self.s.batch_size,
             self.s.grad_accum,
             self.s.seed,
@@ -178,8 +194,16 @@ class Trainer:
                         part = per.sum() / micro.step_counts[k]
                         task_loss[k] += part.detach().double()  # no host sync per batch
                         loss = loss + SIGN[task.role] * part * self.dist.world
-                    loss.backward()
-            self.opt.step()
+                    (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+            if self.scaler is not None:
+                self.scaler.unscale_(self.opt)
+            if self.s.clip_grad:
+                torch.nn.utils.clip_grad_norm_(self.coefs.parameters(), self.s.clip_grad)
+            if self.scaler is None:
+                self.opt.step()
+            else:
+                self.scaler.step(self.opt)
+                self.scaler.update()
             self.sched.step()
             if reporter:
                 reporter.step()
@@ -227,7 +251,12 @@ class Trainer:
             targets = [acc[t.name + _role_tag(t.role)] for t in self.tasks if t.role == "target"]
             return -sum(targets) / len(targets)
         if self.select_by == "val":
-            vals = [acc[t.name] for t in self.tasks if t.role == "task" and t.name in acc]
+            ft = self.s.finetuned or {}
+            vals = [
+                acc[t.name] / ft[t.name] if ft.get(t.name) else acc[t.name]
+                for t in self.tasks
+                if t.role == "task" and t.name in acc
+            ]
             return sum(vals) / len(vals)
         return 0.0
 
@@ -255,6 +284,8 @@ class Trainer:
             self.coefs.values.data.copy_(state["values"].to(self.device))
             self.opt.load_state_dict(state["opt"])
             self.sched.load_state_dict(state["sched"])
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
             best_epoch, best_values, best_score = (
                 state["best_epoch"],
                 state["best_values"],
@@ -323,6 +354,7 @@ class Trainer:
                 "values": self.coefs.values.detach().cpu(),
                 "opt": self.opt.state_dict(),
                 "sched": self.sched.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "history": history,
                 "best_epoch": best_epoch,
                 "best_values": best_values,
@@ -346,6 +378,33 @@ class Trainer:
         if state["values"].numel() != self.coefs.n_learnable:
             raise TvtoolError(f"checkpoint {path} does not fit this run; delete it to start afresh")
         return state
+
+
+def oversampling(n: int, per_step: int, min_steps: int) -> int:
+    """How many times to repeat a training set of n images so an epoch has >= min_steps steps of
+    per_step images: aTLAS's rule (learn_few_shots.py), r = n / per_step; int(min_steps / r) + 1
+    when r < min_steps, else 1."""
+    if min_steps <= 0 or n <= 0:
+        return 1
+    r = n / per_step
+    return int(min_steps / r) + 1 if r < min_steps else 1
+
+
+def train_views(clip: Any, augment: str, flip: bool = False):
+    """The training transform: atlas = random resized crop 0.5-1 (aspect 3/4-4/3) + flip
+    (aTLAS few-shot and UFM strong views); clip = open_clip's train preprocessing (crop 0.9-1, no
+    flip; the authors' task addition / negation); none = the evaluation preprocessing
+    (AdaMerging); mild = tvtool's crop 0.8-1 (aspect 0.9-1.1); strong = crop 0.5-1 + colour
+    jitter. `flip` adds flips to clip/mild/strong."""
+    if augment == "none":
+        return mdata.eval_transform(clip)
+    if augment == "atlas":
+        return mdata.train_transform(clip, flip=True, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3))
+    if augment == "clip":
+        return mdata.train_transform(clip, flip=flip, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3))
+    if augment in ("mild", "strong"):
+        return mdata.train_transform(clip, flip=flip, strong=augment == "strong")
+    raise TvtoolError(f"unknown --augment {augment!r}: use atlas, clip, none, mild or strong")
 
 
 def _role_tag(role: str) -> str:

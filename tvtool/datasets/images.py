@@ -313,16 +313,23 @@ def eval_transform(clip: LoadedClip) -> Transform:
     )
 
 
-def train_transform(clip: LoadedClip, flip: bool = False, strong: bool = False) -> Transform:
-    """Few-shot augmentation: random resized crop (scale 0.8-1; 0.5-1 when strong), optional
-    horizontal flip, colour jitter when strong; then normalise like `eval_transform`."""
+def train_transform(
+    clip: LoadedClip,
+    flip: bool = False,
+    strong: bool = False,
+    scale: tuple[float, float] | None = None,
+    ratio: tuple[float, float] | None = None,
+) -> Transform:
+    """Few-shot augmentation: random resized crop (scale 0.8-1; 0.5-1 when strong; or `scale`,
+    aspect `ratio` 0.9-1.1 unless given), optional horizontal flip, colour jitter when strong;
+    then normalise like `eval_transform`."""
     from torchvision import transforms as T
 
     steps: list = [
         T.RandomResizedCrop(
             clip.image_size,
-            scale=(0.5, 1.0) if strong else (0.8, 1.0),
-            ratio=(0.9, 1.1),
+            scale=scale or ((0.5, 1.0) if strong else (0.8, 1.0)),
+            ratio=ratio or (0.9, 1.1),
             interpolation=_interp(clip.interpolation),
             antialias=True,
         )
