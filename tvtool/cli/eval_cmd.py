@@ -36,7 +36,9 @@ HELP = "\n\n".join(
         "--grid 0:1:0.05 picks the task-arithmetic scale on validation data (--val DIR..., else "
         "DIR/val) by mean normalised accuracy (accuracy / fine-tuned accuracy, from "
         "--finetuned-acc FILE or measured with --finetuned FILE...), or by mean accuracy when "
-        "neither is given.",
+        "neither is given. With --control DIR (negation, e.g. VECTOR:-1): the scale of lowest "
+        "mean target accuracy whose control accuracy stays >= 95% of the base's (aTLAS / task "
+        "arithmetic's criterion); the control is evaluated last.",
         "--disentanglement V1 V2 reports the weight-disentanglement error xi(a1, a2) of two "
         "vectors on two --data sets (one per vector) over --alphas.",
         "-q prints only the mean accuracy (the mean xi with --disentanglement).",
@@ -89,6 +91,16 @@ def eval_cmd(
             "--grid",
             help="Scale grid START:STOP:STEP or a list (e.g. 0:1:0.05).",
             show_default=False,
+        ),
+    ] = None,
+    control: Annotated[
+        Path | None,
+        typer.Option(
+            "--control",
+            help="Negation search with --grid: the scale of lowest accuracy on the --data "
+            "(targets) keeping this set's validation accuracy >= 95% of the base's.",
+            show_default=False,
+            file_okay=False,
         ),
     ] = None,
     val: Annotated[
@@ -147,6 +159,7 @@ def eval_cmd(
         classnames=list(classnames or []),
         templates=templates,
         grid=grid,
+        control=control,
         val=list(val or []),
         finetuned_acc=finetuned_acc,
         finetuned=list(finetuned or []),

@@ -33,7 +33,6 @@ GRID = "0:1:0.05"
 COMPOSE = ["--epochs", "20", "--batch-size", "32"]  # few-shot on one held-out domain
 MULTI = ["--epochs", "10", "--batch-size", "32"]  # several data sets at once (addition, negation)
 ENTROPY = ["--objective", "entropy", "--epochs", "3", "--batch-size", "64"]
-NEG_KEEP = 0.95  # negation keeps >= 95% of the base's control accuracy (on validation)
 
 
 @dataclass
@@ -170,16 +169,15 @@ def addition(demo: Demo) -> None:
 
 
 def negation(demo: Demo) -> None:
-    """theta_0 - lambda * tau_target, lambda the largest on the grid keeping the control's
-    validation accuracy >= 95% of the base's; then the learned (compose --negate) variant."""
+    """theta_0 - lambda * tau_target, lambda from `eval --grid --control` (the lowest target
+    validation accuracy keeping the control's >= 95% of the base's); then the learned
+    (compose --negate) variant."""
     r = demo.zoo.recipe
     tgt, ctl = r.negation_target, r.negation_control
-    rep = demo.eval("negation", [f"{demo.vec(tgt)}:-1", "--grid", GRID], [tgt, ctl])
-    rows = sorted(rep["grid"]["rows"], key=lambda row: row["scale"])
-    base_ctl = next(row["accuracy"][ctl] for row in rows if row["scale"] == 0)
-    ok = [row["scale"] for row in rows if row["accuracy"][ctl] >= NEG_KEEP * base_ctl]
-    scale = max(ok) if ok else 0.0
-    accs = pct(demo.eval("negation", [f"{demo.vec(tgt)}:{-scale:g}"], [tgt, ctl]))
+    grid = [f"{demo.vec(tgt)}:-1", "--grid", GRID, "--control", demo.data(ctl)]
+    rep = demo.eval("negation", grid, [tgt])
+    scale = rep["scale"]
+    accs = pct(rep)  # test accuracies at that scale, the control's included
     demo.dom(tgt)["negation"] = accs[tgt]
     demo.dom(ctl)["negation"] = accs[ctl]
     args = [demo.vec(tgt), "--negate", demo.data(tgt), "--control", demo.data(ctl)]

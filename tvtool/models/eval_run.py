@@ -63,6 +63,7 @@ class EvalRequest(Request):
     classnames: list[Path] = Field(default_factory=list)
     templates: Path | None = None
     grid: str | None = None
+    control: Path | None = None  # negation: with --grid keep this set's accuracy (evaluated last)
     val: list[Path] = Field(default_factory=list)
     finetuned_acc: Path | None = None
     finetuned: list[Path] = Field(default_factory=list)
@@ -76,10 +77,14 @@ class EvalRequest(Request):
     def _modes(self):
         if not self.data:
             raise TvtoolError("give --data DIR (one or more data sets)")
-        if self.heads and len(self.heads) != len(self.data):
+        n = len(self.data) + (self.control is not None)
+        if self.heads and len(self.heads) != n:
             raise TvtoolError(
-                f"give one --head file per --data set ({len(self.data)}), not {len(self.heads)}"
+                f"give one --head file per data set ({n}: --data..., then --control), "
+                f"not {len(self.heads)}"
             )
+        if self.control is not None and self.grid is None:
+            raise TvtoolError("--control is the negation search of --grid: give --grid too")
         self.mode  # noqa: B018  (checks the weights asked for)
         return self
 
@@ -176,6 +181,8 @@ def run_eval(
     from tvtool.store.store import Store
 
     mode = o.mode
+    if o.control is not None:  # evaluated like any --data set, placed last
+        o = o.model_copy(update={"data": [*o.data, o.control]})
     store = Store(o.store)
     clip = o.model.load(base=o.weights if mode == "weights-as-base" else None, warn=on_note)
     templates = load_templates(o.templates) if o.templates else None  # None: per data set
@@ -254,9 +261,18 @@ def run_eval(
         for vs, ts in zip(val_sets, sets, strict=True):
             vs.folder.name = ts.name  # a validation set reports under its test set's name
         ft_val = _finetuned_accs(clip, o, val_sets, store, on_note)
+        from tvtool.compose.objectives import CONTROL_KEEP
+
         search = ev.scale_search(
-            clip, val_sets, delta, scales, ft_val, step("scale grid", len(scales))
-        )  # type: ignore[arg-type]
+            clip,
+            val_sets,
+            delta,  # type: ignore[arg-type]
+            scales,
+            ft_val,
+            step("scale grid", len(scales)),
+            control=val_sets[-1].name if o.control is not None else None,
+            keep=CONTROL_KEEP,
+        )
         report["grid"] = search
         report["scale"] = search["best_scale"]
     elif delta is not None:

@@ -156,8 +156,12 @@ def scale_search(
     scales: Sequence[float],
     finetuned: dict[str, float] | None,
     on_step: Callable[[], None] | None = None,
+    control: str | None = None,
+    keep: float = 0.95,
 ) -> dict:
-    """Evaluate every scale on `sets`; pick the best (see the module docstring)."""
+    """Evaluate every scale on `sets`; pick the best (see the module docstring). With `control`
+    (the name of one of the sets; negation): the scale of lowest mean accuracy on the other sets
+    (the targets) among those keeping the control's accuracy >= keep x the base's (scale 0)."""
     use_norm = bool(finetuned) and all(finetuned.get(s.name) for s in sets)  # type: ignore[union-attr]
     rows = []
     for s in scales:
@@ -177,9 +181,35 @@ def scale_search(
         )
         if on_step:
             on_step()
+    if control is not None:
+        return _negation_pick(clip, sets, rows, control, keep)
     key = "mean_normalised" if use_norm else "mean_accuracy"
     best = max(rows, key=lambda r: (r[key], -r["scale"]))
     return {"criterion": key, "best_scale": best["scale"], "rows": rows}
+
+
+def _negation_pick(clip, sets, rows: list[dict], control: str, keep: float) -> dict:
+    """The negation search: forget the targets most while the control keeps >= keep x the base
+    accuracy (ties: the smaller |scale|); no eligible scale -> the base (scale 0)."""
+    zero = [r for r in rows if r["scale"] == 0]
+    if zero:
+        base = zero[0]["accuracy"][control]
+    else:
+        base = accuracy(clip, next(s for s in sets if s.name == control), None)["accuracy"]
+    for r in rows:
+        targets = [a for n, a in r["accuracy"].items() if n != control]
+        r["target_accuracy"] = sum(targets) / len(targets) if targets else None
+        r["keeps_control"] = r["accuracy"][control] >= keep * base - 1e-12
+    ok = [r for r in rows if r["keeps_control"]]
+    best = min(ok, key=lambda r: (r["target_accuracy"], abs(r["scale"])))["scale"] if ok else 0.0
+    return {
+        "criterion": "negation",
+        "best_scale": best,
+        "rows": rows,
+        "control": control,
+        "base_control_accuracy": base,
+        "keep": keep,
+    }
 
 
 def disentanglement(
