@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_compose_support import assets, clip, extract, model_args  # noqa: F401
+from compose_assets import extract, model_args
 
 from tvtool.compose.recipes import RECIPES, recipe_for
 
@@ -25,7 +25,9 @@ def test_recipe_for_each_kind_of_run():
     assert RECIPES["test-time-entropy"].per_set_batch(8) == 32  # per set, as AdaMerging
 
 
-@pytest.mark.parametrize(("n", "per_step", "want"), [(12, 128, 107), (36, 4, 2), (40, 4, 1), (640, 64, 1)])
+@pytest.mark.parametrize(
+    ("n", "per_step", "want"), [(12, 128, 107), (36, 4, 2), (40, 4, 1), (640, 64, 1)]
+)
 def test_oversampling_follows_atlas(n, per_step, want):
     """learn_few_shots.py: r = n / batch; r < 10 -> repeat int(10 / r) + 1 times."""
     from tvtool.compose.train import oversampling
@@ -36,7 +38,7 @@ def test_oversampling_follows_atlas(n, per_step, want):
     assert -(-n * reps // per_step) >= 10  # an epoch then has at least 10 steps
 
 
-def test_few_shot_defaults_are_recorded_and_oversample(assets, clip, invoke):  # noqa: F811
+def test_few_shot_defaults_are_recorded_and_oversample(assets, clip, invoke):
     extract(assets, assets.ft_colors, "c")
     r = invoke(
         "compose", "c", *model_args(assets), "--data", assets.colors, "--shots", "2",
@@ -54,7 +56,7 @@ def test_few_shot_defaults_are_recorded_and_oversample(assets, clip, invoke):  #
     assert rep["steps"] == -(-n * s["oversampling"][0] // 4)
 
 
-def test_init_and_clamp_adamerging_style(assets, clip, invoke):  # noqa: F811
+def test_init_and_clamp_adamerging_style(assets, clip, invoke):
     extract(assets, assets.ft_colors, "c")
     base = [*model_args(assets), "--data", assets.colors, "--objective", "entropy", "--epochs", "1"]
     still = json.loads(invoke("compose", "c", *base, "--lr", "0", "--init", "0.3", "--json").stdout)
@@ -70,7 +72,7 @@ def test_init_and_clamp_adamerging_style(assets, clip, invoke):  # noqa: F811
     assert bad.exit_code == 1 and "--clamp" in bad.stderr
 
 
-def test_atlas_partition_rule_composes_only_2d_weights(assets, clip):  # noqa: F811
+def test_atlas_partition_rule_composes_only_2d_weights(assets, clip):
     from tvtool.compose.coefs import (
         Coefs,
         attach_layout,

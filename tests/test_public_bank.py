@@ -17,7 +17,9 @@ from compose_assets import CLASSES, write_task
 from public_bank import build_bank, register
 
 TEMPLATES = ["a photo of a {}.", "an image of the {}."]
-DATASETS = {"Colors": CLASSES["colors"], "Stripes": CLASSES["stripes"], "Tints": CLASSES["colors"]}
+# class names in the data folders' (sorted) order, as the authors' heads follow their labels
+COLORS, STRIPES = sorted(CLASSES["colors"]), sorted(CLASSES["stripes"])
+DATASETS = {"Colors": COLORS, "Stripes": STRIPES, "Tints": COLORS}
 
 
 @pytest.fixture(scope="module")

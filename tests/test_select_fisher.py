@@ -6,7 +6,7 @@ import json
 
 import torch
 import torch.nn.functional as F
-from test_compose_support import assets, clip, extract, model_args  # noqa: F401
+from compose_assets import extract, model_args
 from test_select import _setup
 
 from tvtool.compose.coefs import Coefs, build_layout, compose_params, learnable_mask
@@ -18,7 +18,7 @@ from tvtool.models.functional import encode_images, visual_params
 from tvtool.vectors.blocks import make_blocks
 
 
-def test_fisher_scores_are_summed_squared_batch_gradients_of_lambda(assets, clip):  # noqa: F811
+def test_fisher_scores_are_summed_squared_batch_gradients_of_lambda(assets, clip):
     store, digests, plan, folder, head, idx = _setup(assets, clip)
     sets = [(folder, idx, folder.labels, head)]
     blocks = make_blocks(plan.shapes(), "tensor")
@@ -47,7 +47,7 @@ def test_fisher_scores_are_summed_squared_batch_gradients_of_lambda(assets, clip
     assert bool((grad.pow(2) < scores / n_batches).any())
 
 
-def test_select_score_fisher_cli(assets, clip, invoke):  # noqa: F811
+def test_select_score_fisher_cli(assets, clip, invoke):
     extract(assets, assets.ft_colors, "c")
     extract(assets, assets.ft_stripes, "s")
     r = invoke(
