@@ -79,9 +79,9 @@ class EvalRequest(Request):
             raise TvtoolError("give --data DIR (one or more data sets)")
         n = len(self.data) + (self.control is not None)
         if self.heads and len(self.heads) != n:
+            last = ", the --control's last" if self.control is not None else ""
             raise TvtoolError(
-                f"give one --head file per data set ({n}: --data..., then --control), "
-                f"not {len(self.heads)}"
+                f"give one --head file per --data set ({n}{last}), not {len(self.heads)}"
             )
         if self.control is not None and self.grid is None:
             raise TvtoolError("--control is the negation search of --grid: give --grid too")
