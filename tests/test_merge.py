@@ -268,15 +268,24 @@ def test_shards_index_and_merge_object(world):
     assert store.read_json(r2.digest)["terms"][0]["vector"] == store.resolve("t0")
 
 
-def test_base_hashed_while_merging_gives_the_same_bytes(world):
+@pytest.mark.parametrize("method,kw,checkpoint", [
+    ("ties", {}, False),  # sliced reads: hashed on a thread
+    ("ties", {"scope": "tensor"}, True),  # whole tensors: hashed by the readers as they read
+    ("sum", {}, True),
+])
+def test_base_hashed_while_merging_gives_the_same_bytes(world, method, kw, checkpoint):
     tmp, store, base, taus = world
-    _, plan1, r1 = run(store, tmp, ["t0", "-t1"], method="ties")
+    terms = ["t0", "-t1"]
+    if checkpoint:
+        terms[1] = "-" + str(_checkpoints(tmp, base, taus[1:2])[0])
+    _, plan1, r1 = run(store, tmp, terms, method=method, **kw)
     req = MergeRequest(base=tmp / "base.safetensors", out=tmp / "late.safetensors",
-                       terms=parse_terms(["t0", "-t1"]), method="ties")
+                       terms=parse_terms(terms), method=method, **kw)
     plan = plan_merge(store, req, hash_base=False)
     assert plan.fingerprint is None and plan.digest == "0" * 64
     r2 = execute_merge(store, plan)
     assert plan.fingerprint == plan1.fingerprint and r2.digest == r1.digest
+    assert [t.fingerprint for t in plan.terms] == [t.fingerprint for t in plan1.terms]
     assert r2.files[0].read_bytes() == r1.files[0].read_bytes()
 
 

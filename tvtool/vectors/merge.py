@@ -40,9 +40,11 @@ def _noop(stage: str, done: int, total: int) -> None:
 
 
 def execute_merge(store: Store, plan: MergePlan, progress: Progress = _noop) -> MergeResult:
-    """Stream the merged checkpoint to disk, then record the recipe in the store. A base not
-    hashed by the plan is hashed on a thread while merging; the headers, written first with
-    placeholders of the same length, are rewritten before the files are renamed into place."""
+    """Stream the merged checkpoint to disk, then record the recipe in the store. Fingerprints
+    the plan did not compute come from the readers, which hash what they read (whole-tensor
+    reads), or, for sliced reads, from a thread that hashes the inputs meanwhile; the headers,
+    written first with placeholders of the same length, are rewritten before the files are
+    renamed into place."""
     t0 = time.perf_counter()
     force = plan.request.force
     keep_freed_memory()
@@ -51,15 +53,16 @@ def execute_merge(store: Store, plan: MergePlan, progress: Progress = _noop) -> 
     with ExitStack() as stack:
         inputs = MergeInputs(stack, store, plan)
         hashing = None
-        if not plan.hashed:  # the base and checkpoint terms, hashed while merging
-            pool = stack.enter_context(ThreadPoolExecutor(1))
+        if not plan.hashed and inputs.slices is not None:  # slices bypass the readers' hashing:
+            pool = stack.enter_context(ThreadPoolExecutor(1))  # hash on a thread meanwhile
             hashing = pool.submit(_hash_inputs, plan)
         if plan.method.global_density(plan.params) is not None:
             inputs.thresholds(progress)
         done = 0
+        written = []
         for path, specs in plan.files:
             f = stack.enter_context(atomic_output(path, force=force))
-            header_size = f.write(build_header(specs, plan.metadata))
+            written.append((f, specs, f.write(build_header(specs, plan.metadata))))
             for spec in specs:
                 key = replace(spec, name=plan.key_of.get(spec.name, spec.name))
                 size = sum(write_bytes(f, piece.to(spec.dtype)) for piece in inputs.pieces(key))
@@ -67,8 +70,9 @@ def execute_merge(store: Store, plan: MergePlan, progress: Progress = _noop) -> 
                     raise TvtoolError(f"internal error: {spec.name} wrote {size} bytes")
                 done += 1
                 progress("merge", done, len(plan.specs))
-            if hashing is not None:  # the real header once the sha256s are known
-                plan.finalize(hashing.result())
+        if not plan.hashed:  # the real headers once the fingerprints are known
+            plan.finalize(hashing.result() if hashing is not None else inputs.fingerprints())
+            for f, specs, header_size in written:
                 header = build_header(specs, plan.metadata)
                 if len(header) != header_size:  # pragma: no cover - digests have fixed lengths
                     raise TvtoolError("internal error: the final header changed size")

@@ -176,6 +176,14 @@ class MergeInputs:
                 self.slices.close()
                 self.slices = None
 
+    def fingerprints(self) -> str:
+        """Fill in the checkpoint terms' fingerprints and return the base's, from the open
+        readers (tensors they read were hashed as read; only the others are read now)."""
+        for t, v in zip(self.plan.terms, self.vecs, strict=True):
+            if t.checkpoint is not None and not t.fingerprint:
+                t.fingerprint = v.fingerprint()
+        return self.plan.fingerprint or self.base.fingerprint()
+
     def cdtype(self, key: str) -> torch.dtype:
         return torch.float64 if self.base.meta(key).dtype == torch.float64 else torch.float32
 
