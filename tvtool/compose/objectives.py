@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from tvtool.errors import TvtoolError
+from tvtool.models.evaluate import CONTROL_KEEP
 
 Role = Literal["task", "target", "control"]
 SIGN: dict[str, float] = {"task": 1.0, "target": -1.0, "control": 1.0}
-CONTROL_KEEP = 0.95
 
 
 @dataclass(frozen=True)

@@ -261,8 +261,6 @@ def run_eval(
         for vs, ts in zip(val_sets, sets, strict=True):
             vs.folder.name = ts.name  # a validation set reports under its test set's name
         ft_val = _finetuned_accs(clip, o, val_sets, store, on_note)
-        from tvtool.compose.objectives import CONTROL_KEEP
-
         search = ev.scale_search(
             clip,
             val_sets,
@@ -271,7 +269,7 @@ def run_eval(
             ft_val,
             step("scale grid", len(scales)),
             control=val_sets[-1].name if o.control is not None else None,
-            keep=CONTROL_KEEP,
+            keep=ev.CONTROL_KEEP,
         )
         report["grid"] = search
         report["scale"] = search["best_scale"]

@@ -25,6 +25,7 @@ from tvtool.models.build import LoadedClip
 from tvtool.models.functional import autocast, encode_images, logits, visual_params
 from tvtool.models.weights import Delta, apply_delta
 
+CONTROL_KEEP = 0.95  # negation keeps the control accuracy >= this x the base's (aTLAS's rule)
 CACHE_BYTES = 1 << 30  # keep a set's preprocessed images in memory up to this size
 
 
