@@ -165,6 +165,37 @@ def test_features_equal_transformers_forward(hf, tmp_path):
     assert 0 < err < 0.1
 
 
+def test_tokenizer_files_give_the_same_heads(hf, tmp_path):
+    """A folder with CLIP tokenizer files (as the hub's openai/clip-* have; built here from
+    open_clip's BPE, the same vocabulary) gives the heads of the open_clip BPE fallback."""
+    import gzip
+    import shutil
+
+    from open_clip.tokenizer import SimpleTokenizer, default_bpe
+
+    from tvtool.models.build import load_clip
+    from tvtool.models.heads import compute_head
+
+    folder = tmp_path / "with-tokenizer"
+    shutil.copytree(hf.base, folder)
+    encoder = dict(SimpleTokenizer().encoder)
+    encoder["<|startoftext|>"] = encoder.pop("<start_of_text>")
+    encoder["<|endoftext|>"] = encoder.pop("<end_of_text>")
+    (tmp_path / "vocab.json").write_text(json.dumps(encoder))
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 1]
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    tok = transformers.CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    tok.save_pretrained(folder)
+    with_files, fallback = load_clip(base=folder), load_clip(base=hf.base)
+    names, templates = ["red car", "Green-ish dog!"], ["a photo of a {}.", "an image of {}"]
+    ids = with_files.tokenizer(["a photo of a red car."])
+    assert ids.shape == (1, TEXT["max_position_embeddings"]) and int(ids[0, 0]) == 49406
+    assert int(ids[0, -1]) == 49407  # transformers' CLIP tokenizer pads with <|endoftext|>
+    assert int(fallback.tokenizer(["a photo of a red car."])[0, -1]) == 0  # open_clip with 0
+    torch.testing.assert_close(compute_head(with_files, names, templates),
+                               compute_head(fallback, names, templates), rtol=0, atol=1e-6)
+
+
 def test_vision_only_base_gives_pooled_features(hf):
     from tvtool.models.build import load_clip
     from tvtool.models.functional import encode_images
