@@ -4,6 +4,7 @@ library (which builds it directly). Torch-free."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -23,6 +24,14 @@ class Request(BaseModel):
             return cls(**fields)
         except ValidationError as e:
             raise TvtoolError(validation_message(e)) from None
+
+    @classmethod
+    def from_flags(cls, flags: Mapping[str, Any], **fields: Any) -> Any:
+        """`build` from a command's flags (its `locals()`): every flag named like a field and
+        given (not None; None leaves the field's default), then `fields` (those built from
+        several flags or named differently), which win."""
+        given = {k: v for k, v in flags.items() if k in cls.model_fields and v is not None}
+        return cls.build(**{**given, **fields})
 
 
 def validation_message(e: ValidationError) -> str:

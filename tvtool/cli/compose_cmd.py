@@ -366,45 +366,14 @@ def compose_command(
     from tvtool.models.eval_run import load_finetuned_acc
     from tvtool.models.heads import load_templates
 
-    req = ComposeRequest.build(
-        vectors=list(vectors or []),
-        model=model_spec(model, model_config, base, pretrained, device, quick_gelu, text_tower),
-        data=list(data or []),
-        val=list(val or []),
-        classnames=list(classnames or []),
+    req = ComposeRequest.from_flags(
+        locals(),
+        model=model_spec(locals()),
         heads=list(head or []),
-        negate=negate,
-        control=control,
         templates=load_templates(templates) if templates else None,
-        split=split,
-        val_split=val_split,
         objective=objective_params(objective, threshold=threshold),
-        shots=shots,
-        granularity=granularity,
-        partitions=partitions,
-        partition_rule=partition_rule,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        weight_decay=weight_decay,
-        schedule=schedule,
-        clip_grad=clip_grad,
-        augment=augment,
-        min_steps=min_steps,
-        init=init,
         clamp=parse_clamp(clamp),
         finetuned_acc=load_finetuned_acc(finetuned_acc) if finetuned_acc else None,
-        seed=seed,
-        selection=selection,
-        vector_dtype=vector_dtype,
-        workers=workers,
-        flip=flip,
-        resume=resume,
-        allow_other_base=allow_other_base,
-        name=name,
-        force=force,
-        store=store,
     )
     dist, device = init_from_env(device)
     try:

@@ -148,27 +148,7 @@ def eval_cmd(
     from tvtool.cli.output import emit, info, progress
     from tvtool.models.eval_run import EvalRequest, headline, run_eval
 
-    req = EvalRequest.build(
-        model=model_spec(model, model_config, base, pretrained, device, quick_gelu, text_tower),
-        heads=list(head or []),
-        vectors=list(vectors or []),
-        weights=weights,
-        coefs=coefs,
-        data=list(data),
-        split=split,
-        classnames=list(classnames or []),
-        templates=templates,
-        grid=grid,
-        control=control,
-        val=list(val or []),
-        finetuned_acc=finetuned_acc,
-        finetuned=list(finetuned or []),
-        disentanglement=disentanglement,
-        alphas=alphas,
-        allow_other_base=allow_other_base,
-        batch_size=batch_size,
-        store=store,
-    )
+    req = EvalRequest.from_flags(locals(), model=model_spec(locals()), heads=list(head or []))
     with progress() as bar:
 
         def on_progress(desc: str, total: int):

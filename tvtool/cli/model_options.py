@@ -3,6 +3,7 @@ turn them into a loaded model and image folders. Importing this module does not 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -107,27 +108,24 @@ SplitOpt = Annotated[
 ]
 
 
-def model_spec(
-    model: str | None,
-    model_config: Path | None,
-    base: Path | None,
-    pretrained: str | None,
-    device: str,
-    quick_gelu: bool | None = None,
-    text_tower: str | None = None,
-) -> Any:
-    """--model/--model-config + --base/--pretrained + --device (+ --quick-gelu, --text-tower)
-    -> the request's ModelSpec (torch-free; `spec.load()` builds the model)."""
+MODEL_FLAGS = {  # flag (parameter name) -> ModelSpec field
+    "model": "arch",
+    "model_config": "config",
+    "base": "base",
+    "pretrained": "pretrained",
+    "device": "device",
+    "quick_gelu": "quick_gelu",
+    "text_tower": "text_tower",
+}
+
+
+def model_spec(flags: Mapping[str, Any]) -> Any:
+    """--model/--model-config + --base/--pretrained + --device (+ --quick-gelu, --text-tower),
+    from a command's flags, -> the request's ModelSpec (torch-free; `spec.load()` builds it)."""
     from tvtool.models.spec import ModelSpec
 
     return ModelSpec(
-        arch=model,
-        config=model_config,
-        base=base,
-        pretrained=pretrained,
-        device=device,
-        quick_gelu=quick_gelu,
-        text_tower=text_tower,
+        **{f: flags[k] for k, f in MODEL_FLAGS.items() if flags.get(k) is not None}
     )
 
 

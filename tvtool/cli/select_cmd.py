@@ -182,28 +182,12 @@ def select_command(
     from tvtool.compose.select_run import run_select
     from tvtool.models.heads import load_templates
 
-    req = SelectRequest.build(
-        vectors=list(vectors),
-        model=model_spec(model, model_config, base, pretrained, device, quick_gelu, text_tower),
-        data=list(data or []),
-        classnames=list(classnames or []),
+    req = SelectRequest.from_flags(
+        locals(),
+        model=model_spec(locals()),
         heads=list(head or []),
         templates=load_templates(templates) if templates else None,
-        split=split,
-        score=score,
-        top=top,
-        budget_mb=budget_mb,
-        density=density,
-        granularity=granularity,
         objective=objective_params(objective, threshold=threshold),
-        shots=shots,
-        seed=seed,
-        batch_size=batch_size,
-        vector_dtype=vector_dtype,
-        allow_other_base=allow_other_base,
-        name=name,
-        force=force,
-        store=store,
     )
     with progress() as bar:
         task = bar.add_task("scoring", total=None)
