@@ -40,6 +40,7 @@ def llama(tmp_path_factory):
     with torch.no_grad():  # the saved module changes too
         pm.base_model.model.lm_head.modules_to_save["default"].weight.add_(0.01)
     pm.save_pretrained(root / "adapter")
+    pm.save_pretrained(root / "adapter-bin", safe_serialization=False)  # adapter_model.bin
     merged = pm.merge_and_unload()
     merged.save_pretrained(root / "merged")
     return root / "base", root / "adapter", merged.state_dict(), root / "merged"
@@ -85,6 +86,11 @@ def test_llama_adapter_is_stored_factored_and_merges_like_peft(llama, invoke, tm
                  for k, v in _base_state(base).items())
     assert doc["params"]["l2"] == pytest.approx(tau_sq**0.5, rel=1e-5)
     assert Store().manifest(doc["digest"]).params["lora"]["use_rslora"] is True
+    # the same adapter saved as adapter_model.bin stores the same bytes (one object)
+    assert (adapter.parent / "adapter-bin" / "adapter_model.bin").is_file()
+    b = invoke("extract", base, "--lora", adapter.parent / "adapter-bin", "-q")
+    assert b.exit_code == 0, b.stderr
+    assert b.stdout.strip() == doc["digest"]
 
 
 def _base_state(base: Path) -> dict[str, torch.Tensor]:
