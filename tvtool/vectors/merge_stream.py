@@ -65,12 +65,6 @@ def keep_freed_memory() -> None:
         pass
 
 
-def load_coefs(store: Store, ref: str) -> tuple[str, torch.Tensor, CoefsLayout]:
-    """A `coefs` object: (digest, the [T, G] float32 tensor, its layout), validated."""
-    manifest, coefs, layout = stored.load_coefs(store, ref)
-    return manifest.digest, coefs, layout
-
-
 def write_bytes(f: IO[bytes], t: torch.Tensor) -> int:
     """Write a tensor's bytes 1 MB at a time (big single writes of cold tensors measured
     several times slower here); returns the byte count."""
@@ -158,7 +152,7 @@ class MergeInputs:
         self.coefs: torch.Tensor | None = None
         self.layout: CoefsLayout | None = None
         if plan.coefs:
-            _, self.coefs, self.layout = load_coefs(store, plan.coefs)
+            _, self.coefs, self.layout = stored.load_coefs(store, plan.coefs)
         self.key_index = self.layout.key_index() if self.layout else None
         self.slices: SliceReader | None = None
         self.vec_slices: list[SliceReader | None] = []
