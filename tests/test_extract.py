@@ -429,3 +429,23 @@ def test_non_float_tensor_on_one_side_only_is_skipped(invoke, tmp_path: Path) ->
     manifest, tensors = stored("p")
     assert set(tensors) == set(base)
     assert manifest.params["skipped_non_float"] == ["model.position_ids"]
+
+
+def test_fingerprint_cache_is_used_only_while_the_file_is_unchanged(invoke, pair) -> None:
+    from tvtool.checkpoints.fingerprint import FingerprintCache
+    from tvtool.checkpoints.readers import open_checkpoint
+
+    bp, fp, _ = pair
+    assert invoke("extract", bp, fp).exit_code == 0
+    cache = FingerprintCache(Store().root / "cache" / "fingerprints")
+    with open_checkpoint(bp) as r:
+        assert cache.apply(r) and r.fingerprint() == content_fingerprint(
+            safetensors.torch.load_file(bp))
+    changed = safetensors.torch.load_file(bp)
+    changed["visual.ln_post.bias"] += 1.0
+    safetensors.torch.save_file(changed, bp)  # new content (and a new ctime)
+    with open_checkpoint(bp) as r:
+        assert not cache.apply(r)
+    r = invoke("extract", bp, fp, "--name", "after")
+    assert r.exit_code == 0, r.stderr
+    assert stored("after")[0].params["base_fingerprint"] == content_fingerprint(changed)

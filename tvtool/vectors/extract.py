@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from tvtool.checkpoints.fingerprint import FingerprintCache
 from tvtool.checkpoints.keymaps import align_submodel
 from tvtool.checkpoints.pairing import pair_readers
 from tvtool.checkpoints.readers import CheckpointReader, open_checkpoint
@@ -163,7 +164,11 @@ def extract_vector(
     if name is not None:
         check_ref_name(name)
     keep = keep or TensorFilter()
+    cache = FingerprintCache(store.root / "cache" / "fingerprints")
     with open_checkpoint(base_path) as base, open_checkpoint(finetuned_path) as ft:
+        opened = (base, ft)
+        for r in opened:
+            cache.apply(r)  # a base hashed before is not hashed again while unchanged
         base, ft, submodel = align_submodel(base, ft)  # HF CLIPVisionModel of a CLIPModel
         base, ft, notes = pair_readers(base, ft, renames)
         for note in notes:
@@ -234,6 +239,8 @@ def extract_vector(
         manifest = write_tensor_object(
             store, "vector", specs, produce, params=params, created=created
         )
+        for r in opened:
+            cache.put(r)
     return stored_result(
         store, manifest, created, name, force, skipped, filtered_out, [_pair(params)]
     )
