@@ -449,3 +449,25 @@ def test_fingerprint_cache_is_used_only_while_the_file_is_unchanged(invoke, pair
     r = invoke("extract", bp, fp, "--name", "after")
     assert r.exit_code == 0, r.stderr
     assert stored("after")[0].params["base_fingerprint"] == content_fingerprint(changed)
+
+
+def test_allow_resize_vocabulary(invoke, tmp_path: Path) -> None:
+    base, ft = _llama_like(0), _llama_like(1)
+    g = torch.Generator().manual_seed(3)
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        ft[k] = torch.cat([ft[k], torch.randn(2, 4, generator=g)])  # 2 tokens added
+    safetensors.torch.save_file(base, tmp_path / "b.safetensors")
+    safetensors.torch.save_file(ft, tmp_path / "f.safetensors")
+    r = invoke("extract", tmp_path / "b.safetensors", tmp_path / "f.safetensors")
+    assert r.exit_code == 1 and "shape mismatch" in r.stderr
+    r = invoke("extract", tmp_path / "b.safetensors", tmp_path / "f.safetensors",
+               "--allow-resize", "--name", "resized")
+    assert r.exit_code == 0, r.stderr
+    manifest, tensors = stored("resized")
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        torch.testing.assert_close(tensors[k], ft[k][:10] - base[k], rtol=0, atol=0)
+        torch.testing.assert_close(tensors[k + ".added_rows"], ft[k][10:], rtol=0, atol=0)
+        assert manifest.params["resized"][k] == {
+            "base_rows": 10, "finetuned_rows": 12, "added_rows": k + ".added_rows"}
+    torch.testing.assert_close(tensors["model.norm.weight"],
+                               ft["model.norm.weight"] - base["model.norm.weight"])

@@ -70,6 +70,15 @@ LoraOpt = Annotated[
         file_okay=False,
     ),
 ]
+AllowResizeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-resize",
+        help="Accept a resized vocabulary (first dimension differs): the shared rows give the "
+        "vector, rows only the fine-tune has are stored whole as KEY.added_rows (recorded in "
+        "the manifest's params.resized).",
+    ),
+]
 RenameOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -96,6 +105,7 @@ def extract(
     dtype: StorageDtypeOpt = "fp32",
     allow_nonfinite: AllowNonfiniteOpt = False,
     rename: RenameOpt = None,
+    allow_resize: AllowResizeOpt = False,
     force: MoveNameOpt = False,
     store: StoreOpt = None,
     quiet: QuietOpt = False,
@@ -133,7 +143,7 @@ def extract(
             task = bar.add_task("extracting", total=None)
             result = extract_vector(
                 st, base, finetuned, keep=keep, dtype=storage, allow_nonfinite=allow_nonfinite,
-                name=name, force=force, renames=rename or [],
+                name=name, force=force, renames=rename or [], allow_resize=allow_resize,
                 on_start=lambda n: bar.update(task, total=n),
                 on_tensor=lambda k: bar.advance(task),
                 on_note=info,

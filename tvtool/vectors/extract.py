@@ -60,8 +60,12 @@ def _is_float(dtype: torch.dtype) -> bool:
     return dtype.is_floating_point
 
 
+ADDED = ".added_rows"  # suffix of the stored rows a resized fine-tune added (kept whole)
+
+
 def plan_keys(
-    base: CheckpointReader, ft: CheckpointReader, keep: Callable[[str], bool]
+    base: CheckpointReader, ft: CheckpointReader, keep: Callable[[str], bool],
+    resized: dict[str, dict[str, int | str]] | None = None,
 ) -> tuple[list[TensorSpec], list[str], int]:
     """(float tensors to extract as fp32 specs, skipped non-float keys, keys filtered out).
 
@@ -94,6 +98,15 @@ def plan_keys(
         fb, ff = _is_float(mb.dtype), _is_float(mf.dtype)
         if fb != ff:
             kind_bad.append(f"{k} ({_dt(mb.dtype)} vs {_dt(mf.dtype)})")
+        elif (mb.shape != mf.shape and resized is not None and fb and len(mb.shape) >= 1
+              and mb.shape[1:] == mf.shape[1:]):  # --allow-resize: a vocabulary resize
+            n = min(mb.shape[0], mf.shape[0])
+            specs.append(TensorSpec(k, (n, *mb.shape[1:]), torch.float32))
+            resized[k] = {"base_rows": mb.shape[0], "finetuned_rows": mf.shape[0]}
+            if mf.shape[0] > n:
+                specs.append(TensorSpec(k + ADDED, (mf.shape[0] - n, *mf.shape[1:]),
+                                        torch.float32))
+                resized[k]["added_rows"] = k + ADDED
         elif mb.shape != mf.shape:
             shape_bad.append(f"{k} ({list(mb.shape)} vs {list(mf.shape)})")
         elif not fb:
@@ -144,6 +157,7 @@ def extract_vector(
     keep: TensorFilter | None = None,
     dtype: torch.dtype = torch.float32,
     allow_nonfinite: bool = False,
+    allow_resize: bool = False,
     name: str | None = None,
     force: bool = False,
     on_start: Callable[[int], None] | None = None,
@@ -174,7 +188,8 @@ def extract_vector(
         for note in notes:
             if on_note:
                 on_note(note)
-        fp32_specs, skipped, filtered_out = plan_keys(base, ft, keep)
+        resized: dict[str, dict[str, int | str]] | None = {} if allow_resize else None
+        fp32_specs, skipped, filtered_out = plan_keys(base, ft, keep, resized)
         specs = [TensorSpec(s.name, s.shape, dtype) for s in fp32_specs]
         created = datetime.now(timezone.utc).isoformat()
         params: dict = {
@@ -204,13 +219,23 @@ def extract_vector(
             while r is not None:  # inputs are only read: hash them beside the arithmetic
                 r.shared_reads = True
                 r = getattr(r, "inner", None)
+        rows = {k: min(int(v["base_rows"]), int(v["finetuned_rows"]))
+                for k, v in (resized or {}).items()}
+        added = {str(v["added_rows"]): k for k, v in (resized or {}).items() if "added_rows" in v}
+        if resized:
+            params["resized"] = resized
         # the difference goes into one reused buffer: written (and hashed) before the next
         scratch = torch.empty(max(_numel(s.shape) for s in specs), dtype=torch.float32)
 
         def produce(spec: TensorSpec) -> torch.Tensor:
-            a, b = ft.get(spec.name), base.get(spec.name)
-            d = scratch[: a.numel()].view(a.shape)
-            torch.sub(a.to(torch.float32), b.to(torch.float32), out=d)
+            d = scratch[: _numel(spec.shape)].view(spec.shape)
+            if spec.name in added:  # rows only the fine-tune has: stored whole
+                d.copy_(ft.get(added[spec.name])[rows[added[spec.name]]:])
+            else:
+                a, b = ft.get(spec.name), base.get(spec.name)
+                if spec.name in rows:  # the rows both vocabularies share
+                    a, b = a[: rows[spec.name]], b[: rows[spec.name]]
+                torch.sub(a.to(torch.float32), b.to(torch.float32), out=d)
             out = d if dtype == torch.float32 else d.to(dtype)
             stored = d if dtype == torch.float32 else out.to(torch.float32)
             sq = float(torch.linalg.vector_norm(stored)) ** 2 if stored.numel() else 0.0
