@@ -80,7 +80,7 @@ def test_compose_recovers_accuracy_on_its_task(assets, clip, invoke):
     assert q.exit_code == 0 and len(q.stdout.strip()) == 64 and "loss" not in q.stderr
 
 
-@pytest.mark.parametrize("objective", ["entropy", "pseudo"])
+@pytest.mark.parametrize("objective", ["entropy", "pseudo", "ufm"])
 def test_unsupervised_objectives_reduce_their_loss(assets, clip, invoke, objective, tmp_path):
     extract(assets, assets.ft_colors, "c")
     extract(assets, assets.ft_stripes, "s")
@@ -119,6 +119,31 @@ def test_unsupervised_objectives_reduce_their_loss(assets, clip, invoke, objecti
     assert rep["select_by"] == "last" and rep["epoch"] == 4
     if objective == "pseudo":
         assert rep["data"][0]["pseudo_kept"] == 18
+    if objective == "ufm":  # every image trains; k = min(18 / 3 / 10, 100) = 0 trusted per class
+        assert rep["data"][0]["train"] == 18 and rep["data"][0]["trusted"] == 0
+        assert rep["recipe"] == "test-time-pseudo"
+
+
+def test_ufm_trusted_set_and_loss_match_hand_computation():
+    from tvtool.compose.objectives import trusted_labels, ufm_loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(40, 2, generator=g) * 3
+    labels = trusted_labels(logits)  # k = min(40 / 2 / 10, 100) = 2 per class
+    p = logits.softmax(-1)
+    want = set(p[:, 0].argsort(descending=True)[:2].tolist()) | set(
+        p[:, 1].argsort(descending=True)[:2].tolist()
+    )
+    assert {i for i, t in enumerate(labels) if t >= 0} == want
+    assert all(labels[i] == int(p[i].argmax()) for i in want)
+    strong, weak = torch.randn(40, 2, generator=g), logits
+    trusted = torch.tensor(labels)
+    got = ufm_loss(strong, weak, trusted, threshold=0.9)
+    for i in range(40):  # soft CE against the weak softmax (or the one-hot trusted label)
+        t = torch.nn.functional.one_hot(trusted[i], 2).float() if trusted[i] >= 0 else p[i]
+        keep = trusted[i] >= 0 or float(t.max()) > 0.9
+        ref = -(t * strong[i].log_softmax(-1)).sum() if keep else torch.tensor(0.0)
+        assert float(got[i]) == pytest.approx(float(ref), abs=1e-6)
 
 
 def test_negation_forgets_the_target_and_keeps_the_control(assets, clip, invoke):

@@ -12,8 +12,9 @@ ObjectiveOpt = Annotated[
     str,
     typer.Option(
         "--objective",
-        help="ce (few-shot labels), entropy (unlabelled) or pseudo (confident zero-shot labels).",
-        metavar="ce|entropy|pseudo",
+        help="ce (few-shot labels), entropy (unlabelled), pseudo (confident zero-shot labels) or "
+        "ufm (compose only: aTLAS's online FixMatch, weak-view targets for strong views).",
+        metavar="ce|entropy|pseudo|ufm",
     ),
 ]
 ShotsOpt = Annotated[
@@ -28,7 +29,10 @@ ShotsOpt = Annotated[
 ]
 ThresholdOpt = Annotated[
     float,
-    typer.Option("--threshold", help="pseudo: minimum zero-shot confidence of a pseudo-label."),
+    typer.Option(
+        "--threshold",
+        help="pseudo: minimum zero-shot confidence of a pseudo-label; ufm: of a weak-view target.",
+    ),
 ]
 GranularityOpt = Annotated[
     str,

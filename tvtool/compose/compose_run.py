@@ -137,6 +137,7 @@ def compose(
         clip_grad=recipe.clip_grad,
         min_steps=recipe.min_steps,
         finetuned=_finetuned(opts.finetuned_acc, tasks),
+        threshold=threshold if threshold is not None else 0.99,
     )
     config = {
         "vectors": plan.digests,

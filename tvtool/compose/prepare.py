@@ -123,6 +123,12 @@ def prepare_data(
         info["dataset"] = folder.dataset
     if templates is None and folder.templates:
         info["templates"] = len(folder.templates)  # the data set's own (else --templates/defaults)
+    if objective.online:  # ufm: every image; trusted ones keep their zero-shot label
+        from tvtool.compose.objectives import trusted_labels
+
+        logits = zero_shot_logits(clip, folder, indices, head, batch_size, dist)
+        targets = trusted_labels(logits)
+        info["trusted"] = sum(t >= 0 for t in targets)
     if objective.pseudo_labels:
         indices, targets, kept = _pseudo_labels(
             clip, folder, indices, head, threshold, batch_size, dist

@@ -90,7 +90,7 @@ def recipe_for(objective: str, roles: list[str]) -> Recipe:
         return RECIPES["negation"]
     if objective == "entropy":
         return RECIPES["test-time-entropy"]
-    if objective == "pseudo":
+    if objective in ("pseudo", "ufm"):
         return RECIPES["test-time-pseudo"]
     return RECIPES["addition"] if roles.count("task") > 1 else RECIPES["few-shot"]
 

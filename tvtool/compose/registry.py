@@ -41,11 +41,22 @@ class PseudoParams(_Params):
     threshold: float = Field(0.99, ge=0.0, le=1.0)
 
 
-ObjectiveParams = Annotated[CeParams | EntropyParams | PseudoParams, Field(discriminator="name")]
+class UfmParams(_Params):
+    """ufm: aTLAS's unsupervised FixMatch, online: the current model's confident predictions on
+    a weak view are the targets of a strong view, plus a trusted top-k per class of zero-shot."""
+
+    name: Literal["ufm"] = "ufm"
+    threshold: float = Field(0.99, ge=0.0, le=1.0)
+
+
+ObjectiveParams = Annotated[
+    CeParams | EntropyParams | PseudoParams | UfmParams, Field(discriminator="name")
+]
 OBJECTIVES: dict[str, type[_Params]] = {
     "ce": CeParams,
     "entropy": EntropyParams,
     "pseudo": PseudoParams,
+    "ufm": UfmParams,
 }
 
 

@@ -118,6 +118,11 @@ class SelectRequest(_RunRequest):
         if not self.vectors:
             raise TvtoolError("give at least one task vector")
         self.kind  # noqa: B018  (checks the options make sense together)
+        if self.objective.name == "ufm":
+            raise TvtoolError(
+                "--objective ufm learns from two views per image: select scores with ce, "
+                "entropy or pseudo"
+            )
         s = SCORES[self.score]
         if s.needs_data and (not self.model.given or not self.data):
             raise TvtoolError(

@@ -24,7 +24,7 @@ import torch
 
 from tvtool.compose.coefs import Coefs, compose_params
 from tvtool.compose.ddp import Dist
-from tvtool.compose.objectives import SIGN, Objective, keeps_control
+from tvtool.compose.objectives import SIGN, Objective, keeps_control, ufm_loss
 from tvtool.compose.prepare import LabelledSubset, PreparedData
 from tvtool.compose.sampling import SeededView, collate, epoch_plan, shard, steps_per_epoch
 from tvtool.datasets import images as mdata
@@ -52,6 +52,7 @@ class Settings:
     clip_grad: float | None = None  # max gradient norm of Lambda per step
     min_steps: int = 0  # oversample training sets so an epoch has >= this many steps
     finetuned: dict[str, float] | None = None  # fine-tuned accuracies: select by normalised acc
+    threshold: float = 0.99  # ufm: confidence a weak-view prediction needs to become a target
 
 
 class Reporter(Protocol):
@@ -114,6 +115,8 @@ class Trainer:
             torch.amp.GradScaler("cuda") if autocast_dtype(self.device) == torch.float16 else None
         )
         tf = train_views(clip, settings.augment, settings.flip)
+        if objective.online:  # (weak, strong) views of every image, as aTLAS's UFM
+            tf = TwoViews(mdata.eval_transform(clip), tf)
         self.views = [
             SeededView(
                 LabelledSubset(t.folder, t.train_idx * r, t.labels * r, tf), settings.seed, k
@@ -188,9 +191,7 @@ class Trainer:
                         if batch is None:
                             continue
                         images, labels = batch
-                        per = self.objective.loss(
-                            self.logits(params, images, task.head), labels.to(self.device)
-                        )
+                        per = self._loss(params, images, labels.to(self.device), task.head)
                         part = per.sum() / micro.step_counts[k]
                         task_loss[k] += part.detach().double()  # no host sync per batch
                         loss = loss + SIGN[task.role] * part * self.dist.world
@@ -210,6 +211,14 @@ class Trainer:
         task_loss = self.dist.all_reduce_sum(task_loss).cpu() / len(plan)
         total = sum(SIGN[t.role] * float(task_loss[k]) for k, t in enumerate(self.tasks))
         return total, [float(x) for x in task_loss]
+
+    def _loss(self, params, images, labels, head) -> torch.Tensor:
+        if not self.objective.online:
+            return self.objective.loss(self.logits(params, images, head), labels)
+        with torch.no_grad():
+            weak = self.logits(params, images[:, 0], head)
+        strong = self.logits(params, images[:, 1], head)
+        return ufm_loss(strong, weak, labels, self.s.threshold)
 
     # -- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
@@ -388,6 +397,16 @@ def oversampling(n: int, per_step: int, min_steps: int) -> int:
         return 1
     r = n / per_step
     return int(min_steps / r) + 1 if r < min_steps else 1
+
+
+class TwoViews:
+    """(weak, strong) views of one image stacked: [2, C, H, W]."""
+
+    def __init__(self, weak, strong):
+        self.weak, self.strong = weak, strong
+
+    def __call__(self, image):
+        return torch.stack([self.weak(image), self.strong(image)])
 
 
 def train_views(clip: Any, augment: str, flip: bool = False):
