@@ -513,3 +513,13 @@ def test_fingerprint_after_a_pass_reads_nothing_again(tmp_path: Path) -> None:
         fp = r.fingerprint()
         assert sorted(reads) == sorted(r.keys())  # the first three once, the others for the hash
     assert fp == content_fingerprint(sd)
+
+
+def test_head_file_with_a_stride0_view_is_refused(tmp_path: Path) -> None:
+    from tvtool.models.heads import _head_tensors
+
+    torch.save(torch.zeros(1).expand(1000, 512), tmp_path / "head.pt")
+    with pytest.raises(TvtoolError, match="stride-0 or overlapping"):
+        _head_tensors(tmp_path / "head.pt")
+    torch.save(torch.randn(3, 4), tmp_path / "ok.pt")
+    assert _head_tensors(tmp_path / "ok.pt")[0].shape == (3, 4)

@@ -90,14 +90,21 @@ def read_head_file(path: Path, clip: LoadedClip, n_classes: int) -> torch.Tensor
 def _head_tensors(path: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
     import warnings
 
-    try:  # a bare tensor saved with torch.save
+    from tvtool.checkpoints.torch_file import check_archive, check_view
+
+    obj = None
+    try:  # a bare tensor saved with torch.save (archive checked first: no bombs, no mmap)
+        mmap = check_archive(path)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. weights_only's note on pickle protocols
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(obj, torch.Tensor):
-            return obj, None
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception:  # noqa: BLE001 - not a bare tensor: read it as a checkpoint below
         pass
+    if isinstance(obj, torch.Tensor):
+        why = check_view(obj)
+        if why:
+            raise TvtoolError(f"{path}: not a readable head ({why})")
+        return obj, None
     from tvtool.checkpoints.readers import open_checkpoint
 
     with open_checkpoint(path) as reader:
