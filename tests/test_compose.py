@@ -11,7 +11,6 @@ from compose_assets import extract, load_bank, model_args
 
 from tvtool.compose.coefs import (
     Coefs,
-    _PartitionedMix,
     compose_params,
     learnable_mask,
 )
@@ -105,18 +104,6 @@ def test_gradients_reach_only_lambda_and_match_plain_autograd(assets, clip):
     ref = (encode_images(clip, {p: state[p] for p in visual_params(clip)}, images) * target).sum()
     (g,) = torch.autograd.grad(ref, lam)
     torch.testing.assert_close(coefs.values.grad, g.flatten()[coefs.index], rtol=1e-4, atol=1e-6)
-
-
-def test_partitioned_mix_gradcheck():
-    torch.manual_seed(0)
-    lam = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)  # [L, n, K]
-    stack = torch.randn(2, 3, 5, 6, dtype=torch.float64)  # [L, n, *shape]
-    ids = torch.randint(0, 4, (2, 5, 6), dtype=torch.uint8)  # [L, *shape]
-    assert torch.autograd.gradcheck(lambda x: _PartitionedMix.apply(x, stack, ids), (lam,))
-    expected = torch.stack(
-        [sum(lam[i, j][ids[i].long()] * stack[i, j] for j in range(3)) for i in range(2)]
-    )
-    torch.testing.assert_close(_PartitionedMix.apply(lam, stack, ids), expected)
 
 
 def _shapes_count(plan, partitions):

@@ -8,9 +8,9 @@ frozen; only the learnable entries of Lambda (vector t covers, and a selection k
 are parameters, the others stay exactly 0. Lambda starts at 0 (training starts from the base) or
 at `--init` (AdaMerging's isotropic 0.3), optionally clamped (`--clamp 0:1`).
 
-The mix is computed in the vectors' device dtype (fp16/bf16 halve the memory traffic) and added
-to the fp32 base; autograd keeps references to the stacks, never copies of them, so memory grows
-by the vectors' bytes and no more.
+The products (one per stack of same-shape parameters) are in compose.mixing; autograd keeps
+references to the stacks, never copies of them, so memory grows by the vectors' bytes and no
+more.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from tvtool.compose.mixing import compose_stack
 from tvtool.models.bank import BankPlan, Stack
 from tvtool.vectors.blocks import (
     CoefsLayout,
@@ -132,48 +133,6 @@ class Coefs(torch.nn.Module):
         self.values.copy_(m.to(self.values.device, self.values.dtype).flatten()[self.index])
 
 
-class _PartitionedMix(torch.autograd.Function):
-    """delta[l, i] = sum_j lam[l, j, ids[l, i]] * stack[l, j, i]: a coefficient per (vector,
-    group); memory: one [L, numel] temporary, never a copy of the stack."""
-
-    @staticmethod
-    def forward(ctx, lam: torch.Tensor, stack: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        L, n = stack.shape[:2]
-        idx = ids.long().reshape(L, -1)
-        lam_c = lam.to(stack.dtype)
-        st = stack.reshape(L, n, -1)
-        delta = torch.gather(lam_c[:, 0, :], 1, idx) * st[:, 0]
-        for j in range(1, n):
-            delta.addcmul_(torch.gather(lam_c[:, j, :], 1, idx), st[:, j])
-        ctx.save_for_backward(stack, ids)
-        ctx.lam_shape, ctx.lam_dtype = tuple(lam.shape), lam.dtype
-        return delta.view(ids.shape)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        stack, ids = ctx.saved_tensors
-        L, n = stack.shape[:2]
-        idx = ids.long().reshape(L, -1)
-        g = grad.float().reshape(L, -1)
-        st = stack.reshape(L, n, -1)
-        out = torch.zeros(ctx.lam_shape, dtype=torch.float32, device=grad.device)
-        for j in range(n):
-            out[:, j].scatter_add_(1, idx, g * st[:, j].float())
-        return out.to(ctx.lam_dtype), None, None
-
-
-def mix(lam: torch.Tensor, stack: Stack) -> torch.Tensor:
-    """[L, *shape]: sum_j lam[l, j] * tau_j for each of the stack's parameters; `lam` is
-    [L, n, groups] (the stack's coefficients)."""
-    if stack.factors is not None:  # low-rank vectors: one product of rank n * r, nothing dense
-        return stack.factors.mix(lam[..., 0], stack.shape)
-    if stack.ids is None:
-        L, n = stack.tensor.shape[:2]
-        w = lam[..., 0].to(stack.tensor.dtype).unsqueeze(1)  # [L, 1, n]
-        return torch.bmm(w, stack.tensor.view(L, n, -1)).view(L, *stack.shape)
-    return _PartitionedMix.apply(lam, stack.tensor, stack.ids)
-
-
 def compose_params(
     coefs: torch.Tensor,
     stacks: Sequence[Stack],
@@ -189,6 +148,6 @@ def compose_params(
                 attach_layout(layout, [s])
             lam = coefs[s.index]  # type: ignore[index]
             w0 = s.base if s.base is not None else torch.stack([base[p] for p in s.params])
-            theta = w0 + mix(lam, s).to(w0.dtype)
+            theta = compose_stack(lam, s, w0)
             out.update(zip(s.params, theta.unbind(0), strict=True))
     return out

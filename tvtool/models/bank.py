@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -61,7 +62,8 @@ class BankPlan:
 @dataclass
 class Stack:
     """The kept vectors' tensors for L parameters of one shape that the same n vectors cover,
-    on the device: tensor [L, n, *shape]. Grouping keeps the number of kernels per step small
+    on the device: tensor [L, n, *shape] (a partitioned stack is laid out by group at its first
+    composition, see compose.mixing). Grouping keeps the number of kernels per step small
     (one batched product per group instead of one per parameter)."""
 
     keys: list[str]  # the names in the vectors and the layout (L)
@@ -74,6 +76,7 @@ class Stack:
     index: tuple[torch.Tensor, torch.Tensor] | None = None  # gathers Lambda -> [L, n, groups]
     base: torch.Tensor | None = None  # [L, *shape] base weights, when shared (share_base)
     factors: LowRank | None = None  # factored (LoRA) vectors: `tensor` is empty until expanded
+    segments: Any = None  # partitioned: tensor laid out by group (compose.mixing.segment)
 
     @property
     def nbytes(self) -> int:

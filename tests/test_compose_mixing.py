@@ -1,0 +1,102 @@
+"""compose.mixing: the fused products against a plain torch expression (values and gradients),
+for every dtype and code path (CPU chunked upcasts, the batched device path), partitioned too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tvtool.compose import mixing
+from tvtool.models.bank import Stack
+
+L, N_VEC, SHAPE = 3, 4, (5, 7)
+
+
+def _case(dtype: torch.dtype, groups: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    tau = torch.randn(L, N_VEC, *SHAPE, generator=g).to(dtype)
+    base = torch.randn(L, *SHAPE, generator=g, dtype=wide)
+    lam = torch.randn(L, N_VEC, groups, generator=g, dtype=wide)
+    ids = torch.randint(0, groups, (L, *SHAPE), generator=g).to(torch.uint8)
+    stack = Stack(
+        ["a", "b", "c"], ["a", "b", "c"], SHAPE, list(range(N_VEC)), tau.clone(),
+        groups=groups, ids=ids if groups > 1 else None,
+    )
+    return tau, base, lam, ids, stack
+
+
+def _plain(tau, base, lam, ids):
+    """base[p] + sum_j lam[p, j, ids[p, i]] * tau[p, j, i], element by element."""
+    coef = torch.stack(
+        [torch.stack([lam[p, j][ids[p].long()] for j in range(N_VEC)]) for p in range(L)]
+    )  # [L, n, *shape]
+    return base + (coef * tau.to(base.dtype)).sum(1)
+
+
+def _check(dtype, groups, tol):
+    tau, base, lam, ids, stack = _case(dtype, groups)
+    lam_a = lam.clone().requires_grad_(True)
+    lam_b = lam.clone().requires_grad_(True)
+    out = mixing.compose_stack(lam_a, stack, base)
+    ref = _plain(tau, base, lam_b, ids)
+    torch.testing.assert_close(out, ref, **tol)
+    up = torch.randn_like(ref)
+    (ga,) = torch.autograd.grad(out, lam_a, up)
+    (gb,) = torch.autograd.grad(ref, lam_b, up)
+    torch.testing.assert_close(ga, gb, **tol)
+    return stack
+
+
+EXACT = {"rtol": 1e-5, "atol": 1e-6}
+HALF = {"rtol": 2e-2, "atol": 2e-2}
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_full_precision_equals_plain_formula(dtype, groups):
+    stack = _check(dtype, groups, EXACT)
+    if groups > 1:  # laid out by group once: [L*K, n, M], every element somewhere
+        assert stack.segments is not None and stack.tensor.shape[:2] == (L * groups, N_VEC)
+        assert stack.segments.pos.unique().numel() == L * 35
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("path", ["cpu-chunked", "device-batched"])
+def test_half_precision_paths_close_to_plain_formula(monkeypatch, dtype, groups, path):
+    if path == "cpu-chunked":
+        monkeypatch.setattr(mixing, "CHUNK", 8)  # several chunks per row
+    else:  # the CUDA code path, run on CPU tensors
+        monkeypatch.setattr(mixing, "_cpu", lambda st: False)
+    _check(dtype, groups, HALF)
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_gradcheck(groups):
+    _, base, lam, _, stack = _case(torch.float64, groups)
+    lam.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: mixing.compose_stack(x, stack, base), (lam,))
+
+
+def test_tiny_gradients_survive_half_precision_vectors(monkeypatch):
+    """The device path casts dL/dtheta to the vectors' dtype: rescaled first, so gradients far
+    below fp16's smallest number still reach Lambda."""
+    monkeypatch.setattr(mixing, "_cpu", lambda st: False)
+    tau, base, lam, ids, stack = _case(torch.float16, 1)
+    lam.requires_grad_(True)
+    out = mixing.compose_stack(lam, stack, base)
+    up = 1e-12 * torch.randn_like(out)
+    (g,) = torch.autograd.grad(out, lam, up)
+    expected = torch.einsum("lnm,lm->ln", tau.float().reshape(L, N_VEC, -1), up.reshape(L, -1))
+    torch.testing.assert_close(g[..., 0], expected, rtol=2e-2, atol=1e-15)
+    assert g.abs().min() > 0
+
+
+def test_vectors_and_base_get_no_gradient():
+    tau, base, lam, ids, stack = _case(torch.float32, 3)
+    base.requires_grad_(False)
+    lam.requires_grad_(True)
+    mixing.compose_stack(lam, stack, base).sum().backward()
+    assert lam.grad is not None
+    assert stack.tensor.grad is None and not stack.tensor.requires_grad and base.grad is None

@@ -1,0 +1,172 @@
+"""The composed weights and their gradient, one fused product per stack.
+
+    theta_l = theta_0,l + sum_j Lambda[row_j, g_l(i)] * tau_j,l       (l: a parameter of the stack)
+    dL/dLambda[row_j, g] = sum_{i: g_l(i) = g} tau_j,l[i] * dL/dtheta_l[i]
+
+A stack holds L parameters of one shape covered by the same n vectors. Unpartitioned, the
+forward is one `baddbmm` ([L, 1, n] @ [L, n, numel] + theta_0) and the backward one `bmm`
+([L, n, numel] @ [L, numel, 1]): each step reads the vectors twice (the least it can, they are
+needed for theta and for dL/dLambda) and writes theta once, with no per-vector loop and no
+temporary the size of a vector.
+
+Partitioned (K groups per parameter), the stack is laid out once, at the first composition, by
+group: `tensor` becomes [L*K, n, M], row l*K + g holding the elements of parameter l in group g
+(M: the largest group, shorter groups padded with zeros) and `pos` maps every element back. The
+products are then the same two batched products over L*K rows, plus one gather of theta's
+elements (forward) and one scatter of its gradient (backward).
+
+Half-precision stacks on CUDA multiply in their dtype (half the memory traffic) and add to the
+fp32 base; the gradient is rescaled before its cast to half so that small gradients do not
+underflow. On the CPU, where half-precision products are slow, the stack is upcast to fp32 in
+small chunks inside the products instead. Base weights and vectors never receive gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tvtool.models.bank import Stack
+
+CHUNK = 1 << 20  # elements of a half-precision CPU stack upcast to fp32 at a time
+HALF = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class Segments:
+    """A partitioned stack laid out by group (see the module docstring)."""
+
+    groups: int  # K
+    width: int  # M, the largest group
+    pos: torch.Tensor  # [L * numel] int32: element (l, i) -> its slot in the [L*K, 1, M] product
+
+
+def _cpu(st: torch.Tensor) -> bool:
+    """The CPU code paths (chunked upcasts, one matrix-vector product per batch row)?"""
+    return st.device.type == "cpu"
+
+
+def _w_times_stack(w: torch.Tensor, st: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+    """base + w @ st for w [B, 1, n], st [B, n, M], base [B, 1, M] or None; in w's dtype."""
+    if st.dtype == w.dtype:
+        return torch.bmm(w, st) if base is None else torch.baddbmm(base, w, st)
+    if not _cpu(st):  # CUDA half: the product in half, the sum in fp32
+        d = torch.bmm(w.to(st.dtype), st)
+        return d.to(w.dtype) if base is None else base + d
+    B, n, M = st.shape
+    out = torch.zeros(B, 1, M, dtype=w.dtype, device=st.device) if base is None else base.clone()
+    step = max(1, CHUNK // max(1, n))
+    for b in range(B):
+        for a in range(0, M, step):
+            out[b, :, a : a + step].addmm_(w[b], st[b, :, a : a + step].to(w.dtype))
+    return out
+
+
+def _stack_times_grad(st: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """st @ g for st [B, n, M], g [B, M, 1]; in g's dtype. (On the CPU one matrix-vector
+    product per row of the batch: MKL's batched [n, M] @ [M, 1] is several times slower.)"""
+    if not _cpu(st):
+        if st.dtype == g.dtype:
+            return torch.bmm(g.transpose(1, 2), st.transpose(1, 2)).transpose(1, 2)
+        scale = g.abs().amax(dim=(1, 2), keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
+        gs = (g / scale).to(st.dtype)
+        return torch.bmm(gs.transpose(1, 2), st.transpose(1, 2)).transpose(1, 2).to(g.dtype) * scale
+    B, n, M = st.shape
+    out = torch.zeros(B, n, 1, dtype=g.dtype, device=st.device)
+    if st.dtype == g.dtype:
+        for b in range(B):
+            torch.mv(st[b], g[b, :, 0], out=out[b, :, 0])
+        return out
+    step = max(1, CHUNK // max(1, n))
+    for b in range(B):
+        for a in range(0, M, step):
+            out[b, :, 0].addmv_(st[b, :, a : a + step].to(g.dtype), g[b, a : a + step, 0])
+    return out
+
+
+class _Compose(torch.autograd.Function):
+    """theta [L, *shape] = base + sum_j w[l, j] * stack[l, j]; gradients to w only."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, stack: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        L, n = stack.shape[:2]
+        theta = _w_times_stack(
+            w.to(base.dtype).unsqueeze(1), stack.view(L, n, -1), base.reshape(L, 1, -1)
+        )
+        ctx.save_for_backward(stack)
+        ctx.w_dtype = w.dtype
+        return theta.view(base.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (stack,) = ctx.saved_tensors
+        L, n = stack.shape[:2]
+        gw = _stack_times_grad(stack.view(L, n, -1), grad.reshape(L, -1, 1))
+        return gw.view(L, n).to(ctx.w_dtype), None, None
+
+
+class _ComposeSegments(torch.autograd.Function):
+    """The same for a stack laid out by group: lam [L, n, K], stack [L*K, n, M]."""
+
+    @staticmethod
+    def forward(ctx, lam, stack, pos, base):
+        L, n, K = lam.shape
+        w = lam.to(base.dtype).permute(0, 2, 1).reshape(L * K, 1, n)
+        d = _w_times_stack(w, stack, None)  # [L*K, 1, M]
+        theta = base + d.view(-1).index_select(0, pos).view(base.shape)
+        ctx.save_for_backward(stack, pos)
+        ctx.lam_shape, ctx.lam_dtype = (L, n, K), lam.dtype
+        return theta
+
+    @staticmethod
+    def backward(ctx, grad):
+        stack, pos = ctx.saved_tensors
+        L, n, K = ctx.lam_shape
+        gp = grad.new_zeros(stack.shape[0] * stack.shape[2])
+        gp[pos] = grad.reshape(-1)
+        gw = _stack_times_grad(stack, gp.view(stack.shape[0], -1, 1))  # [L*K, n, 1]
+        return gw.view(L, K, n).permute(0, 2, 1).to(ctx.lam_dtype), None, None, None
+
+
+@torch.no_grad()
+def segment(stack: Stack) -> Segments:
+    """Lay a partitioned stack out by group, in place (one parameter's worth of temporaries)."""
+    if stack.segments is not None:
+        return stack.segments
+    assert stack.ids is not None
+    t, ids = stack.tensor, stack.ids
+    L, n, K = t.shape[0], t.shape[1], stack.groups
+    N = ids[0].numel()
+    counts = [torch.bincount(ids[p].reshape(-1).long(), minlength=K) for p in range(L)]
+    M = int(torch.stack(counts).max())
+    if L * K * M >= 2**31:
+        raise ValueError("stack too large for 32-bit element positions")
+    out = torch.zeros(L * K, n, M, dtype=t.dtype, device=t.device)
+    pos = torch.empty(L, N, dtype=torch.int32, device=t.device)
+    for p in range(L):
+        idp = ids[p].reshape(-1).long()
+        order = torch.argsort(idp, stable=True)
+        starts = counts[p].cumsum(0) - counts[p]
+        rank = torch.empty_like(idp)
+        rank[order] = torch.arange(N, device=t.device) - starts[idp[order]]
+        slot = idp * M + rank  # within this parameter's K*M slots
+        tmp = torch.zeros(n, K * M, dtype=t.dtype, device=t.device)
+        tmp[:, slot] = t[p].reshape(n, N)
+        out[p * K : (p + 1) * K] = tmp.view(n, K, M).permute(1, 0, 2)
+        pos[p] = slot + p * K * M
+        del tmp
+    stack.segments = Segments(K, M, pos.reshape(-1))
+    stack.tensor = out
+    return stack.segments
+
+
+def compose_stack(lam: torch.Tensor, stack: Stack, base: torch.Tensor) -> torch.Tensor:
+    """[L, *shape]: base + sum_j lam[l, j] * tau_j for each of the stack's parameters; `lam`
+    is [L, n, groups] (the stack's coefficients), `base` [L, *shape]."""
+    if stack.factors is not None:  # low-rank vectors: one product of rank n * r, nothing dense
+        return base + stack.factors.mix(lam[..., 0], stack.shape).to(base.dtype)
+    if stack.ids is None:
+        return _Compose.apply(lam[..., 0], stack.tensor, base)
+    seg = segment(stack)
+    return _ComposeSegments.apply(lam, stack.tensor, seg.pos, base)
