@@ -205,6 +205,11 @@ def test_norm_is_data_free(assets, invoke):
     plan = plan_from_vectors(store, ["c", "s"])
     ref = norm_scores(store, plan, make_blocks(plan.shapes(), "layer"))
     torch.testing.assert_close(torch.tensor(rep["scores"], dtype=torch.float64), ref)
+    for t, name in enumerate(["c", "s"]):  # against plain torch norms, block by block
+        _, tau = load_tensor_object(store, name, "vector")
+        for b, blk in enumerate(make_blocks(plan.shapes(), "layer")):
+            sq = sum(float(tau[k].double().square().sum()) for k in blk.keys if k in tau)
+            assert float(ref[t, b]) == pytest.approx(sq**0.5, rel=1e-6)
     assert all(rep["scores"][t][b] == max(row[b] for row in rep["scores"]) for t, b in rep["keep"])
 
 

@@ -171,13 +171,31 @@ def pair_dots(
 
 
 def norm_scores(store: Store, plan: BankPlan, blocks: list[BlockInfo]) -> torch.Tensor:
-    """[T, B] L2 norm of each vector's part in each block (data-free)."""
+    """[T, B] L2 norm of each vector's part in each block (data-free), in one streamed pass
+    over the keys with the next key read in the background (vectors.gram)."""
+    from tvtool.vectors.gram import key_sums, stream_keys
+
     block_of = {k: b for b, blk in enumerate(blocks) for k in blk.keys}
+    rows_of = {k.key: k.rows for k in plan.keys}
     out = torch.zeros(len(plan.vectors), len(blocks), dtype=torch.float64)
-    for t in range(len(plan.vectors)):
-        for key, param, tau in _vector_tensors(store, plan, t):
-            if param is not None:
-                out[t, block_of[key]] += float(tau.double().pow(2).sum())
+    readers = []
+    try:
+        for v in plan.vectors:
+            readers.append(open_tensor_object(store, v.digest, "vector")[1])
+        stream = stream_keys(
+            [k.key for k in plan.keys],
+            lambda key: rows_of[key],
+            lambda t, key: readers[t].get(key),
+            lambda t, key: tuple(readers[t].meta(key).shape),
+            [v.label for v in plan.vectors],
+        )
+        for rows in stream:
+            sq = key_sums(rows, signs=False).gram.diagonal()
+            for r, t in enumerate(rows.holders):
+                out[t, block_of[rows.key]] += float(sq[r])
+    finally:
+        for reader in readers:
+            reader.close()
     return out.sqrt()
 
 

@@ -1,7 +1,8 @@
 """Statistics of task vectors, computed in one streaming pass over the tensor names.
 
 For every key, the tensors of that key from all T vectors are read (T tensors in memory, never
-T vectors) and reduced into per-block statistics, the Gram matrix of dot products (whence the
+T vectors; the next key is read in a background thread, see vectors.gram) and reduced into
+per-block statistics, the Gram matrix of dot products (whence the
 pairwise cosine similarities), sign-agreement counts and, optionally, the contribution
 `||Lambda[t, i] * tau_t,i||` of each vector to each block of a `coefs` object.
 
@@ -22,8 +23,7 @@ from tvtool.checkpoints.readers import CheckpointReader
 from tvtool.errors import TvtoolError
 from tvtool.store.store import Store
 from tvtool.vectors.blocks import CoefsLayout, coef_for_key
-
-CHUNK = 1 << 18  # columns per float64 matmul chunk: bounds the extra memory per key
+from tvtool.vectors.gram import key_sums, stream_keys
 
 
 class BlockStats(BaseModel):
@@ -148,27 +148,25 @@ def inspect_vectors(
     block_cos: list[BlockCosine] = []
     contrib = _ContributionAcc(coefs) if coefs else None
 
-    for key in keys:
-        holders = [i for i, s in enumerate(sources) if key in s.reader]
-        shapes = {tuple(sources[i].reader.meta(key).shape) for i in holders}
-        if len(shapes) > 1:
-            shown = ", ".join(f"{sources[i].name}: {list(sources[i].reader.meta(key).shape)}"
-                              for i in holders[:4])
-            raise TvtoolError(f"tensor {key!r} has different shapes across vectors ({shown})")
-        shape = shapes.pop()
-        n = math.prod(shape)
-        x = torch.empty(len(holders), n, dtype=torch.float32)
-        for r, i in enumerate(holders):
-            x[r] = sources[i].reader.get(key).reshape(-1).to(torch.float32)
-        g, a, b = _pair_sums(x, with_signs=t > 1)
+    stream = stream_keys(
+        keys,
+        lambda key: [i for i, s in enumerate(sources) if key in s.reader],
+        lambda i, key: sources[i].reader.get(key),
+        lambda i, key: tuple(sources[i].reader.meta(key).shape),
+        [s.name for s in sources],
+        keep_rows=contrib is not None,
+    )
+    for rows in stream:
+        key, holders, n = rows.key, rows.holders, rows.numel
+        sums = key_sums(rows, signs=True)
+        g = sums.gram
         idx = torch.tensor(holders)
         dots[idx[:, None], idx[None, :]] += g
-        if t > 1:
-            agree[idx[:, None], idx[None, :]] += a
-            both[idx[:, None], idx[None, :]] += b
-        amax, zeros = _row_extremes(x)
+        agree[idx[:, None], idx[None, :]] += sums.agree
+        both[idx[:, None], idx[None, :]] += sums.both
         for r, i in enumerate(holders):
-            blocks[i][key] = _Acc(n, float(g[r, r]), amax[r], zeros[r])
+            zeros = n - int(sums.nonzero[r])  # type: ignore[index]
+            blocks[i][key] = _Acc(n, float(g[r, r]), rows.max_abs[r], zeros)
         if per_block and pairs:
             pos = {i: r for r, i in enumerate(holders)}
             cos = []
@@ -180,8 +178,8 @@ def inspect_vectors(
                     cos.append(None)
             block_cos.append(BlockCosine(name=key, cosine=cos))
         if contrib is not None:
-            contrib.add(key, shape, x, holders)
-        del x
+            contrib.add(key, rows.shape, rows.rows, holders)  # type: ignore[arg-type]
+        del rows
         if on_key:
             on_key(key)
 
@@ -219,38 +217,6 @@ def inspect_vectors(
     return report, keys
 
 
-def _pair_sums(x: torch.Tensor, with_signs: bool) -> tuple[torch.Tensor, ...]:
-    """Gram matrix of the rows of `x` (accumulated in float64) and, with signs, the sums
-    (#same sign - #opposite sign) and #both nonzero for every pair of rows."""
-    rows = x.shape[0]
-    g = torch.zeros(rows, rows, dtype=torch.float64)
-    a = torch.zeros(rows, rows, dtype=torch.float64)
-    b = torch.zeros(rows, rows, dtype=torch.float64)
-    for start in range(0, x.shape[1], CHUNK):
-        part = x[:, start:start + CHUNK]
-        c = part.to(torch.float64)
-        g += c @ c.T
-        if with_signs and rows > 1:
-            s = torch.sign(part)  # float32 sums of +-1 over a chunk are exact
-            a += (s @ s.T).to(torch.float64)
-            s.abs_()
-            b += (s @ s.T).to(torch.float64)
-    return g, a, b
-
-
-def _row_extremes(x: torch.Tensor) -> tuple[list[float], list[int]]:
-    """max |x| and the number of zeros of every row (row by row: no full-size temporaries)."""
-    amax, zeros = [], []
-    for row in x:
-        if row.numel():
-            lo, hi = torch.aminmax(row)
-            amax.append(max(abs(float(lo)), abs(float(hi))))
-        else:
-            amax.append(0.0)
-        zeros.append(row.numel() - int(torch.count_nonzero(row)))
-    return amax, zeros
-
-
 class _ContributionAcc:
     """Accumulates ||Lambda[t, i] * tau_t,i||^2 per (layout row, block) while streaming."""
 
@@ -264,7 +230,9 @@ class _ContributionAcc:
             if src is not None:
                 self.rows_of.setdefault(src, []).append(row)
 
-    def add(self, key: str, shape: tuple[int, ...], x: torch.Tensor, holders: list[int]) -> None:
+    def add(
+        self, key: str, shape: tuple[int, ...], x: list[torch.Tensor], holders: list[int]
+    ) -> None:
         if key not in self.index:
             return
         b, _ = self.index[key]
