@@ -259,6 +259,7 @@ def main() -> None:
         "partitions": args.partitions,
         "threads": args.threads,
         "clock": args.clock,
+        "small": args.small,
         "vectors": 0,
         "dtype": "float32",
     }
@@ -308,8 +309,14 @@ def main() -> None:
             "extra_bytes": "about 0, independent of T",
         },
     }
+    doc["settings"]["tower_params"] = plain["params"]
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {out}")
+    if out.parent == HERE / "results":
+        sys.path.insert(0, str(HERE))
+        from table import refresh_readme
+
+        refresh_readme()
 
 
 if __name__ == "__main__":

@@ -30,3 +30,7 @@ def print_rows_and_save(rows: list[dict], info: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(info, indent=2) + "\n")
     print(f"wrote {out}")
+    if out.resolve().parent == Path(__file__).resolve().parent / "results":
+        from table import refresh_readme  # bench/ is on the path of every bench script
+
+        refresh_readme()
