@@ -34,8 +34,7 @@ class KeyRows:
     key: str
     shape: tuple[int, ...]
     holders: list[int]
-    body: torch.Tensor  # float32 [n // CHUNK, len(holders), CHUNK]: the full column chunks
-    tail: torch.Tensor  # float32 [len(holders), n % CHUNK]: the rest
+    chunks: list[torch.Tensor]  # float32 [len(holders), w] each, covering the columns in order
     max_abs: list[float]  # per holder
     rows: list[torch.Tensor] | None  # the holders' tensors as read (keep_rows=True)
 
@@ -82,7 +81,8 @@ def _read_key(
         if rows is not None:
             rows.append(t)
         del t
-    return KeyRows(key, shape, holders, body, tail, max_abs, rows)
+    chunks = list(body.unbind(0)) + ([tail] if tail.shape[1] else [])
+    return KeyRows(key, shape, holders, chunks, max_abs, rows)
 
 
 def stream_keys(
@@ -110,28 +110,25 @@ def stream_keys(
 
 
 def key_sums(rows: KeyRows, signs: bool) -> KeySums:
-    """Gram matrix and (with signs) sign agreement sums of one key's rows: one batched product
-    over the full chunks (each chunk's [r, r] in float32, summed in float64) and one for the
-    tail."""
+    """Gram matrix and (with signs) sign agreement sums of one key's rows."""
     r = len(rows.holders)
-    parts = [p for p in (rows.body, rows.tail.unsqueeze(0)) if p.numel()]
     gram = torch.zeros(r, r, dtype=torch.float64)
     agree = torch.zeros(r, r, dtype=torch.float64) if signs else None
     both = torch.zeros(r, r, dtype=torch.float64) if signs else None
     nonzero = torch.zeros(r, dtype=torch.float64) if signs else None
-    for p in parts:
-        gram += torch.bmm(p, p.transpose(1, 2)).sum(0, dtype=torch.float64)
-        if not signs:
-            continue
-        s = torch.sign(p)
-        a = torch.bmm(s, s.transpose(1, 2))  # per chunk: integers below 2^24, exact
-        agree += a.sum(0, dtype=torch.float64)  # type: ignore[operator]
-        nz = a.diagonal(dim1=1, dim2=2).sum(0, dtype=torch.float64)  # [r]
-        nonzero += nz  # type: ignore[operator]
-        if bool((nz < p.shape[0] * p.shape[2]).any()):  # zeros: count pairs both nonzero
-            s.abs_()
-            both += torch.bmm(s, s.transpose(1, 2)).sum(0, dtype=torch.float64)  # type: ignore[operator]
-        else:
-            both += p.shape[0] * p.shape[2]  # type: ignore[operator]
-        del s
+    scratch = torch.empty(r, CHUNK, dtype=torch.float32) if signs else None
+    for c in rows.chunks:
+        gram += c @ c.T
+        if signs:
+            w = c.shape[1]
+            s = torch.sign(c, out=scratch[:, :w])  # type: ignore[index]
+            a = s @ s.T  # integers below 2^24: exact
+            agree += a  # type: ignore[operator]
+            nz = a.diagonal()
+            nonzero += nz  # type: ignore[operator]
+            if bool((nz < w).any()):  # zeros here: count the pairs where both are nonzero
+                s.abs_()
+                both += s @ s.T  # type: ignore[operator]
+            else:
+                both += w  # type: ignore[operator]
     return KeySums(gram, agree, both, nonzero)
