@@ -160,6 +160,7 @@ with atomic_output(target) as f:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGINT"])
 def test_atomic_output_removes_its_part_file_on_signals(tmp_path: Path, sig: str) -> None:
     import signal
@@ -227,6 +228,7 @@ except TvtoolError as e:
 """
 
 
+@pytest.mark.slow
 def test_atomic_output_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
     import subprocess
     import sys
