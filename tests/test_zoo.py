@@ -67,7 +67,7 @@ def test_zoo_layout_and_recipe(small_zoo):
     r = recipe_for("small", 0)
     info = json.loads((z.root / "zoo.json").read_text())
     assert info["recipe_hash"] == r.digest()
-    assert set(info["finetuned"]) == set(r.task_domains)
+    assert set(info["finetuned"]) == set(r.task_domains) == set(info["attention"])
     assert len(r.target_domains) >= 2 and not set(r.target_domains) & set(r.task_domains)
     for d in r.all_domains:
         for s in ("train", "val", "test"):
@@ -109,6 +109,38 @@ def test_checkpoints_load_with_open_clip(small_zoo):
         assert list(ft) == list(base)
         changed = {k for k in base if not torch.equal(base[k], ft[k])}
         assert changed and all(k.startswith("visual.") for k in changed)
+        assert any("mlp" in k for k in changed)
+        # the attention-only fine-tune changed every attention linear layer and nothing else
+        attn = load_file(str(z.attention(d)))
+        model.load_state_dict(attn)
+        changed = {k for k in base if not torch.equal(base[k], attn[k])}
+        assert changed == _attention_keys(model)
+
+
+def _attention_keys(model) -> set[str]:
+    """The in_proj / out_proj parameters of the image tower's nn.MultiheadAttention modules."""
+    keys = set()
+    for name, mod in model.visual.named_modules():
+        if isinstance(mod, torch.nn.MultiheadAttention):
+            for p in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"):
+                keys.add(f"visual.{name}.{p}")
+    return keys
+
+
+def test_attention_filter_matches_the_attention_modules(tmp_path):
+    """`is_attention` picks exactly the image tower's attention linear layers."""
+    import open_clip
+
+    from tvtool.demo.train import create_model, is_attention
+
+    r = recipe_for("small", 0)
+    cfg = tmp_path / f"{r.model.name}.json"
+    cfg.write_text(json.dumps(r.model.open_clip_config()))
+    model = create_model(cfg)
+    assert isinstance(model, open_clip.CLIP)
+    names = {f"visual.{n}" for n, _ in model.visual.named_parameters()}
+    picked = {n for n in names if is_attention(n)}
+    assert picked == _attention_keys(model) and len(picked) == 4 * r.model.layers
 
 
 @pytest.mark.slow
@@ -139,6 +171,7 @@ def test_second_build_reuses_everything(small_zoo, tmp_path):
     again = build_zoo(z.root, seed=0, size="small")
     assert {"data", "pretrain"} <= set(again.reused)
     assert all(f"finetune:{d}" in again.reused for d in z.recipe.task_domains)
+    assert all(f"attention:{d}" in again.reused for d in z.recipe.task_domains)
     after = {p: p.stat().st_mtime_ns for p in (z.root / "models").rglob("*.safetensors")}
     assert before == after
     with pytest.raises(TvtoolError, match="another recipe"):
@@ -161,11 +194,13 @@ def test_training_is_deterministic(tmp_path):
             "pretrain_domains": ["original"],
             "pretrain": r.pretrain.model_copy(update={"epochs": 1}),
             "finetune": r.finetune.model_copy(update={"epochs": 1}),
+            "attention_finetune": r.finetune.model_copy(update={"epochs": 1}),
         }
     )
     a = build_zoo(tmp_path / "a", recipe=r)
     b = build_zoo(tmp_path / "b", recipe=r)
-    for rel in ("models/zeroshot.safetensors", "models/invert/finetuned.safetensors"):
+    models = ("zeroshot", "invert/finetuned", "invert/attention")
+    for rel in (f"models/{m}.safetensors" for m in models):
         assert (a.root / rel).read_bytes() == (b.root / rel).read_bytes()
 
 

@@ -66,7 +66,10 @@ def demo(
 
     extract, inspect, eval, compose (addition, negation, 16 shots, entropy), select, merge.
 
-    Prints one results table, writes OUT/report.md and OUT/results.json, checks 5 claims.
+    Attention-only task vectors (digits-attn/<domain>) vs full ones: eval --disentanglement
+    and task addition (eval --grid).
+
+    Prints one results table, writes OUT/report.md and OUT/results.json, checks 6 claims.
 
     Needs the demo extra (scikit-learn, pillow; matplotlib for the cosine heatmap).
     """
@@ -108,6 +111,9 @@ def build(
     A tiny CLIP pre-trained on two domains: OUT/models/zeroshot.safetensors (+ config JSON)
 
     One fine-tuned checkpoint per task domain: OUT/models/<domain>/finetuned.safetensors
+
+    One attention-only fine-tune per task domain (only in_proj / out_proj of the image tower
+    trained): OUT/models/<domain>/attention.safetensors
     """
     from tvtool.cli.output import emit_json, info
     from tvtool.demo.progress import stage_progress
@@ -121,8 +127,10 @@ def build(
         return
     acc = zoo.info.accuracy
     for d in zoo.recipe.task_domains:
+        a = acc[d]
         info(
-            f"{d:>12}: zero-shot {acc[d]['zeroshot']:5.1f}%  fine-tuned {acc[d]['finetuned']:5.1f}%"
+            f"{d:>12}: zero-shot {a['zeroshot']:5.1f}%  fine-tuned {a['finetuned']:5.1f}%  "
+            f"attention-only {a.get('attention', float('nan')):5.1f}%"
         )
     for d in zoo.recipe.target_domains:
         info(f"{d:>12}: zero-shot {acc[d]['zeroshot']:5.1f}%  (held out: no task vector)")

@@ -39,6 +39,7 @@ ADDITION = ["--epochs", "10", "--batch-size", "32", "--lr", "0.1", *CALIBRATED] 
 NEGATION = ["--epochs", "10", "--batch-size", "32", "--lr", "0.01", *CALIBRATED]
 ENTROPY = ["--objective", "entropy", "--epochs", "3", "--batch-size", "64", "--lr", "0.01"]
 ENTROPY += CALIBRATED
+ALPHAS = "0:1:0.25"  # eval --disentanglement's grid of alpha_1, alpha_2
 
 
 @dataclass
@@ -69,6 +70,10 @@ class Demo:
 
     def vec(self, domain: str) -> str:
         return f"digits/{domain}"
+
+    def attn_vec(self, domain: str) -> str:
+        """The task vector of the attention-only fine-tune."""
+        return f"digits-attn/{domain}"
 
     @property
     def tasks(self) -> list[str]:
@@ -111,11 +116,14 @@ def pct(report: dict) -> dict[str, float]:
 
 
 def extract(demo: Demo) -> None:
+    """Full and attention-only task vectors (the whole image tower: the attention-only ones are
+    zero outside in_proj / out_proj because nothing else was trained)."""
     digests = {}
-    for d in demo.tasks:
-        opts = flags(preset="visual", name=demo.vec(d), store=demo.store)
-        args = ["extract", demo.zoo.zeroshot, demo.zoo.finetuned(d), *opts, "-q"]
-        digests[d] = demo.cli.run("extract", args).strip()
+    for name, ckpt in ((demo.vec, demo.zoo.finetuned), (demo.attn_vec, demo.zoo.attention)):
+        for d in demo.tasks:
+            opts = flags(preset="visual", name=name(d), store=demo.store)
+            args = ["extract", demo.zoo.zeroshot, ckpt(d), *opts, "-q"]
+            digests[name(d)] = demo.cli.run("extract", args).strip()
     demo.results["vectors"] = digests
 
 
@@ -200,6 +208,43 @@ def negation(demo: Demo) -> None:
     }
 
 
+def pairs(tasks: list[str]) -> list[tuple[str, str]]:
+    """Disjoint pairs of neighbouring task domains (a-b, c-d, ...) for the disentanglement error."""
+    return [(tasks[i], tasks[i + 1]) for i in range(0, len(tasks) - 1, 2)]
+
+
+def attention(demo: Demo) -> None:
+    """Claim 6 (Jin et al.): attention-only vectors vs full ones, through the CLI: the mean
+    weight-disentanglement error xi over pairs of task domains (`eval --disentanglement`, alphas
+    0..1) and isotropic task addition (`eval --grid`, scale chosen on validation by mean
+    normalised accuracy against each kind's own fine-tuned accuracies)."""
+    log = "attention"
+    for d in demo.tasks:
+        rep = demo.eval(log, ["--weights", demo.zoo.attention(d)], [d])
+        demo.dom(d)["attn_finetuned"] = pct(rep)[d]
+    ft = {d: demo.dom(d)["attn_finetuned"] for d in demo.tasks}
+    ft_file = demo.out / "attention-finetuned-acc.json"
+    ft_file.write_text(json.dumps(ft, indent=2))
+    vecs = [demo.attn_vec(d) for d in demo.tasks]
+    rep = demo.eval(log, [*vecs, "--grid", GRID, "--finetuned-acc", ft_file], demo.tasks)
+    for d, a in pct(rep).items():
+        demo.dom(d)["attn_addition"] = a
+    xi: dict[str, list[float]] = {"full": [], "attention": []}
+    for a, b in pairs(demo.tasks):
+        for kind, name in (("full", demo.vec), ("attention", demo.attn_vec)):
+            args = ["--disentanglement", name(a), name(b), "--alphas", ALPHAS]
+            grid = demo.eval(log, args, [a, b])["disentanglement"]["xi"]
+            xi[kind].append(sum(map(sum, grid)) / sum(map(len, grid)))
+    demo.results["attention"] = {
+        "scale": rep["scale"],
+        "full_scale": (demo.results.get("addition") or {}).get("scale"),
+        "pairs": [list(p) for p in pairs(demo.tasks)],
+        "alphas": ALPHAS,
+        "xi_pairs": xi,
+        "xi": {k: sum(v) / len(v) if v else None for k, v in xi.items()},
+    }
+
+
 def few_shot(demo: Demo, domain: str) -> None:
     """aTLAS on 16 shots vs the best isotropic scale, a linear probe and entropy (unlabelled)."""
     from tvtool.demo.probe import linear_probe
@@ -256,7 +301,8 @@ def _prepare_out(out: Path, force: bool) -> None:
     (out / MARKER).touch()
     for sub in ("store", "models", "logs"):  # a fresh store and outputs for every run
         shutil.rmtree(out / sub, ignore_errors=True)
-    for name in ("cosine.png", "finetuned-acc.json", "results.json", "report.md"):
+    names = ("cosine.png", "finetuned-acc.json", "attention-finetuned-acc.json")
+    for name in (*names, "results.json", "report.md"):
         (out / name).unlink(missing_ok=True)
 
 
@@ -286,6 +332,7 @@ def run_demo(
         ("evaluate zero-shot and fine-tuned", lambda: zeroshot_and_finetuned(demo)),
         ("task addition (isotropic and learned)", lambda: addition(demo)),
         ("task negation", lambda: negation(demo)),
+        ("attention-only vs full vectors", lambda: attention(demo)),
     ]
     for d in zoo.recipe.target_domains:
         stages.append((f"aTLAS {SHOTS}-shot on {d}", lambda d=d: few_shot(demo, d)))

@@ -87,6 +87,9 @@ class ZooRecipe(BaseModel):
     templates: list[str] = Field(default_factory=lambda: list(TEMPLATES))
     pretrain: Schedule
     finetune: Schedule
+    # attention-only fine-tunes (Jin et al.): the same recipe, only the image tower's attention
+    # linear layers (in_proj / out_proj) trainable; one per task domain
+    attention_finetune: Schedule
     format: int = ZOO_FORMAT
 
     def digest(self, *parts: str) -> str:
@@ -128,6 +131,7 @@ def recipe_for(size: Size = "full", seed: int = 0) -> ZooRecipe:
             negation_control="original",
             pretrain=Schedule(epochs=40, batch_size=128, lr=1e-3),
             finetune=Schedule(epochs=10, batch_size=32, lr=5e-4),
+            attention_finetune=Schedule(epochs=10, batch_size=32, lr=5e-4),
         )
     if size == "small":
         return ZooRecipe(
@@ -153,6 +157,8 @@ def recipe_for(size: Size = "full", seed: int = 0) -> ZooRecipe:
             negation_control="original",
             pretrain=Schedule(epochs=30, batch_size=128, lr=2e-3),
             finetune=Schedule(epochs=10, batch_size=32, lr=1e-3),
+            # fewer epochs: the tests' zoo must stay fast (CI runs everything in minutes)
+            attention_finetune=Schedule(epochs=3, batch_size=32, lr=1e-3),
         )
     from tvtool.errors import TvtoolError
 

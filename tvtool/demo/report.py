@@ -19,6 +19,9 @@ CLAIMS = {
     "scale on every held-out domain.",
     5: "Keeping only the top-N vectors per block loses little accuracy (5 points or less on "
     "average over the held-out domains) for much less memory (60% or less).",
+    6: "Attention-only task vectors (only the attention linear layers fine-tuned) are more "
+    "disentangled (lower mean weight-disentanglement error) and add with less interference "
+    "(higher mean normalised accuracy of task addition) than full fine-tunes.",
 }
 
 # (key, header) of the table's columns, in order
@@ -33,6 +36,8 @@ COLUMNS = [
     ("atlas", "aTLAS 16"),
     ("entropy", "entropy"),
     ("selected", "top-N"),
+    ("attn_finetuned", "attn ft."),
+    ("attn_addition", "attn add."),
 ]
 
 
@@ -76,9 +81,30 @@ def check_claims(r: dict[str, Any]) -> list[dict[str, Any]]:
         ]
     )
     held[5] = loss <= 5 and mem <= 0.6
+    kinds = {"full": ("finetuned", "addition"), "attention": ("attn_finetuned", "attn_addition")}
+    att: dict[str, dict[str, float]] = {}
+    xi = (r.get("attention") or {}).get("xi") or {}
+    for kind, (ft, add) in kinds.items():
+        att[kind] = {
+            "xi": float(xi[kind]) if _ok(xi.get(kind)) else math.nan,
+            # normalised accuracy: added / own fine-tuned; gap: fine-tuned - added (points)
+            "normalised": _mean([get(d, add) / get(d, ft) for d in tasks]),
+            "gap": _mean([get(d, ft) - get(d, add) for d in tasks]),
+        }
+    held[6] = (
+        att["attention"]["xi"] < att["full"]["xi"]
+        and att["attention"]["normalised"] > att["full"]["normalised"]
+    )
     r["summary"] = {
-        "task_mean": {"zeroshot": zs, "addition": iso, "learned_addition": learned},
+        "task_mean": {
+            "zeroshot": zs,
+            "addition": iso,
+            "learned_addition": learned,
+            "attn_finetuned": _mean([get(d, "attn_finetuned") for d in tasks]),
+            "attn_addition": _mean([get(d, "attn_addition") for d in tasks]),
+        },
         "selection": {"mean_accuracy_loss": loss, "memory_fraction": mem},
+        "attention": att,
     }
     return [{"id": i, "text": CLAIMS[i], "held": bool(held[i])} for i in CLAIMS]
 
@@ -141,6 +167,19 @@ def notes(r: dict[str, Any]) -> list[str]:
             f"per block (select --top) learned and held on the device: "
             f"{100 * sel['memory_fraction']:.0f}% of the vector memory{mb}, "
             f"{sel['mean_accuracy_loss']:.1f} points lost on average"
+        )
+    att = r.get("summary", {}).get("attention", {})
+    if r.get("attention") and att:
+        a, f = att["attention"], att["full"]
+        pair_names = ", ".join("-".join(p) for p in r["attention"]["pairs"])
+        out.append(
+            "attn ft./add.: attention-only fine-tunes (only in_proj / out_proj of the image tower "
+            f"trained; vectors digits-attn/<domain>) and their isotropic addition at scale "
+            f"{r['attention']['scale']:g}; weight-disentanglement error xi (eval "
+            f"--disentanglement, mean over alphas {r['attention']['alphas']} and pairs "
+            f"{pair_names}): full {f['xi']:.3f}, attention-only {a['xi']:.3f}; addition: "
+            f"normalised accuracy full {f['normalised']:.2f}, attention-only "
+            f"{a['normalised']:.2f} (gap to fine-tuned {f['gap']:.1f} vs {a['gap']:.1f} points)"
         )
     out.append(
         "best iso.: the isotropic scale best on the domain's validation split; probe: "
@@ -208,6 +247,7 @@ def finish(r: dict[str, Any], out: Path) -> dict[str, Any]:
 
 
 TASK_VIEW = ["zeroshot", "finetuned", "addition", "learned_addition", "negation"]
+ATTN_VIEW = ["finetuned", "addition", "attn_finetuned", "attn_addition"]
 HELD_VIEW = ["zeroshot", "best_isotropic", "linear_probe", "atlas", "entropy", "selected"]
 
 
@@ -237,6 +277,9 @@ def render_table(r: dict[str, Any]) -> None:
     head = f"test accuracy % (zoo {r['size']}, seed {r['seed']})"
     err.print(_view(r, TASK_VIEW, task_rows, f"{head}: task domains"))
     err.print(_view(r, HELD_VIEW, held_rows, f"{head}: held-out domains, {SHOTS} shots"))
+    if r.get("attention"):
+        title = f"{head}: full vs attention-only task vectors"
+        err.print(_view(r, ATTN_VIEW, rows[:n_task], title))
     for n in notes(r):
         err.print(f"[dim]{n}[/dim]", soft_wrap=False)
     for c in r["claims"]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,6 +20,14 @@ from tvtool.demo.domains import CLASSNAMES
 from tvtool.demo.recipe import Schedule
 
 Tick = Callable[[int], None]
+
+# the attention linear layers of open_clip's transformer blocks (weights and biases)
+ATTENTION = re.compile(r"\.resblocks\.\d+\.attn\.(in_proj_(weight|bias)|out_proj\.(weight|bias))$")
+
+
+def is_attention(name: str) -> bool:
+    """Whether a parameter name is an attention in_proj / out_proj weight or bias."""
+    return ATTENTION.search(name) is not None
 
 
 @contextlib.contextmanager
@@ -185,13 +194,18 @@ def finetune_image_tower(
     sched: Schedule,
     seed: int,
     tick: Tick | None = None,
+    *,
+    attention_only: bool = False,
 ) -> list[float]:
-    """Cross-entropy fine-tuning of `model.visual` only, against the frozen zero-shot head."""
+    """Cross-entropy fine-tuning of `model.visual` only, against the frozen zero-shot head;
+    `attention_only` trains only its attention linear layers (in_proj / out_proj)."""
     g = torch.Generator().manual_seed(seed)
     x_all = normaliser(model)(images)
     for p in model.parameters():
         p.requires_grad_(False)
-    params = list(model.visual.parameters())
+    params = [
+        p for n, p in model.visual.named_parameters() if not attention_only or is_attention(n)
+    ]
     for p in params:
         p.requires_grad_(True)
     scale = model.logit_scale.exp().detach()

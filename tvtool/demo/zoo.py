@@ -6,6 +6,7 @@
     DIR/models/templates.txt              the prompt templates the zero-shot head was built with
     DIR/models/zeroshot.safetensors       the "pre-trained" model
     DIR/models/<domain>/finetuned.safetensors
+    DIR/models/<domain>/attention.safetensors   only the attention linear layers fine-tuned
 
 Each stage is keyed by a hash of the part of the recipe it depends on (stored in the
 safetensors metadata / a stamp file), so a second run reuses whatever is already there.
@@ -44,11 +45,12 @@ class ZooInfo(BaseModel):
     templates_path: str
     zeroshot: str
     finetuned: dict[str, str]
+    attention: dict[str, str] = {}  # attention-only fine-tunes
     data: dict[str, dict[str, str]]
     split_sizes: dict[str, int]
     classnames: list[str]
     domains: dict[str, str]
-    accuracy: dict[str, dict[str, float]]  # domain -> {"zeroshot"|"finetuned": test %}
+    accuracy: dict[str, dict[str, float]]  # domain -> {"zeroshot"|"finetuned"|"attention": %}
     seconds: dict[str, float]
 
 
@@ -78,6 +80,9 @@ class ZooPaths:
 
     def finetuned(self, domain: str) -> Path:
         return self.root / self.info.finetuned[domain]
+
+    def attention(self, domain: str) -> Path:
+        return self.root / self.info.attention[domain]
 
     def data(self, domain: str, split: str) -> Path:
         return self.root / self.info.data[domain][split]
@@ -130,6 +135,9 @@ def stage_keys(recipe: ZooRecipe) -> dict[str, str]:
     )
     for d in recipe.task_domains:
         keys[f"finetune:{d}"] = f"{keys['pretrain']}-{recipe.digest('finetune')}-{d}"
+    attn = recipe.digest("attention_finetune")
+    for d in recipe.task_domains:
+        keys[f"attention:{d}"] = f"{keys['pretrain']}-{attn}-attention-{d}"
     return keys
 
 
@@ -148,6 +156,10 @@ def _complete(root: Path, recipe: ZooRecipe) -> ZooPaths | None:
         and zoo.model_config.is_file()
         and _stored_key(zoo.zeroshot) == keys["pretrain"]
         and all(_stored_key(zoo.finetuned(d)) == keys[f"finetune:{d}"] for d in recipe.task_domains)
+        and set(zoo.info.attention) == set(recipe.task_domains)
+        and all(
+            _stored_key(zoo.attention(d)) == keys[f"attention:{d}"] for d in recipe.task_domains
+        )
     )
     if not ok:
         return None
@@ -252,33 +264,41 @@ def build_zoo(
             test = sets[d]["test"]
             accuracy[d] = {"zeroshot": train.accuracy(model, head, test.images, test.labels)}
         finetuned: dict[str, str] = {}
-        for i, d in enumerate(recipe.task_domains):
-            t0 = time.perf_counter()
-            path = models / d / "finetuned.safetensors"
-            ft_key = keys[f"finetune:{d}"]
-            if _stored_key(path) == ft_key:
-                reused.append(f"finetune:{d}")
-                ft_model = train.create_model(cfg_path, _load(path))
-            else:
-                model.load_state_dict(base_state)
-                ft_model = model
-                train_set = sets[d]["train"]
-                tick = progress(f"fine-tuning {d}", recipe.finetune.epochs)
-                train.finetune_image_tower(
-                    ft_model,
-                    head,
-                    train_set.images,
-                    train_set.labels,
-                    recipe.finetune,
-                    recipe.seed * 1000 + i + 1,
-                    tick,
-                )
-                path.parent.mkdir(exist_ok=True)
-                _save(save_safetensors, path, ft_model.state_dict(), ft_key, d)
-            test = sets[d]["test"]
-            accuracy[d]["finetuned"] = train.accuracy(ft_model, head, test.images, test.labels)
-            finetuned[d] = str(path.relative_to(root))
-            seconds[f"finetune:{d}"] = time.perf_counter() - t0
+        attention: dict[str, str] = {}
+        jobs = [("finetune", "finetuned", recipe.finetune, finetuned, "fine-tuning")]
+        jobs.append(
+            ("attention", "attention", recipe.attention_finetune, attention, "attention-only")
+        )
+        for stage, stem, sched, paths, verb in jobs:
+            for i, d in enumerate(recipe.task_domains):
+                t0 = time.perf_counter()
+                path = models / d / f"{stem}.safetensors"
+                key = keys[f"{stage}:{d}"]
+                if _stored_key(path) == key:
+                    reused.append(f"{stage}:{d}")
+                    ft_model = train.create_model(cfg_path, _load(path))
+                else:
+                    model.load_state_dict(base_state)
+                    ft_model = model
+                    train_set = sets[d]["train"]
+                    tick = progress(f"{verb} {d}", sched.epochs)
+                    train.finetune_image_tower(
+                        ft_model,
+                        head,
+                        train_set.images,
+                        train_set.labels,
+                        sched,
+                        recipe.seed * 1000 + i + 1,  # the same data order for both kinds
+                        tick,
+                        attention_only=stage == "attention",
+                    )
+                    path.parent.mkdir(exist_ok=True)
+                    what = d if stage == "finetune" else f"{d} {stem}"
+                    _save(save_safetensors, path, ft_model.state_dict(), key, what)
+                test = sets[d]["test"]
+                accuracy[d][stem] = train.accuracy(ft_model, head, test.images, test.labels)
+                paths[d] = str(path.relative_to(root))
+                seconds[f"{stage}:{d}"] = time.perf_counter() - t0
         model.load_state_dict(base_state)
 
     info = ZooInfo(
@@ -290,6 +310,7 @@ def build_zoo(
         templates_path=str(templates_path.relative_to(root)),
         zeroshot=str(zs_path.relative_to(root)),
         finetuned=finetuned,
+        attention=attention,
         data={d: {s: f"data/{d}/{s}" for s in by} for d, by in sets.items()},
         split_sizes={s: len(sets[recipe.pretrain_domains[0]][s].labels) for s in zdata.SPLITS},
         classnames=list(CLASSNAMES),
