@@ -194,23 +194,46 @@ class MergeInputs:
         return m.get(key).reshape(-1) if m is not None and key in m else None
 
     def thresholds(self, progress: Progress) -> None:
-        """The global top-k pre-pass: two streamed histogram passes per vector."""
+        """The global top-k pre-pass: two streamed histogram passes per vector (in slices
+        when the merge runs in slices: positioned reads into one buffer, no tensor copies)."""
         density = self.m.global_density(self.p)
         for i, t in enumerate(self.plan.terms):
             kth = KthLargest(topk_count(t.numel, density), t.numel)
             if kth.needs_passes:
                 for n, add in enumerate((kth.add_pass1, kth.add_pass2)):
                     for j, key in enumerate(t.keys):
-                        info = TensorInfo(key, self.base.meta(key).shape)
-                        x = self._tau(i, key, None)
-                        x = self.m.before_trim(x, info, self.states[i], self.p)
-                        add(x.abs_().to(torch.float32))
+                        for x in self._term_slices(i, key):
+                            add(x.abs_().to(torch.float32))
                         progress(
                             f"top-k {i + 1}/{len(self.states)}, pass {n + 1}", j + 1, len(t.keys)
                         )
                     if n == 0:
                         kth.end_pass1()
             self.states[i].topk = kth.result()
+
+    def _term_slices(self, i: int, key: str) -> Iterator[torch.Tensor]:
+        """Term i's tensor for `key` after the method's pre-trim steps, flat, in the compute
+        dtype: whole, or in `CHUNK` slices (each valid until the next is read)."""
+        info = TensorInfo(key, self.base.meta(key).shape)
+        if self.slices is None:
+            yield self.m.before_trim(self._tau(i, key, None), info, self.states[i], self.p)
+            return
+        n = self.base.meta(key).numel
+        cdt = self.cdtype(key)
+        for lo in range(0, n, CHUNK):
+            hi = min(n, lo + CHUNK)
+            base32 = self.slices.read(key, lo, hi).to(torch.float32) if self.is_ckpt[i] else None
+            x = self._slice(i, key, lo, hi, base32, cdt)
+            yield self.m.before_trim(x, info, self.states[i], self.p)
+
+    def _slice(
+        self, i: int, key: str, lo: int, hi: int, base32: torch.Tensor | None, cdt: torch.dtype
+    ) -> torch.Tensor:
+        """Elements [lo, hi) of term i's tensor for `key` (a checkpoint's: minus `base32`)."""
+        x = self.vec_slices[i].read(key, lo, hi)
+        if self.is_ckpt[i]:
+            return x.to(torch.float32).sub_(base32).to(cdt)
+        return x.to(cdt)
 
     def _coef(self, i: int, spec: TensorSpec, cdt: torch.dtype) -> torch.Tensor:
         c = coef_for_key(self.coefs[i], spec.name, spec.shape, self.layout, self.key_index)
@@ -282,10 +305,7 @@ class MergeInputs:
             acc = acc.to(cdt)
 
             def part(i: int, lo: int = lo, hi: int = hi, base32=base32) -> torch.Tensor:
-                x = self.vec_slices[i].read(key, lo, hi)
-                if self.is_ckpt[i]:
-                    return x.to(torch.float32).sub_(base32).to(cdt)
-                return x.to(cdt)
+                return self._slice(i, key, lo, hi, base32, cdt)
 
             def mask_of(i: int, lo: int = lo, hi: int = hi) -> torch.Tensor | None:
                 m = self.mask_slices[i]

@@ -19,9 +19,11 @@ def topk_count(n: int, density: float) -> int:
     return min(n, max(0, int(density * n)))
 
 
-def _above(a: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
-    """1.0 where a > thr, else 0.0, in a's dtype (float masks: bool kernels are slow on CPU)."""
-    return torch.sign(a - thr).clamp_(min=0)
+def _above(a: torch.Tensor, thr: torch.Tensor, *, inclusive: bool = False) -> torch.Tensor:
+    """1.0 where a > thr (a >= thr with `inclusive`), else 0.0, in a's dtype: comparisons
+    written into a float tensor (bool masks and their conversions are several times slower on
+    CPU, measured)."""
+    return (torch.ge if inclusive else torch.gt)(a, thr, out=torch.empty_like(a))
 
 
 def _take_first_ties(keep: torch.Tensor, a: torch.Tensor, thr: torch.Tensor, budget: int) -> int:
@@ -29,7 +31,7 @@ def _take_first_ties(keep: torch.Tensor, a: torch.Tensor, thr: torch.Tensor, bud
     how many were set."""
     if budget <= 0:
         return 0
-    equal = torch.sign((a - thr).abs_()).neg_().add_(1)  # 1.0 where a == thr
+    equal = torch.eq(a, thr, out=torch.empty_like(a))  # 1.0 where a == thr
     total = int(equal.sum(dtype=torch.float64))
     if total <= budget:
         keep.add_(equal)
@@ -73,12 +75,15 @@ class GlobalTopK:
     value: float | None  # None: keep everything (k = N) or, with keep_none, nothing
     ties: int = 0
     keep_none: bool = False
+    equal: int | None = None  # entries equal to `value` in the whole vector (None: unknown)
 
     def weights(self, a: torch.Tensor) -> torch.Tensor:
         """1.0 where the entry of `a` (float32 magnitudes) is kept, else 0.0."""
         if self.keep_none or self.value is None:
             return torch.full(a.shape, 0.0 if self.keep_none else 1.0, dtype=a.dtype)
         thr = torch.tensor(self.value, dtype=a.dtype)
+        if self.equal is not None and self.ties >= self.equal:  # every tie is kept: no order
+            return _above(a, thr, inclusive=True)
         keep = _above(a, thr)
         if self.ties > 0:
             self.ties -= _take_first_ties(keep, a, thr, self.ties)
@@ -138,7 +143,9 @@ class KthLargest:
         need = self.k - self.above
         low, above = self._locate(self.lo, need)
         bits = torch.tensor([(self.bucket << 15) | low], dtype=torch.int32)
-        return GlobalTopK(value=float(bits.view(torch.float32)[0]), ties=need - above)
+        return GlobalTopK(
+            value=float(bits.view(torch.float32)[0]), ties=need - above, equal=int(self.lo[low])
+        )
 
 
 
@@ -148,4 +155,4 @@ def trim(x: torch.Tensor, density: float, rule: GlobalTopK | None) -> torch.Tens
     global, from the pre-pass), else the top int(density * n) of this tensor."""
     a = x.abs().to(torch.float32)
     keep = rule.weights(a) if rule is not None else topk_weights(a, topk_count(a.numel(), density))
-    return x.mul_(keep.to(x.dtype))
+    return x.mul_(keep if keep.dtype == x.dtype else keep.to(x.dtype))
