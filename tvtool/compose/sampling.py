@@ -82,8 +82,10 @@ class SeededView(torch.utils.data.Dataset):
 
     def __getitem__(self, item: tuple[int, int]):
         pos, j = item
+        # Seed only the CPU generator (the transforms draw from it): torch.manual_seed would
+        # also queue a lazy CUDA seeding with a captured stack trace on every item.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(mix_seed("view", self.seed, self.task, self.epoch, pos))
+            torch.default_generator.manual_seed(mix_seed("view", self.seed, self.task, self.epoch, pos))
             return self.base[j]
 
 
