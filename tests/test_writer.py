@@ -151,7 +151,10 @@ import os, signal, sys, time
 from pathlib import Path
 from tvtool.checkpoints.writer import atomic_output
 target = Path(sys.argv[1])
-before = signal.getsignal(signal.SIGTERM)
+# As in a foreground process: a background or nohup parent may have left these ignored, and an
+# ignored signal is deliberately left alone by the writer.
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 with atomic_output(target) as f:
     f.write(b"x" * 1000)
     f.flush()
