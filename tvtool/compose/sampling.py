@@ -85,7 +85,8 @@ class SeededView(torch.utils.data.Dataset):
         # Seed only the CPU generator (the transforms draw from it): torch.manual_seed would
         # also queue a lazy CUDA seeding with a captured stack trace on every item.
         with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(mix_seed("view", self.seed, self.task, self.epoch, pos))
+            seed = mix_seed("view", self.seed, self.task, self.epoch, pos)
+            torch.default_generator.manual_seed(seed)
             return self.base[j]
 
 
