@@ -62,17 +62,23 @@ def _plain_head(t, names, templates):
     return torch.stack(rows)
 
 
-def _heads(store_root=None):
+def _all_heads(store_root=None):
+    """Every cached head as (classnames, templates, head tensor)."""
     from tvtool.store.store import Store
     from tvtool.vectors.stored import load_tensor_object
 
     st = Store(store_root)
-    out = {}
-    for ref, digest in st.refs().items():
+    out = []
+    for ref, digest in sorted(st.refs().items()):
         if ref.startswith("cache/heads/"):
             m, tensors = load_tensor_object(st, digest, "head")
-            out[tuple(m.params["classnames"])] = (m.params["templates"], tensors["head"])
+            out.append((tuple(m.params["classnames"]), m.params["templates"], tensors["head"]))
     return out
+
+
+def _heads(store_root=None):
+    """Cached heads by class names (use only while one head per class list is cached)."""
+    return {names: (tpl, head) for names, tpl, head in _all_heads(store_root)}
 
 
 @pytest.mark.slow
@@ -96,7 +102,7 @@ def test_eval_uses_each_datasets_names_and_templates(tiny, invoke, tmp_path):
     f.write_text("a {} image\n")
     r = invoke(*_args(tiny, "--data", f"cifar10={tiny['c10']}", "--templates", f, "--json"))
     assert r.exit_code == 0, r.output
-    assert any(tpl == ["a {} image"] for tpl, _ in _heads().values())
+    assert any(tpl == ["a {} image"] for _, tpl, _ in _all_heads())
     # unsafe templates are refused in one line
     f.write_text("{}{0.__class__}\n")
     r = invoke(*_args(tiny, "--data", str(tiny["c10"]), "--templates", f))
