@@ -208,7 +208,20 @@ class SafetensorsReader(CheckpointReader):
         self._files = []
 
 
-class TorchReader(CheckpointReader):
+class _LoadedReader(CheckpointReader):
+    """A reader whose tensors were loaded (or memory-mapped) into `_tensors` by name."""
+
+    _tensors: dict[str, torch.Tensor]
+
+    def meta(self, key: str) -> TensorMeta:
+        t = self._tensors[self._names[key]]
+        return TensorMeta(tuple(t.shape), t.dtype)
+
+    def _read(self, key: str) -> torch.Tensor:
+        return self._tensors[self._names[key]]
+
+
+class TorchReader(_LoadedReader):
     """A torch pickle: a state dict (weights_only) or a whole module (restricted unpickler);
     loaded and checked by `torch_file.load_state`."""
 
@@ -223,19 +236,12 @@ class TorchReader(CheckpointReader):
         self.module_classes = loaded[3]  # e.g. which activation a pickled CLIP used
         self._names = normalise_keys(sorted(self._tensors))
 
-    def meta(self, key: str) -> TensorMeta:
-        t = self._tensors[self._names[key]]
-        return TensorMeta(tuple(t.shape), t.dtype)
-
-    def _read(self, key: str) -> torch.Tensor:
-        return self._tensors[self._names[key]]
-
     def close(self) -> None:
         self._close_hasher()
         self._tensors = {}
 
 
-class TorchShardsReader(CheckpointReader):
+class TorchShardsReader(_LoadedReader):
     """Several torch shards (`pytorch_model-00001-of-00002.bin` ... with their index) read as
     one checkpoint; each shard is loaded (memory-mapped) and checked by `torch_file`."""
 
@@ -271,13 +277,6 @@ class TorchShardsReader(CheckpointReader):
         self._tensors = tensors
         self.skipped_non_tensor = sorted({k for p in self._parts for k in p.skipped_non_tensor})
         self._names = normalise_keys(sorted(tensors))
-
-    def meta(self, key: str) -> TensorMeta:
-        t = self._tensors[self._names[key]]
-        return TensorMeta(tuple(t.shape), t.dtype)
-
-    def _read(self, key: str) -> torch.Tensor:
-        return self._tensors[self._names[key]]
 
     def close(self) -> None:
         self._close_hasher()
