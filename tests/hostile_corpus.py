@@ -565,6 +565,9 @@ def run_case(argv: list[str], log: Path) -> tuple[int, int]:
     if pid == 0:  # pragma: no cover - the child
         code = 99
         try:
+            import torch
+
+            torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork
             fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             os.dup2(fd, 2)
             os.dup2(fd, 1)

@@ -50,6 +50,9 @@ def fork_cli(*args: object) -> int:
     if pid == 0:  # pragma: no cover - the child
         code = 99
         try:
+            # An OpenMP pool the parent already started does not survive fork: a parallel op in
+            # the child would wait for it forever. One thread runs every op inline.
+            torch.set_num_threads(1)
             null = os.open(os.devnull, os.O_WRONLY)
             os.dup2(null, 1)
             os.dup2(null, 2)
