@@ -57,23 +57,18 @@ def write_task(root: Path, task: str, per_class: int, seed: int) -> Path:
     return root
 
 
-def finetune(
-    cfg: Path, base: Path, data: Path, out: Path, steps: int = 40, lr: float = 2e-3
-) -> Path:
-    """Fine-tune the image tower on a folder (frozen zero-shot head) and save the whole model."""
-    from tvtool.checkpoints.writer import save_safetensors
+def train_tower(clip, tower: torch.nn.Module, data: Path, steps: int, lr: float) -> None:
+    """Train `tower`'s parameters in place on a folder against the frozen zero-shot head."""
     from tvtool.datasets import images as mdata
-    from tvtool.models.build import load_clip
     from tvtool.models.functional import encode_images
     from tvtool.models.heads import compute_head
 
-    clip = load_clip(model_config=cfg, base=base)
     folder = mdata.ImageFolder(data)
     head = compute_head(clip, folder.classnames, ["a photo of {}."])
     images, labels = mdata.load_tensors(
         folder, list(range(len(folder))), mdata.eval_transform(clip)
     )
-    params = [p for p in clip.model.visual.parameters()]
+    params = list(tower.parameters())
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
@@ -85,6 +80,17 @@ def finetune(
         )
         loss.backward()
         opt.step()
+
+
+def finetune(
+    cfg: Path, base: Path, data: Path, out: Path, steps: int = 40, lr: float = 2e-3
+) -> Path:
+    """Fine-tune the image tower on a folder (frozen zero-shot head) and save the whole model."""
+    from tvtool.checkpoints.writer import save_safetensors
+    from tvtool.models.build import load_clip
+
+    clip = load_clip(model_config=cfg, base=base)
+    train_tower(clip, clip.model.visual, data, steps, lr)
     state = {k: v.detach().clone().contiguous() for k, v in clip.model.state_dict().items()}
     save_safetensors(out, state, {})
     return out

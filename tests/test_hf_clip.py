@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from compose_assets import accuracy, write_task
+from compose_assets import accuracy, train_tower, write_task
 
 transformers = pytest.importorskip("transformers")
 
@@ -56,27 +55,10 @@ def save_vision_5x(vision_state: dict[str, torch.Tensor], out: Path, **kw) -> Pa
 
 def finetune(base: Path, data: Path, steps: int = 40, lr: float = 2e-3) -> dict:
     """Fine-tune the vision tower (not the projection, as FusionBench) with the base's head."""
-    from tvtool.datasets import images as mdata
     from tvtool.models.build import load_clip
-    from tvtool.models.functional import encode_images
-    from tvtool.models.heads import compute_head
 
     clip = load_clip(base=base)
-    folder = mdata.ImageFolder(data)
-    head = compute_head(clip, folder.classnames, ["a photo of {}."])
-    images, labels = mdata.load_tensors(
-        folder, list(range(len(folder))), mdata.eval_transform(clip)
-    )
-    params = list(clip.model.vision_model.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
-    torch.manual_seed(0)
-    for _ in range(steps):
-        opt.zero_grad()
-        logits = clip.logit_scale * encode_images(clip, None, images) @ head.T
-        F.cross_entropy(logits, labels).backward()
-        opt.step()
+    train_tower(clip, clip.model.vision_model, data, steps, lr)
     return {k: v.detach().clone() for k, v in clip.model.vision_model.state_dict().items()}
 
 
