@@ -10,6 +10,7 @@ import torch
 from rich.console import Console
 
 from tvtool.cli import output
+from tvtool.errors import printable
 from tvtool.store.store import Store
 from tvtool.vectors.stored import save_tensor_object
 
@@ -23,8 +24,8 @@ def _vector(tensors: dict[str, torch.Tensor], name: str) -> str:
     return digest
 
 
-def test_safe_and_plain_escape_controls_and_markup() -> None:
-    assert output.safe("a\x1b[31mb\x07\x9bc\td\ne") == "a\\x1b[31mb\\x07\\x9bc\td\ne"
+def test_printable_and_plain_escape_controls_and_markup() -> None:
+    assert printable("a\x1b[31mb\x07\x9bc\td\ne", output.LINES) == "a\\x1b[31mb\\x07\\x9bc\td\ne"
     assert output.plain("[red]x[/red]\x1b") == "\\[red]x\\[/red]\\x1b"
 
 
@@ -37,7 +38,7 @@ def test_table_off_a_terminal_is_whole_tab_separated_rows() -> None:
     lines = buf.getvalue().splitlines()
     assert lines[0] == "name\tdigest"  # no title line on a data console
     assert lines[1] == f"a b\t{digest}"
-    assert lines[2].split("\t")[0] == output.safe(EVIL) and "\x1b" not in buf.getvalue()
+    assert lines[2].split("\t")[0] == printable(EVIL, output.LINES) and "\x1b" not in buf.getvalue()
 
 
 def test_table_in_a_terminal_wraps_and_keeps_names_literal() -> None:
@@ -81,7 +82,7 @@ def test_control_characters_in_tensor_names_are_refused_and_escaped(invoke) -> N
     r = invoke("inspect", "evil")
     assert r.exit_code == 1 and r.stderr.startswith("Error: ")
     assert "\x1b" not in r.stderr and "\x07" not in r.stderr and "\x9b" not in r.stderr
-    assert output.safe(EVIL) in r.stderr
+    assert printable(EVIL, output.LINES) in r.stderr
 
 
 def test_error_messages_escape_controls(invoke) -> None:

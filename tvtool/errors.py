@@ -25,15 +25,14 @@ def few(items: list[str], n: int = 4, more: int = 0) -> str:
     return ", ".join(items[:n]) + (f" and {rest} more" if rest > 0 else "")
 
 
-def printable(text: str) -> str:
-    """`text` safe to show on a terminal: control characters (ESC, BEL, CR, ...), lone
-    surrogates and other unprintable code points become `\\x1b`-style escapes."""
+def printable(text: object, keep: str = "") -> str:
+    """`str(text)` safe to show on a terminal, in error messages and in every human view (the one
+    escape helper): control characters (ESC, OSC, BEL, CR, C0/C1, DEL), lone surrogates and other
+    unprintable code points (bidi overrides, line separators) become visible `\\x1b`-style
+    escapes; space and the characters in `keep` (the output sink keeps tab and newline) stay."""
+    text = str(text)
     if text.isprintable():
         return text
-    out = []
-    for c in text:
-        if c.isprintable() or c == " ":
-            out.append(c)
-        else:
-            out.append(repr(c)[1:-1] if c not in "'\"" else c)
-    return "".join(out)
+    return "".join(
+        c if c.isprintable() or c == " " or c in keep else repr(c)[1:-1] for c in text
+    )

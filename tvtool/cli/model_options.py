@@ -1,5 +1,5 @@
 """Option aliases shared by compose, select and eval (model, weights, data), and the helpers that
-turn them into a loaded model and image folders. Importing this module does not import torch."""
+turn them into the request's model spec. Importing this module does not import torch."""
 
 from __future__ import annotations
 
@@ -127,15 +127,6 @@ def model_spec(flags: Mapping[str, Any]) -> Any:
     return ModelSpec(
         **{f: flags[k] for k, f in MODEL_FLAGS.items() if flags.get(k) is not None}
     )
-
-
-def open_folders(
-    data: list[Path], split: str | None, classnames: list[Path] | None = None, cache: bool = False
-) -> list[Any]:
-    """One ImageFolder per --data (class names files matched one-for-all or pairwise)."""
-    from tvtool.datasets.images import open_folders as _open
-
-    return _open(data, split, classnames, cache)
 
 
 OtherBaseOpt = Annotated[

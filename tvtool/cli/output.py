@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -19,23 +18,20 @@ from typing import Any
 
 from rich.console import Console
 
+from tvtool.errors import printable
+
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False, soft_wrap=True)
 
 SHORT = 12  # hex characters of a digest people read in a terminal
-_CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def safe(text: Any) -> str:
-    """`text` with terminal control characters (ESC, OSC, C0/C1, DEL) as visible ``\\xNN``."""
-    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+LINES = "\t\n"  # what human output keeps of the characters `printable` escapes
 
 
 def plain(text: Any) -> str:
-    """`text` for a rich markup string: controls escaped (`safe`) and ``[...]`` kept literal."""
+    """`text` for a rich markup string: controls escaped (`printable`) and ``[...]`` literal."""
     from rich.markup import escape
 
-    return escape(safe(text))
+    return escape(printable(text, LINES))
 
 
 def short(digest: str | None) -> str:
@@ -119,11 +115,11 @@ def table(
     cols = [c if isinstance(c, Col) else Col(c) for c in columns]
     rows = [list(r) for r in rows]
     if not con.is_terminal:
-        lines = [f"# {safe(title)}"] if title and con is err else []
+        lines = [f"# {printable(title, LINES)}"] if title and con is err else []
         lines.append("\t".join(c.name for c in cols))
         lines += ["\t".join(_tsv(_text(v)) for v in r) for r in rows]
         if caption and con is err:
-            lines.append(f"# {safe(caption)}")
+            lines.append(f"# {printable(caption, LINES)}")
         con.file.write("\n".join(lines) + "\n")
         con.file.flush()
         return
@@ -139,7 +135,7 @@ def table(
             text = _text(v)
             if c.digest and len(text) > SHORT and all(ch in "0123456789abcdef" for ch in text):
                 text = text[:SHORT]
-            cells.append(Text(safe(text), style=v.style if isinstance(v, Cell) else ""))
+            cells.append(Text(printable(text, LINES), style=v.style if isinstance(v, Cell) else ""))
         t.add_row(*cells)
     con.print(t)
 
@@ -149,7 +145,7 @@ def _text(v: Any) -> str:
 
 
 def _tsv(text: str) -> str:
-    return safe(text.replace("\t", " ").replace("\n", " "))
+    return printable(text.replace("\t", " ").replace("\n", " "))
 
 
 def finite(x: float | None) -> float | None:
@@ -190,7 +186,7 @@ def warn(msg: str) -> None:
 
 def info(msg: str) -> None:
     """A line for people on stderr (`msg` is plain text, never markup)."""
-    err.print(safe(msg), soft_wrap=True, markup=False)
+    err.print(printable(msg, LINES), soft_wrap=True, markup=False)
 
 
 def stored(what: str, digest: str | None, name: str | None = None, extra: str = "") -> None:

@@ -34,7 +34,7 @@ import torch
 from tvtool.errors import TvtoolError
 
 if TYPE_CHECKING:
-    from tvtool.models.build import LoadedClip
+    from tvtool.models.loaded import LoadedClip
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 Transform = Callable[[object], torch.Tensor]
@@ -254,28 +254,6 @@ class Subset(torch.utils.data.Dataset):
     def __getitem__(self, j: int) -> tuple[torch.Tensor, int]:
         i = self.indices[j]
         return self.transform(self.folder.load(i)), self.folder.samples[i][1]
-
-
-def open_folders(
-    data: Sequence[str | Path],
-    split: str | None,
-    classnames: Sequence[Path] | None = None,
-    cache: bool = False,
-    datasets: Sequence[object] | None = None,
-) -> list[ImageSource]:
-    """One data source per `--data` value (folder, HF data, CSV; ``NAME=PATH`` for built-in
-    names); class-name files one-for-all or one per value; `datasets` (one per value, None
-    allowed) names the built-in data set of values without ``NAME=``."""
-    from tvtool.datasets.sources import open_source
-
-    if not data:
-        raise TvtoolError("give at least one --data DIR")
-    files = pair_classnames(classnames, len(data))
-    named = list(datasets) if datasets is not None else [None] * len(data)
-    return [
-        open_source(d, split, f, cache, n)  # type: ignore[arg-type]
-        for d, f, n in zip(data, files, named, strict=True)
-    ]
 
 
 def pair_classnames(classnames: Sequence[Path] | None, n: int) -> list[Path | None]:

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tvtool.datasets.images import ImageFolder, ImageSource
+from tvtool.datasets.images import ImageFolder, ImageSource, pair_classnames
 from tvtool.datasets.registry import BuiltinDataset, get, match_classnames, parse_data_arg
 from tvtool.errors import TvtoolError
 
@@ -97,6 +97,26 @@ def open_source(
     if not src.labelled and not src.classnames:
         raise TvtoolError(f"{src.root}: unlabelled data needs class names (--classnames FILE)")
     return src
+
+
+def open_folders(
+    data: Sequence[str | Path],
+    split: str | None,
+    classnames: Sequence[Path] | None = None,
+    cache: bool = False,
+    datasets: Sequence[object] | None = None,
+) -> list[ImageSource]:
+    """One data source per `--data` value (folder, HF data, CSV; ``NAME=PATH`` for built-in
+    names); class-name files one-for-all or one per value; `datasets` (one per value, None
+    allowed) names the built-in data set of values without ``NAME=``."""
+    if not data:
+        raise TvtoolError("give at least one --data DIR")
+    files = pair_classnames(classnames, len(data))
+    named = list(datasets) if datasets is not None else [None] * len(data)
+    return [
+        open_source(d, split, f, cache, n)  # type: ignore[arg-type]
+        for d, f, n in zip(data, files, named, strict=True)
+    ]
 
 
 def _is_table(path: Path) -> bool:

@@ -166,9 +166,8 @@ def run_eval(
     on_progress: Callable[[str, int], Callable[[], None]] | None = None,
 ) -> dict:
     """Evaluate as `o` says; returns the report."""
-    from tvtool.datasets.images import open_folders
     from tvtool.datasets.registry import parse_data_arg
-    from tvtool.datasets.sources import has_split
+    from tvtool.datasets.sources import has_split, open_folders
     from tvtool.models import evaluate as ev
     from tvtool.models.heads import load_templates
     from tvtool.models.weights import (

@@ -21,8 +21,8 @@ import torch
 
 from tvtool.datasets.images import ImageSource, eval_transform, iter_batches
 from tvtool.errors import TvtoolError
-from tvtool.models.build import LoadedClip
 from tvtool.models.functional import autocast, encode_images, logits, visual_params
+from tvtool.models.loaded import LoadedClip
 from tvtool.models.weights import Delta, apply_delta
 
 CONTROL_KEEP = 0.95  # negation keeps the control accuracy >= this x the base's (aTLAS's rule)

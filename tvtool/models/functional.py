@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from tvtool.errors import TvtoolError, few
-from tvtool.models.build import LoadedClip
+from tvtool.models.loaded import LoadedClip
 
 PREFIX = "visual."
 

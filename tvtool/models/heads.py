@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from tvtool.errors import TvtoolError
-from tvtool.models.build import LoadedClip
+from tvtool.models.loaded import LoadedClip
 from tvtool.store.store import Store
 
 DEFAULT_TEMPLATES: tuple[str, ...] = (

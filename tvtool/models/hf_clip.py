@@ -213,7 +213,7 @@ def load_weights(net: torch.nn.Module, path: Path) -> str:
 
 def load_hf_clip(base: Path, config: Path | None = None, device: Any = "cpu"):
     """A LoadedClip over an HF CLIP folder (or weights `base` + an HF `config` json)."""
-    from tvtool.models.build import LoadedClip, resolve_device
+    from tvtool.models.loaded import LoadedClip, resolve_device
 
     base = Path(base).expanduser()
     cfg_path = hf_config_path(config if config is not None else base)

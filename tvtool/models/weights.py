@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from tvtool.errors import TvtoolError
-from tvtool.models.build import LoadedClip
 from tvtool.models.functional import visual_params
+from tvtool.models.loaded import LoadedClip
 from tvtool.store.manifest import Manifest
 from tvtool.store.store import Store
 
