@@ -41,6 +41,13 @@ from tvtool.errors import TvtoolError
         ("kmnist", 10, "お", "を", 1),
         ("stl10", 10, "airplane", "truck", 2),
         ("tiny_imagenet", 200, "goldfish", "orange", 80),
+        # atlas names these from the data; stored: its rule on the standard release
+        ("caltech101", 101, "Faces", "yin_yang", 34),
+        ("caltech256", 257, "ak47", "clutter", 34),
+        ("ucf101", 101, "Apply_Eye_Makeup", "Yo_Yo", 48),
+        # openai/CLIP data/prompts.md (FGVC-Aircraft's variants.txt)
+        ("fgvc_aircraft", 100, "707-320", "Yak-42", 2),
+        ("mango_leaf_disease", 8, "Anthracnose", "Sooty Mould", 6),  # FusionBench addition
     ],
 )
 def test_published_names_and_templates(name, classes, first, last, templates):
@@ -98,7 +105,7 @@ def test_aliases_variants_and_unknown_names():
     with pytest.raises(TvtoolError, match="unknown data set 'carz'"):
         registry.get("carz")
     assert registry.lookup("carz") is None
-    assert registry.get("ucf101").classnames is None  # from the data
+    assert registry.get("ucf101").classnames[36] == "Handstand_Pushups"  # CoOp's, not CLIP's
 
 
 def test_parse_data_arg(tmp_path):
@@ -129,14 +136,36 @@ def test_match_classnames():
     names, how = registry.match_classnames(
         cal, ["001.ak47", "002.american-flag", "253.faces-easy-101"], "x"
     )
-    assert how == "data" and names == ["ak47", "american flag", "faces easy"]
+    assert how == "name" and names == ["ak47", "american flag", "faces easy"]
+    names, how = registry.match_classnames(cal, [str(i) for i in (0, 256)], "x")
+    assert how == "index" and names == ["ak47", "clutter"]  # integer labels get atlas's names
     names, _ = registry.match_classnames(registry.get("ucf101"), ["Apply_Eye_Makeup"], "x")
     assert names == ["Apply_Eye_Makeup"]  # as atlas uses them
     names, _ = registry.match_classnames(registry.get("caltech101"), ["Faces_easy"], "x")
     assert names == ["Faces_easy"]
+    fgvc = registry.get("fgvc_aircraft")  # 'F-16A/B' cannot be a folder: 100 folders by position
+    names, how = registry.match_classnames(fgvc, [f"c{i:03d}" for i in range(100)], "x")
+    assert how == "position" and names[72:74] == ["F-16A/B", "F/A-18"]
     pets = registry.get("pets")
     names, how = registry.match_classnames(pets, ["american_bulldog", "Abyssinian"], "x")
     assert how == "name" and names == ["American Bulldog", "Abyssinian"]
+
+
+def test_clip_prompt_lists_as_variants():
+    """openai/CLIP data/prompts.md, where it names classes differently from atlas."""
+    c101 = registry.get("caltech101:openai").classnames
+    assert len(c101) == 102 and c101[:4] == ["background", "off-center face", "centered face",
+                                             "leopard"]
+    assert c101[84] == "snoopy (cartoon beagle)" and c101[-1] == "yin and yang symbol"
+    # one to one with the sorted folders after CLIP's 'background' (car_side <-> side of a car)
+    assert registry.get("caltech101").classnames[19] == "car_side" and c101[20] == "side of a car"
+    ucf = registry.get("ucf101:openai").classnames
+    assert len(ucf) == 101 and ucf[36] == "Hand Stand Pushups" and ucf[-1] == "Yo Yo"
+    assert [c.replace(" ", "_") for c in ucf][:36] == registry.get("ucf101").classnames[:36]
+    assert registry.get("caltech101").templates[10] == "a {} in a video game."
+    assert registry.get("ucf101").templates[-1] == "a demonstration of the person practicing {}."
+    assert registry.get("fgvc_aircraft").templates == [
+        "a photo of a {}, a type of aircraft.", "a photo of the {}, a type of aircraft."]
 
 
 @pytest.mark.parametrize("bad", ["{}{0.__class__}", "{} {", "no placeholder", "{} and {}",

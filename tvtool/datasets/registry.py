@@ -1,10 +1,14 @@
 """Built-in data sets of the task-vector papers: class names and prompt templates as published.
 
 One JSON file per data set in ``builtin/`` (facts read from the authors' code: task_vectors /
-atlas ``src/datasets``, FusionBench ``tasks/clip_classification``; each file names its sources and
-commits). Suites: ``ta8`` (task arithmetic, Ilharco et al.), ``tall14``/``tall20`` (Wang et al.,
-FusionBench), ``atlas22`` (Zhang et al.). A data set may carry ``variants`` (e.g. ``fusionbench``)
-where another code base spells class names or templates differently; ``NAME:VARIANT`` picks one.
+atlas ``src/datasets``, FusionBench ``tasks/clip_classification``, openai/CLIP ``data/prompts.md``;
+each file names its sources and commits). Where atlas names classes from the data (Caltech,
+UCF-101), the stored list is its rule applied to the standard release, so integer-labelled copies
+get the same names; folder data is renamed by that rule (`data_names`) before it is matched.
+Suites: ``ta8`` (task arithmetic, Ilharco et al.), ``tall14``/``tall20`` (Wang et al.,
+FusionBench), ``atlas22`` (Zhang et al.). A data set may carry ``variants`` where another code
+base spells class names or templates differently (``fusionbench``; ``openai``: CLIP's lists);
+``NAME:VARIANT`` picks one.
 
 On the command line ``--data NAME=PATH`` takes the class names and templates of data set NAME for
 the data at PATH. The data's own classes (folder names, ClassLabel names, CSV labels) are matched
@@ -146,6 +150,18 @@ def _norm(name: str) -> str:
     return re.sub(r"[\s_\-]+", " ", name.lower()).strip()
 
 
+def _rename(d: BuiltinDataset, data_classes: list[str]) -> list[str]:
+    """The data's labels renamed as the code base does (`data_names`; default ``_`` -> space)."""
+    if d.data_names is None:
+        return [c.replace("_", " ") for c in data_classes]
+    out = []
+    for c in data_classes:
+        for pattern, repl in d.data_names:
+            c = re.sub(pattern, repl, c)
+        out.append(c)
+    return out
+
+
 def match_classnames(
     d: BuiltinDataset, data_classes: list[str], where: str
 ) -> tuple[list[str], str]:
@@ -153,18 +169,13 @@ def match_classnames(
     ("name", "index" or "position"). `data_classes` are the data's own labels in class-index
     order (folder names, ClassLabel names, CSV labels)."""
     pub = d.classnames
+    renamed = _rename(d, data_classes)
     if pub is None:
-        if d.data_names is None:
-            return [c.replace("_", " ") for c in data_classes], "data"
-        out = []
-        for c in data_classes:
-            for pattern, repl in d.data_names:
-                c = re.sub(pattern, repl, c)
-            out.append(c)
-        return out, "data"
+        return renamed, "data"
     by_name = {_norm(c): c for c in pub}
-    if all(_norm(c) in by_name for c in data_classes):
-        return [by_name[_norm(c)] for c in data_classes], "name"
+    for cands in (renamed, data_classes):  # the code base's renaming first (Caltech folders)
+        if all(_norm(c) in by_name for c in cands):
+            return [by_name[_norm(c)] for c in cands], "name"
     if all(c.strip().isdigit() and int(c) < len(pub) for c in data_classes):
         return [pub[int(c)] for c in data_classes], "index"
     if len(data_classes) == len(pub):
