@@ -198,9 +198,9 @@ def test_resume_continues_bit_for_bit(assets, clip):
     runs = list((store.tmp_dir / "compose-runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "checkpoint.pt").is_file()
     resumed = compose(opts.model_copy(update={"resume": True}), clip)
-    assert resumed["resumed_from"] == 2
-    assert torch.equal(torch.tensor(resumed["coefs"]), torch.tensor(full["coefs"]))
-    assert resumed["history"] == full["history"]
+    assert resumed.resumed_from == 2
+    assert torch.equal(torch.tensor(resumed.coefs), torch.tensor(full.coefs))
+    assert resumed.history == full.history
     assert not runs[0].exists()  # cleaned up once stored
 
 

@@ -1,6 +1,8 @@
-"""The base of every typed request (`ComposeRequest`, `SelectRequest`, `EvalRequest`): what a
+"""The bases of every typed request (`ComposeRequest`, `SelectRequest`, `EvalRequest`): what a
 command asks for, validated once, shared by the CLI (which builds it from its flags) and the
-library (which builds it directly). Torch-free."""
+library (which builds it directly); and of every report (`ComposeReport`, `SelectReport`,
+`EvalReport`): what the orchestrator returns, the human renderer reads and `--json` prints.
+Torch-free."""
 
 from __future__ import annotations
 
@@ -42,3 +44,14 @@ def validation_message(e: ValidationError) -> str:
     if not names:
         return msg
     return f"--{names[-1].replace('_', '-')}: {msg}"
+
+
+class Report(BaseModel):
+    """A command's result. `doc()` is its `--json` document: `model_dump` of the fields the run
+    set (a part the run does not have, e.g. an eval's `weights.file` without `--weights`, is
+    left unset and stays out, as the documents have always been)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    def doc(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_unset=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -38,6 +38,9 @@ from tvtool.cli.options import (
     StoreOpt,
     complete_names,
 )
+
+if TYPE_CHECKING:
+    from tvtool.compose.reports import ComposeReport
 
 OptVectors = Annotated[
     list[str] | None,
@@ -275,30 +278,30 @@ SELECT_BY = {
 }
 
 
-def render(report: dict[str, Any]) -> None:
+def render(report: ComposeReport) -> None:
     """The people's view on stderr: one row per epoch, the bank's size, what was kept."""
     from tvtool.cli.output import Col, info, stored, table
 
-    h = report["history"]
-    names = list(h[0]["val_acc"]) if h and h[0]["val_acc"] else []
+    h = report.history
+    names = list(h[0].val_acc) if h and h[0].val_acc else []
     cols = [Col("epoch", "right"), Col("train loss", "right"),
             *(Col(f"val {n}", "right") for n in names)]
     rows = [
         [
-            f"{r['epoch']}{' *' if r['epoch'] == report['epoch'] else ''}",
-            "-" if r["train_loss"] is None else f"{r['train_loss']:.4f}",
-            *(f"{100 * r['val_acc'][n]:.1f}%" for n in names),
+            f"{r.epoch}{' *' if r.epoch == report.epoch else ''}",
+            "-" if r.train_loss is None else f"{r.train_loss:.4f}",
+            *(f"{100 * r.val_acc[n]:.1f}%" for n in names),
         ]
         for r in h
     ]
     table(cols, rows, title="compose")
     info(
-        f"{len(report['vectors'])} vectors x {report['groups']} groups "
-        f"({report['blocks']} blocks), {report['learnable']} learned; vectors on "
-        f"{report['device']}: {report['vector_bytes'] / 1e6:.1f} MB"
+        f"{len(report.vectors)} vectors x {report.groups} groups "
+        f"({report.blocks} blocks), {report.learnable} learned; vectors on "
+        f"{report.device}: {report.vector_bytes / 1e6:.1f} MB"
     )
-    info(f"kept epoch {report['epoch']} ({SELECT_BY[report['select_by']]})")
-    stored("coefs", report["digest"], report["name"])
+    info(f"kept epoch {report.epoch} ({SELECT_BY[report.select_by]})")
+    stored("coefs", report.digest, report.name)
 
 
 def compose_command(
@@ -385,7 +388,7 @@ def compose_command(
         dist.close()
     if not dist.main:
         return
-    emit(report, json_out=json_out, quiet=quiet, human=render, data=[report["digest"]])
+    emit(report, json_out=json_out, quiet=quiet, human=render, data=[report.digest or ""])
 
 
 def register(app: typer.Typer) -> None:

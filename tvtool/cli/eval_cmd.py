@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -23,6 +23,9 @@ from tvtool.cli.model_options import (
     TextTowerOpt,
 )
 from tvtool.cli.options import DeviceOpt, JsonOpt, QuietOpt, StoreOpt, complete_names
+
+if TYPE_CHECKING:
+    from tvtool.models.eval_report import EvalReport
 
 HELP = "\n\n".join(
     [
@@ -146,7 +149,7 @@ def eval_cmd(
 ) -> None:
     from tvtool.cli.model_options import model_spec
     from tvtool.cli.output import emit, info, progress
-    from tvtool.models.eval_run import EvalRequest, headline, run_eval
+    from tvtool.models.eval_run import EvalRequest, run_eval
 
     req = EvalRequest.from_flags(locals(), model=model_spec(locals()), heads=list(head or []))
     with progress() as bar:
@@ -157,64 +160,64 @@ def eval_cmd(
 
         report = run_eval(req, on_note=info, on_progress=on_progress)
     emit(report, json_out=json_out, quiet=quiet, human=render,
-         quiet_data=[f"{headline(report):.6f}"])
+         quiet_data=[f"{report.headline():.6f}"])
 
 
-def render(report: dict) -> None:
+def render(report: EvalReport) -> None:
     """People's view on stderr: the accuracy table, the scale grid, the xi matrix."""
     from tvtool.cli.output import Col, info, short, table
 
-    w = report["weights"]
+    w = report.weights
     what = {
         "base": "base",
-        "weights": f"weights {w.get('file', '')}",
-        "coefs": f"coefs {short(w.get('coefs'))}",
-    }.get(w["mode"], w["mode"])
-    if w["mode"] == "vectors":
+        "weights": f"weights {w.file or ''}",
+        "coefs": f"coefs {short(w.coefs)}",
+    }.get(w.mode, w.mode)
+    if w.mode == "vectors":
         terms = " + ".join(
-            f"{v['weight']:g}*{v['name']}" if v["weight"] != 1 else v["name"] for v in w["vectors"]
+            f"{v.weight:g}*{v.name}" if v.weight != 1 else v.name for v in w.vectors or []
         )
-        scale = report["scale"]
+        scale = report.scale
         what = f"base + {terms}" if scale == 1.0 else f"base + {scale:g} x ({terms})"
-    info(f"{report['model']} ({what}) on {report['device']}")
-    if report.get("grid"):
-        g = report["grid"]
+    info(f"{report.model} ({what}) on {report.device}")
+    if report.grid:
+        g = report.grid
         rows = [
             [
-                f"{r['scale']:g}{' *' if r['scale'] == g['best_scale'] else ''}",
-                f"{r['mean_accuracy']:.2%}",
-                f"{r['mean_normalised']:.4f}" if r["mean_normalised"] is not None else "-",
+                f"{r.scale:g}{' *' if r.scale == g.best_scale else ''}",
+                f"{r.mean_accuracy:.2%}",
+                f"{r.mean_normalised:.4f}" if r.mean_normalised is not None else "-",
             ]
-            for r in g["rows"]
+            for r in g.rows
         ]
         table(
             [Col("scale", "right"), Col("mean acc", "right"), Col("mean norm", "right")],
             rows,
             title="scale grid (validation)",
-            caption=f"* best by {g['criterion'].replace('_', ' ')}",
+            caption=f"* best by {g.criterion.replace('_', ' ')}",
         )
-    if report.get("disentanglement"):
-        d = report["disentanglement"]
-        v1, v2 = d["vectors"]
+    if report.disentanglement:
+        d = report.disentanglement
+        v1, v2 = d.vectors
         table(
-            [Col(f"a1 ({v1}) \\ a2 ({v2})"), *(Col(f"{a:g}", "right") for a in d["alphas"])],
+            [Col(f"a1 ({v1}) \\ a2 ({v2})"), *(Col(f"{a:g}", "right") for a in d.alphas)],
             ([f"{a:g}", *(f"{x:.3f}" for x in row)]
-             for a, row in zip(d["alphas"], d["xi"], strict=True)),
+             for a, row in zip(d.alphas, d.xi, strict=True)),
             title="disentanglement error xi",
         )
     rows = [
-        [r["dataset"], str(r["n"]), f"{r['accuracy']:.2%}",
-         f"{r['normalised']:.3f}" if r["normalised"] is not None else "-"]
-        for r in report["results"]
+        [r.dataset, str(r.n), f"{r.accuracy:.2%}",
+         f"{r.normalised:.3f}" if r.normalised is not None else "-"]
+        for r in report.results
     ]
-    if len(report["results"]) > 1:
-        mn = report["mean_normalised"]
+    if len(report.results) > 1:
+        mn = report.mean_normalised
         rows.append(
-            ["mean", "", f"{report['mean_accuracy']:.2%}", f"{mn:.3f}" if mn is not None else "-"]
+            ["mean", "", f"{report.mean_accuracy:.2%}", f"{mn:.3f}" if mn is not None else "-"]
         )
     table(
         [Col("data set"), Col("images", "right"), Col("accuracy", "right"),
          Col("normalised", "right")],
         rows,
-        title=f"top-1 accuracy ({report['split']})",
+        title=f"top-1 accuracy ({report.split})",
     )

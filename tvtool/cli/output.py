@@ -61,8 +61,9 @@ def emit(
     data: Iterable[str] = (),
     quiet_data: Iterable[str] | None = None,
 ) -> None:
-    """Send a command's report out. `--json`: the report (a pydantic model or a JSON-able dict)
-    as one document on stdout, nothing else. Otherwise `human(report)` writes the people's view
+    """Send a command's report out. `--json`: the report (a `tvtool.request.Report`, whose
+    `doc()` it prints, another pydantic model or a JSON-able dict) as one document on stdout,
+    nothing else. Otherwise `human(report)` writes the people's view
     (on stderr, skipped with `-q`) and the `data` lines go to stdout (`quiet_data` instead with
     `-q`, when given), so `$(tvtool ...)` and pipes get only data."""
     if json_out:
@@ -75,6 +76,10 @@ def emit(
 
 
 def _default(o: Any) -> Any:
+    from tvtool.request import Report
+
+    if isinstance(o, Report):
+        return o.doc()
     if hasattr(o, "model_dump"):
         return o.model_dump(mode="json")
     if hasattr(o, "tolist"):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -38,6 +38,9 @@ from tvtool.cli.options import (
     StoreOpt,
     VectorsArg,
 )
+
+if TYPE_CHECKING:
+    from tvtool.compose.reports import MasksReport, SelectionReport, SelectReport
 
 ScoreOpt = Annotated[
     str,
@@ -81,59 +84,61 @@ def _layer_rows(blocks: list[str]) -> dict[str, list[int]]:
     return rows
 
 
-def render_selection(report: dict[str, Any]) -> None:
+def render_selection(report: SelectionReport) -> None:
     from tvtool.cli.output import Cell, Col, human_bytes, info, stored, table
 
-    scores, keep = report["scores"], {tuple(p) for p in report["keep"]}
+    scores, keep = report.scores, set(report.keep)
     top = max((max(r) for r in scores), default=0.0) or 1.0
     rows = []
-    for layer, bs in _layer_rows(report["blocks"]).items():
+    for layer, bs in _layer_rows(report.blocks).items():
         cells: list[Any] = [layer]
-        for t in range(len(report["vectors"])):
+        for t in range(len(report.vectors)):
             s = sum(scores[t][b] for b in bs) / top
             k = sum((t, b) in keep for b in bs)
             cells.append(Cell(f"{s:.2f} ({k}/{len(bs)})", "bold green" if k else "dim"))
         rows.append(cells)
     table(
-        [Col("layer"), *(Col(v["label"], "right") for v in report["vectors"])],
+        [Col("layer"), *(Col(v.label, "right") for v in report.vectors)],
         rows,
-        title=f"select --score {report['score']}: share of the top score (kept/blocks)",
+        title=f"select --score {report.score}: share of the top score (kept/blocks)",
     )
     info(
         f"kept {len(keep)} of {sum(1 for r in scores for _ in r)} (vector, block) pairs, "
-        f"{human_bytes(report['bytes'])} of {human_bytes(report['total_bytes'])} on the device"
+        f"{human_bytes(report.bytes)} of {human_bytes(report.total_bytes)} on the device"
     )
-    stored("selection", report["digest"], report["name"])
+    stored("selection", report.digest, report.name)
 
 
-def render_masks(report: dict[str, Any]) -> None:
+def render_masks(report: MasksReport) -> None:
     from tvtool.cli.output import Col, stored, table
 
-    masks = report["masks"]
-    layers = list(dict.fromkeys(layer for m in masks for layer in m["kept_by_layer"]))
+    masks = report.masks
+    layers = list(dict.fromkeys(layer for m in masks for layer in m.kept_by_layer))
     table(
-        [Col("layer"), *(Col(m["label"], "right") for m in masks)],
+        [Col("layer"), *(Col(m.label, "right") for m in masks)],
         (
-            [layer, *(f"{100 * m['kept_by_layer'][layer]:.1f}%" if layer in m["kept_by_layer"]
+            [layer, *(f"{100 * m.kept_by_layer[layer]:.1f}%" if layer in m.kept_by_layer
                       else "-" for m in masks)]
             for layer in layers
         ),
-        title=f"select --score {report['score']}: elements kept per layer "
-        f"(density {report['density']})",
+        title=f"select --score {report.score}: elements kept per layer "
+        f"(density {report.density})",
     )
     for m in masks:
-        stored("mask", m["digest"], m["name"],
-               f" for {m['label']}: {m['kept']:,} of {m['scored']:,} elements")
+        stored("mask", m.digest, m.name, f" for {m.label}: {m.kept:,} of {m.scored:,} elements")
 
 
-def render(report: dict[str, Any]) -> None:
-    (render_selection if report["kind"] == "selection" else render_masks)(report)
+def render(report: SelectReport) -> None:
+    if report.kind == "selection":
+        render_selection(report)
+    else:
+        render_masks(report)
 
 
-def digests(report: dict[str, Any]) -> list[str]:
-    if report["kind"] == "selection":
-        return [report["digest"]]
-    return [m["digest"] for m in report["masks"]]
+def digests(report: SelectReport) -> list[str]:
+    if report.kind == "selection":
+        return [report.digest]
+    return [m.digest for m in report.masks]
 
 
 def select_command(

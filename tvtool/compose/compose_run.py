@@ -23,6 +23,7 @@ from tvtool.compose.objectives import get_objective
 from tvtool.compose.prepare import data_specs, prepare_data
 from tvtool.compose.recipes import Recipe, recipe_for
 from tvtool.compose.registry import threshold_of
+from tvtool.compose.reports import ComposeReport, ComposeSettings, VectorRef
 from tvtool.compose.requests import ComposeRequest
 from tvtool.compose.select import load_selection, selection_keep
 from tvtool.compose.train import Reporter, Settings, Trainer
@@ -31,6 +32,8 @@ from tvtool.models.bank import load_stacks, plan_bank, stored_bytes
 from tvtool.store.store import Store
 from tvtool.vectors.stored import save_tensor_object
 
+_REPORTED = ("objective", "shots", "seed", "lr", "epoch", "select_by", "val_acc", "base_val_acc",
+             "history", "data", "selection", "world_size")  # the report's fields from `params`
 MIN_STEPS = 50  # fewer optimisation steps than this rarely move Lambda far from 0
 VECTOR_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -55,7 +58,7 @@ def compose(
     reporter: Reporter | None = None,
     on_epoch: Callable[[int], None] | None = None,
     warn: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
+) -> ComposeReport:
     """Learn the coefficients and (rank 0) store them; returns the report. `clip`: the model
     `opts.model` names, when the caller has loaded it already (on its DDP device)."""
     from tvtool.models.functional import visual_params
@@ -207,53 +210,23 @@ def compose(
         "history": result.history,
         "world_size": dist.world,
     }
-    report: dict[str, Any] = {
-        "digest": None,
-        "name": opts.name,
-        "vectors": [{"digest": v.digest, "label": v.label} for v in plan.vectors],
-        "blocks": len(layout.blocks),
-        "groups": layout.n_groups,
-        "learnable": coefs.n_learnable,
-        "vector_bytes": n_bytes,
-        "steps": total_steps,
-        "device": str(clip.device),
-        "resumed_from": result.resumed_from,
-        **{
-            k: params[k]
-            for k in (
-                "objective",
-                "shots",
-                "seed",
-                "lr",
-                "epoch",
-                "select_by",
-                "val_acc",
-                "base_val_acc",
-                "history",
-                "data",
-                "selection",
-                "world_size",
-            )
-        },
-        "recipe": recipe.name,
-        "settings": {
-            k: params[k]
-            for k in (
-                "lr",
-                "epochs",
-                "batch_size",
-                "weight_decay",
-                "schedule",
-                "clip_grad",
-                "augment",
-                "oversampling",
-                "init",
-                "clamp",
-            )
-        },
-        "coefs": result.coefs.tolist(),
-        "block_names": [b.name for b in layout.blocks],
-    }
+    report = ComposeReport(
+        digest=None,
+        name=opts.name,
+        vectors=[VectorRef(digest=v.digest, label=v.label) for v in plan.vectors],
+        blocks=len(layout.blocks),
+        groups=layout.n_groups,
+        learnable=coefs.n_learnable,
+        vector_bytes=n_bytes,
+        steps=total_steps,
+        device=str(clip.device),
+        resumed_from=result.resumed_from,
+        **{k: params[k] for k in _REPORTED},
+        recipe=recipe.name,
+        settings=ComposeSettings(**{k: params[k] for k in ComposeSettings.model_fields}),
+        coefs=result.coefs.tolist(),
+        block_names=[b.name for b in layout.blocks],
+    )
     if dist.main:
         manifest = save_tensor_object(
             store,
@@ -262,7 +235,7 @@ def compose(
             inputs=plan.digests,
             params=params,
         )
-        report["digest"] = manifest.digest
+        report.digest = manifest.digest
         if opts.name:
             store.set_ref(opts.name, manifest.digest, force=opts.force)
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -11,6 +11,14 @@ from tvtool.compose.ddp import Dist
 from tvtool.compose.objectives import get_objective
 from tvtool.compose.prepare import data_specs, prepare_data
 from tvtool.compose.registry import SCORES, threshold_of
+from tvtool.compose.reports import (
+    DataInfo,
+    MaskInfo,
+    MasksReport,
+    SelectionReport,
+    SelectReport,
+    VectorRef,
+)
 from tvtool.compose.requests import SelectRequest
 from tvtool.compose.select import (
     SelectionDoc,
@@ -38,7 +46,7 @@ def run_select(
     clip: Any | None = None,
     on_batch: Callable[[], None] | None = None,
     warn: Callable[[str], None] | None = None,
-) -> dict[str, Any]:
+) -> SelectReport:
     """Score and keep as `opts` says; store the selection or masks; returns the report. `clip`:
     the model `opts.model` names, when the caller has loaded it already."""
     from tvtool.models.functional import visual_params
@@ -81,7 +89,7 @@ def run_select(
                 split=opts.split,
             )
             sets.append((t.folder, t.train_idx, t.labels, t.head))
-            data_info.append({"name": t.name, **t.info})
+            data_info.append(DataInfo(name=t.name, **t.info))
         if opts.score == "fisher":  # scored per batch once the blocks are known
 
             def fisher(blocks):
@@ -90,10 +98,9 @@ def run_select(
                 )
         else:
             grads = base_gradient(clip, plan, objective, sets, opts.batch_size, on_batch)
-    report: dict[str, Any] = {
-        "kind": kind,
+    common: dict[str, Any] = {
         "score": opts.score,
-        "vectors": [{"digest": v.digest, "label": v.label} for v in plan.vectors],
+        "vectors": [VectorRef(digest=v.digest, label=v.label) for v in plan.vectors],
         "data": data_info,
         "shots": opts.shots,
         "seed": opts.seed,
@@ -101,10 +108,10 @@ def run_select(
         "objective": opts.objective.name if needs_data else None,
     }
     if kind == "mask":
-        report.update(_masks(store, plan, opts, grads, report, warn))
-    else:
-        report.update(_selection(store, plan, opts, grads, report, fisher))
-    return report
+        return MasksReport(kind="mask", **common, **_masks(store, plan, opts, grads, common, warn))
+    return SelectionReport(
+        kind="selection", **common, **_selection(store, plan, opts, grads, common, fisher)
+    )
 
 
 def _selection(
@@ -140,9 +147,7 @@ def _selection(
         score=opts.score,
         granularity=opts.granularity,
     )
-    params = {
-        k: common[k] for k in ("score", "data", "shots", "seed", "base_fingerprint", "objective")
-    }
+    params = _recorded(common, "score")
     params.update(
         top=opts.top,
         budget_mb=opts.budget_mb,
@@ -194,23 +199,30 @@ def _masks(
             "score": opts.score,
             "kept": kept,
             "scored": scored,
-            **{k: common[k] for k in ("data", "shots", "seed", "base_fingerprint", "objective")},
+            **_recorded(common),
         }
         manifest = save_tensor_object(store, "mask", masks, inputs=[v.digest], params=params)
         if name:
             store.set_ref(name, manifest.digest, force=opts.force)
         out.append(
-            {
-                "vector": v.digest,
-                "label": v.label,
-                "digest": manifest.digest,
-                "name": name,
-                "kept": kept,
-                "scored": scored,
-                "kept_by_layer": _kept_by_layer(masks),
-            }
+            MaskInfo(
+                vector=v.digest,
+                label=v.label,
+                digest=manifest.digest,
+                name=name,
+                kept=kept,
+                scored=scored,
+                kept_by_layer=_kept_by_layer(masks),
+            )
         )
     return {"density": density, "masks": out}
+
+
+def _recorded(common: dict[str, Any], *extra: str) -> dict[str, Any]:
+    """What a stored selection or mask records of the run (its manifest's params; JSON)."""
+    keys = (*extra, "data", "shots", "seed", "base_fingerprint", "objective")
+    data = [d.model_dump(mode="json", exclude_unset=True) for d in common["data"]]
+    return {k: data if k == "data" else common[k] for k in keys}
 
 
 def _kept_by_layer(masks: dict[str, torch.Tensor]) -> dict[str, float]:

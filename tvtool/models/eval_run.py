@@ -14,13 +14,21 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import Field, model_validator
 
 from tvtool.errors import TvtoolError
+from tvtool.models.eval_report import (
+    AccuracyRow,
+    Disentanglement,
+    EvalReport,
+    EvalWeights,
+    ScaleSearch,
+    WeightedVector,
+)
 from tvtool.models.spec import ModelSpec
 from tvtool.request import Request
 
@@ -164,7 +172,7 @@ def run_eval(
     o: EvalRequest,
     on_note: Callable[[str], None] = lambda m: None,
     on_progress: Callable[[str, int], Callable[[], None]] | None = None,
-) -> dict:
+) -> EvalReport:
     """Evaluate as `o` says; returns the report."""
     from tvtool.datasets.registry import parse_data_arg
     from tvtool.datasets.sources import has_split, open_folders
@@ -192,51 +200,45 @@ def run_eval(
     names = [s.name for s in sets]
     if len(set(names)) != len(names):
         on_note("several --data sets share a name; reports key them by position")
-    report: dict = {
-        "model": clip.name,
-        "base": clip.source,
-        "base_fingerprint": clip.base_fingerprint,
-        "device": str(clip.device),
-        "split": o.split,
-        "templates": _template_counts(templates, folders),
-        "weights": {"mode": "weights" if mode == "weights-as-base" else mode},
-        "scale": None,
-        "grid": None,
-        "disentanglement": None,
-    }
+    weights = EvalWeights(mode="weights" if mode == "weights-as-base" else mode)
+    scale: float | None = None
+    search: ScaleSearch | None = None
+    dis: Disentanglement | None = None
     step = on_progress or (lambda desc, total: lambda: None)
     override = None
     delta = None
     if mode == "vectors":
         items = [parse_weighted(v) for v in o.vectors]
         delta = vectors_delta(clip, store, items, o.allow_other_base)
-        report["weights"]["vectors"] = [
-            {"name": n, "digest": store.resolve(n, kind="vector"), "weight": w} for n, w in items
+        weights.vectors = [
+            WeightedVector(name=n, digest=store.resolve(n, kind="vector"), weight=w)
+            for n, w in items
         ]
     elif mode == "coefs":
         delta, manifest = coefs_delta(clip, store, o.coefs, o.allow_other_base)  # type: ignore[arg-type]
-        report["weights"]["coefs"] = manifest.digest
+        weights.coefs = manifest.digest
     elif mode == "weights":
         override, ignored = checkpoint_override(clip, o.weights)  # type: ignore[arg-type]
-        report["weights"]["file"] = str(o.weights)
+        weights.file = str(o.weights)
         if ignored:
             on_note(
                 f"{ignored} tensor(s) of {o.weights.name} outside the image tower ignored "
                 "(heads come from the base)"
             )  # type: ignore[union-attr]
     elif mode == "weights-as-base":
-        report["weights"]["file"] = str(o.weights)
+        weights.file = str(o.weights)
 
     if mode == "disentanglement":
         v1, v2 = o.disentanglement  # type: ignore[misc]
         deltas = [vectors_delta(clip, store, [(v, 1.0)], o.allow_other_base) for v in (v1, v2)]
         alphas = ev.parse_grid(o.alphas)
-        report["weights"]["vectors"] = [
-            {"name": v, "digest": store.resolve(v, kind="vector")} for v in (v1, v2)
+        weights.vectors = [
+            WeightedVector(name=v, digest=store.resolve(v, kind="vector")) for v in (v1, v2)
         ]
         tick = step("disentanglement", 2 + len(alphas) ** 2)
-        report["disentanglement"] = ev.disentanglement(clip, sets, deltas, alphas, tick)
-        report["disentanglement"]["vectors"] = [v1, v2]
+        dis = Disentanglement(
+            **ev.disentanglement(clip, sets, deltas, alphas, tick), vectors=[v1, v2]
+        )
 
     if o.grid is not None:
         scales = ev.parse_grid(o.grid)
@@ -260,7 +262,7 @@ def run_eval(
         for vs, ts in zip(val_sets, sets, strict=True):
             vs.folder.name = ts.name  # a validation set reports under its test set's name
         ft_val = _finetuned_accs(clip, o, val_sets, store, on_note)
-        search = ev.scale_search(
+        found = ev.scale_search(
             clip,
             val_sets,
             delta,  # type: ignore[arg-type]
@@ -270,33 +272,35 @@ def run_eval(
             control=val_sets[-1].name if o.control is not None else None,
             keep=ev.CONTROL_KEEP,
         )
-        report["grid"] = search
-        report["scale"] = search["best_scale"]
+        search = ScaleSearch.model_validate(found)
+        scale = search.best_scale
     elif delta is not None:
-        report["scale"] = 1.0
+        scale = 1.0
     if delta is not None:
-        override = apply_delta(clip, delta, report["scale"])
+        override = apply_delta(clip, delta, scale)  # type: ignore[arg-type]
 
     ft = _finetuned_accs(clip, o, sets, store, on_note)
-    results = [ev.accuracy(clip, es, override) for es in sets]
-    for r in results:
-        r["normalised"] = ev.normalised(r["accuracy"], ft.get(r["dataset"])) if ft else None
-    report["results"] = results
-    report["mean_accuracy"] = sum(r["accuracy"] for r in results) / len(results)
-    norms = [r["normalised"] for r in results]
-    report["mean_normalised"] = (
-        sum(norms) / len(norms) if all(n is not None for n in norms) else None
+    results = []
+    for es in sets:
+        r = ev.accuracy(clip, es, override)
+        norm = ev.normalised(r["accuracy"], ft.get(r["dataset"])) if ft else None
+        results.append(AccuracyRow(**r, normalised=norm))
+    norms = [r.normalised for r in results if r.normalised is not None]
+    return EvalReport(
+        model=clip.name,
+        base=clip.source,
+        base_fingerprint=clip.base_fingerprint,
+        device=str(clip.device),
+        split=o.split,
+        templates=_template_counts(templates, folders),
+        weights=weights,
+        scale=scale,
+        grid=search,
+        disentanglement=dis,
+        results=results,
+        mean_accuracy=sum(r.accuracy for r in results) / len(results),
+        mean_normalised=sum(norms) / len(norms) if len(norms) == len(results) else None,
     )
-    return report
-
-
-def headline(report: dict) -> float:
-    """The number `-q` prints: mean xi in disentanglement mode, else the mean accuracy."""
-    d = report.get("disentanglement")
-    if d:
-        vals: Sequence[float] = [x for row in d["xi"] for x in row]
-        return sum(vals) / len(vals)
-    return report["mean_accuracy"]
 
 
 def _template_counts(templates: list[str] | None, folders: list) -> int | list[int]:
