@@ -231,6 +231,8 @@ def merge(
     plan = plan_merge(st, req, hash_base=dry_run)  # a real run hashes the base while merging
     for s in plan.skipped:
         warn(f"skipped {s}")
+    for note in plan.notes:
+        warn(note)
     if plan.image_tower_only and not quiet:
         from tvtool.cli.output import info
 

@@ -23,6 +23,7 @@ from tvtool.checkpoints.keymaps import BARE_TOWER_PREFIXES
 from tvtool.errors import TvtoolError, few
 from tvtool.store.manifest import Manifest
 from tvtool.store.store import Store
+from tvtool.vectors.resize import refuse_in_bank
 from tvtool.vectors.stored import factored_tensors, open_tensor_object, vector_tensors
 
 VISUAL = "visual."
@@ -170,6 +171,7 @@ def plan_bank(
                 raise TvtoolError(msg + "; pass --allow-other-base if the weights are the same")
             if on_warning:
                 on_warning(msg)
+        refuse_in_bank(label, manifest)  # a vocabulary resize: merge only
         vshapes = {ti.name: tuple(ti.shape) for ti in vector_tensors(manifest)}
         mapping = _map_keys(label, vshapes, params, model_keys)
         bv = BankVector(digest, label, manifest)

@@ -22,6 +22,7 @@ from tvtool.store.store import Store
 from tvtool.vectors.merge_plan import MergePlan, PlannedTerm, plan_merge
 from tvtool.vectors.merge_stream import MergeInputs, Progress, keep_freed_memory, write_bytes
 from tvtool.vectors.recipe import index_document
+from tvtool.vectors.resize import pieces
 
 __all__ = ["MergePlan", "MergeResult", "PlannedTerm", "execute_merge", "plan_merge"]
 
@@ -65,7 +66,8 @@ def execute_merge(store: Store, plan: MergePlan, progress: Progress = _noop) -> 
             written.append((f, specs, f.write(build_header(specs, plan.metadata))))
             for spec in specs:
                 key = replace(spec, name=plan.key_of.get(spec.name, spec.name))
-                size = sum(write_bytes(f, piece.to(spec.dtype)) for piece in inputs.pieces(key))
+                parts = pieces(inputs, plan.grown, key)  # a grown vocabulary: rows appended
+                size = sum(write_bytes(f, piece.to(spec.dtype)) for piece in parts)
                 if size != spec.nbytes:  # pragma: no cover - pieces cover the tensor exactly
                     raise TvtoolError(f"internal error: {spec.name} wrote {size} bytes")
                 done += 1

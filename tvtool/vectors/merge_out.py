@@ -36,6 +36,7 @@ class OutputLayout:
     index: Path | None
     folder: Path | None = None  # an HF model folder
     copies: list[Path] = field(default_factory=list)  # base files copied into the folder
+    rewrites: dict[str, bytes] = field(default_factory=dict)  # copied names written changed
 
     def existing(self) -> list[str]:
         """What the merge would overwrite or leave stale."""
@@ -57,7 +58,10 @@ class OutputLayout:
         if self.folder is None:
             return
         for src in self.copies:
-            shutil.copyfile(src, self.folder / src.name)
+            if src.name in self.rewrites:  # e.g. config.json with a grown vocab_size
+                (self.folder / src.name).write_bytes(self.rewrites[src.name])
+            else:
+                shutil.copyfile(src, self.folder / src.name)
         written = {f.name for f, _ in self.files} | ({self.index.name} if self.index else set())
         for p in self._weights():
             if p.name not in written:

@@ -21,6 +21,7 @@ from tvtool.checkpoints.writer import TensorSpec, build_header, parse_dtype
 from tvtool.errors import TvtoolError, few
 from tvtool.store.manifest import canonical_json
 from tvtool.store.store import Store, check_ref_name
+from tvtool.vectors.extract import ADDED
 from tvtool.vectors.filters import TensorFilter
 from tvtool.vectors.merge_out import OutputLayout, plan_output, refuse_existing
 from tvtool.vectors.methods import get_method
@@ -31,6 +32,15 @@ from tvtool.vectors.recipe import (
     OutputOptions,
     RecipeTerm,
     provenance_metadata,
+)
+from tvtool.vectors.resize import (
+    Grown,
+    grown_specs,
+    hf_config,
+    is_added,
+    plan_grown,
+    resized_keys,
+    shrink_problem,
 )
 from tvtool.vectors.stored import load_coefs, open_tensor_object
 from tvtool.vectors.terms import Term, check_scale, default_scale
@@ -49,6 +59,7 @@ class PlannedTerm:
     keys: list[str] = field(default_factory=list)  # tensors it changes, in base order
     numel: int = 0
     extracted_from: str | None = None  # sha256 of the base the vector was extracted from
+    added: dict[str, tuple[str, int]] = field(default_factory=dict)  # key -> (added rows, count)
 
     @property
     def identity(self) -> str:
@@ -77,6 +88,8 @@ class MergePlan:
     key_of: dict[str, str] = field(default_factory=dict)  # written name -> normalised key
     extra_metadata: dict[str, str] = field(default_factory=dict)  # e.g. tvtool.activation
     image_tower_only: bool = False  # a CLIP base whose text transformer was deleted
+    grown: dict[str, Grown] = field(default_factory=dict)  # vocabulary resizes (`resize`)
+    notes: list[str] = field(default_factory=list)  # warnings for people (stderr)
 
     @property
     def hashed(self) -> bool:
@@ -182,14 +195,24 @@ def _match_keys(store, t: PlannedTerm, metas: dict[str, TensorMeta], keep) -> li
     with ExitStack() as stack:
         reader = align_vector(stack.enter_context(_open_term(store, t)), metas)  # HF layouts
         mask = stack.enter_context(open_tensor_object(store, t.mask, "mask")[1]) if t.mask else None
+        resized = resized_keys(store.manifest(t.digest)) if t.digest else {}
+        names = set(reader.keys())
         for k in reader.keys():
             meta = reader.meta(k)
             if not keep(k) or (t.checkpoint is not None and not meta.dtype.is_floating_point):
                 continue
             shape, base = meta.shape, metas.get(k)
+            if resized and base is None and is_added(k, names):  # rows a resize added
+                stem = k[: -len(ADDED)]
+                if keep(stem) and stem in metas:
+                    t.added[stem] = (k, shape[0])
+                continue
             if base is None:
                 missing.append(k)
             elif base.shape != shape or not base.dtype.is_floating_point:
+                shrink = shrink_problem(t.label, k, shape, base, resized) if resized else None
+                if shrink:
+                    raise TvtoolError(shrink)
                 bad.append(f"{k} {list(shape)} vs base {list(base.shape)} {base.dtype}")
             else:
                 if mask is not None and k in mask and mask.meta(k).shape != shape:
@@ -199,6 +222,7 @@ def _match_keys(store, t: PlannedTerm, metas: dict[str, TensorMeta], keep) -> li
                     )
                 t.keys.append(k)
                 t.numel += base.numel
+        t.added = {k: v for k, v in t.added.items() if k in t.keys}  # its shared rows matched
         if t.checkpoint is not None and hasattr(reader, "fingerprint") and t.fingerprint == "":
             t.fingerprint = reader.fingerprint()
     out = []
@@ -300,15 +324,21 @@ def plan_merge(store: Store, req: MergeRequest, *, hash_base: bool = True) -> Me
     def out_type(m: TensorMeta) -> torch.dtype:
         return out_dtype if out_dtype is not None and m.dtype.is_floating_point else m.dtype
 
-    specs = [TensorSpec(k, m.shape, out_type(m)) for k, m in metas.items()]
+    grown = plan_grown(terms, metas)
+    specs = grown_specs([TensorSpec(k, m.shape, out_type(m)) for k, m in metas.items()], grown)
     layout = plan_output(req.base, req.out, specs, raw, shard_of, index_name, req.shard_size)
+    notes = hf_config(req.base, layout, grown, metas)
     refuse_existing(layout, req.force)
     plan = MergePlan(
         req, method, params, scale, terms, coefs_digest, specs, touched, offenders,
         layout.files, layout.index, layout=layout, key_of={raw.get(k, k): k for k in metas},
     )
+    plan.grown, plan.notes = grown, notes
     if activation:
         plan.extra_metadata["tvtool.activation"] = activation
+    if grown:
+        plan.extra_metadata["tvtool.resized"] = canonical_json(
+            {k: [g.base_rows, g.rows] for k, g in grown.items()}).decode()
     plan.image_tower_only = any(k.startswith("visual.") for k in metas) and not any(
         k.startswith("transformer.") for k in metas
     ) and any(k.startswith(("token_embedding.", "text_projection")) for k in metas)
