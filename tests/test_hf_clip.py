@@ -265,16 +265,61 @@ def test_presets_know_hf_and_open_clip_names():
     assert open_clip_to_hf("visual.proj") == ["visual_projection.weight"]
 
 
+def test_presets_select_the_tower_in_all_three_layouts(invoke, tmp_path):
+    """`visual` and `attn` on real key sets: open_clip, HF CLIPModel / 4.x CLIPVisionModel
+    (`vision_model.`), bare 5.x CLIPVisionModel; a bare 5.x CLIPTextModel is not visual."""
+    open_clip = pytest.importorskip("open_clip")
+    from tvtool.vectors.filters import TensorFilter
+
+    oc = list(open_clip.CLIP(**OC_CFG).state_dict())
+    full = list(transformers.CLIPModel(clip_config()).state_dict())
+    bare = list(transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION)).state_dict())
+    text = list(transformers.CLIPTextModel(transformers.CLIPTextConfig(**TEXT)).state_dict())
+    assert not any(k.startswith("vision_model.") for k in bare)  # the installed 5.x layout
+    layouts = {  # keys -> (image tower keys, attention projection keys)
+        "open_clip": (oc, [k for k in oc if k.startswith("visual.")],
+                      [k for k in oc if ".attn.in_proj_" in k or ".attn.out_proj." in k]),
+        "hf": (full, [k for k in full if k.startswith(("vision_model.", "visual_projection."))],
+               [k for k in full if "self_attn." in k]),
+        "hf-4.x-vision": (["vision_model." + k for k in bare], ["vision_model." + k for k in bare],
+                          ["vision_model." + k for k in bare if "self_attn." in k]),
+        "hf-5.x-vision": (bare, bare, [k for k in bare if "self_attn." in k]),
+        "hf-5.x-text": (text, [], [k for k in text if "self_attn." in k]),
+    }
+    for name, (keys, tower, attn) in layouts.items():
+        visual = TensorFilter(presets=["visual"]).bind(keys)
+        both = TensorFilter(presets=["visual", "attn"]).bind(keys)
+        assert [k for k in keys if visual(k)] == tower, name
+        assert [k for k in keys if TensorFilter(presets=["attn"]).bind(keys)(k)] == attn, name
+        assert [k for k in keys if both(k)] == [k for k in attn if k in tower], name
+        layers = {"open_clip": 3, "hf": 3, "hf-5.x-text": 1}.get(name, 2)  # both towers' layers
+        assert len(attn) == layers * (4 if name == "open_clip" else 8), name
+    # end to end: extract --preset on a bare 5.x CLIPVisionModel pair
+    model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION))
+    model.save_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    model.save_pretrained(tmp_path / "ft")
+    for preset, n in (("visual", len(bare)), ("attn", 16)):
+        r = invoke("extract", tmp_path / "base", tmp_path / "ft", "--preset", preset, "--json",
+                   "--name", f"bare-{preset}")
+        assert r.exit_code == 0, r.stderr
+        assert len(json.loads(r.stdout)["tensors"]) == n
+
+
+OC_CFG = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "patch_size": 4, "width": 32,
+          "layers": 2, "head_width": 8, "mlp_ratio": 2.0},
+          "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
+                       "layers": 1}}
+
+
 def test_open_clip_key_map_covers_a_matching_tower():
     """Every open_clip image-tower tensor maps to HF tensors of the same total size."""
     open_clip = pytest.importorskip("open_clip")
     from tvtool.checkpoints.keymaps import open_clip_to_hf
 
-    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 16, "patch_size": 4, "width": 32,
-           "layers": 2, "head_width": 8, "mlp_ratio": 2.0},
-           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
-                        "layers": 1}}
-    oc = open_clip.CLIP(**cfg).visual.state_dict()
+    oc = open_clip.CLIP(**OC_CFG).visual.state_dict()
     hf_model = transformers.CLIPModel(clip_config())
     hf_state = hf_model.state_dict()
     seen = set()

@@ -73,6 +73,8 @@ def plan_keys(
     selected keys or their shapes."""
     bkeys, fkeys = set(base.keys()), set(ft.keys())
     union = sorted(bkeys | fkeys)
+    if isinstance(keep, TensorFilter):
+        keep = keep.bind(union)  # presets that depend on the layout (bare 5.x CLIP towers)
     selected = [k for k in union if keep(k)]
     filtered_out = len(union) - len(selected)
     if not selected:

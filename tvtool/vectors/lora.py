@@ -49,6 +49,7 @@ def extract_lora(
     created = datetime.now(timezone.utc).isoformat()
     with open_checkpoint(base_path) as base:
         metas = {k: base.meta(k) for k in base.keys()}
+        keep = keep.bind(metas)  # presets that depend on the layout (bare 5.x CLIP towers)
         adapter = read_adapter(adapter_dir, set(metas))
         with open_checkpoint(adapter.weights) as ad:
             _check_base_layers(adapter, base, ad)
