@@ -235,3 +235,84 @@ def test_adapter_errors_are_clear(llama, invoke, tmp_path):
         r = invoke(*args)
         assert r.exit_code == 1, (args, r.stderr)
         assert message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_inspect_computes_factored_norms_and_cosines_from_the_factors(
+        llama, invoke, tmp_path, monkeypatch):
+    """Two factored adapters and a dense vector: every statistic equals the dense computation
+    (PEFT's merge_and_unload minus the base); with only factored vectors nothing is expanded."""
+    import torch.nn.functional as F
+
+    from tvtool.vectors import stored
+
+    base, adapter, merged1, merged_dir = llama
+    model = transformers.LlamaForCausalLM.from_pretrained(base)
+    torch.manual_seed(5)
+    pm = peft.get_peft_model(model, peft.LoraConfig(
+        init_lora_weights=False, r=3, lora_alpha=6,
+        target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"]))
+    pm.save_pretrained(tmp_path / "adapter2")
+    merged2 = pm.merge_and_unload().state_dict()
+    for name, src in (("f1", adapter), ("f2", tmp_path / "adapter2")):
+        assert invoke("extract", base, "--lora", src, "--name", name, "-q").exit_code == 0
+    assert invoke("extract", base, merged_dir, "--name", "d", "--include",
+                  r"(q_proj|embed_tokens)\.weight$", "-q").exit_code == 0
+    b = _base_state(base)
+    dense = {  # the reference: dense task vectors from PEFT's merges, float64
+        "f1": {k: merged1[k].double() - b[k].double() for k in b
+               if not torch.equal(merged1[k], b[k])},
+        "f2": {k: merged2[k].double() - b[k].double() for k in b
+               if not torch.equal(merged2[k], b[k])},
+    }
+    dense["d"] = {k: v for k, v in dense["f1"].items() if k.endswith(
+        ("q_proj.weight", "embed_tokens.weight"))}
+
+    def check(names: list[str], doc: dict) -> None:
+        keys = sorted({k for n in names for k in dense[n]})
+        flat = {n: torch.cat([dense[n].get(k, torch.zeros_like(b[k], dtype=torch.float64))
+                              .reshape(-1) for k in keys]) for n in names}
+        for n, v in zip(names, doc["vectors"], strict=True):
+            assert v["l2"] == pytest.approx(float(flat[n].norm()), rel=1e-5), n
+            assert v["max_abs"] == pytest.approx(float(flat[n].abs().max()), rel=1e-5), n
+            for blk in v["blocks"]:
+                t = dense[n][blk["name"]]
+                assert blk["l2"] == pytest.approx(float(t.norm()), rel=1e-5)
+                assert blk["max_abs"] == pytest.approx(float(t.abs().max()), rel=1e-5)
+                assert blk["frac_zero"] == pytest.approx(float((t == 0).double().mean()))
+            assert [blk["name"] for blk in v["blocks"]] == sorted(dense[n])
+        for i, p in enumerate(names):
+            for j, q in enumerate(names):
+                want = float(F.cosine_similarity(flat[p], flat[q], dim=0))
+                assert doc["cosine"]["matrix"][i][j] == pytest.approx(want, abs=1e-5)
+                both = (flat[p] != 0) & (flat[q] != 0)
+                same = float((flat[p][both].sign() == flat[q][both].sign()).double().mean())
+                assert doc["sign_agreement"]["matrix"][i][j] == pytest.approx(same, abs=1e-3)
+        pairs = doc["per_block_cosine"]["pairs"]
+        for blk in doc["per_block_cosine"]["blocks"]:
+            for (p, q), c in zip(pairs, blk["cosine"], strict=True):
+                x, y = dense[p].get(blk["name"]), dense[q].get(blk["name"])
+                if x is None or y is None:
+                    assert c is None
+                else:
+                    want = float(F.cosine_similarity(x.reshape(-1), y.reshape(-1), dim=0))
+                    assert c == pytest.approx(want, abs=1e-5)
+
+    r = invoke("inspect", "f1", "f2", "d", "--json", "--per-block")  # mixed: d's keys expanded
+    assert r.exit_code == 0, r.stderr
+    check(["f1", "f2", "d"], json.loads(r.stdout))
+
+    def no_expansion(*args):
+        raise AssertionError("a factored tensor was expanded whole")
+
+    monkeypatch.setattr(stored, "expand", no_expansion)
+    r = invoke("inspect", "f1", "f2", "--json", "--per-block")  # factored only: tiles, no dense
+    assert r.exit_code == 0, r.stderr
+    check(["f1", "f2"], json.loads(r.stdout))
+    from tvtool.vectors.factored_stats import factored_gram
+
+    a, bb = torch.randn(3, 7, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+    a2, b2 = torch.randn(2, 7, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    g = factored_gram([(a, bb, 0.5, False), (a2, b2, -2.0, False)])
+    x, y = 0.5 * bb @ a, -2.0 * b2 @ a2
+    want = torch.tensor([[(x * x).sum(), (x * y).sum()], [(x * y).sum(), (y * y).sum()]])
+    torch.testing.assert_close(g, want.double())

@@ -6,6 +6,9 @@ per-block statistics, the Gram matrix of dot products (whence the
 pairwise cosine similarities), sign-agreement counts and, optionally, the contribution
 `||Lambda[t, i] * tau_t,i||` of each vector to each block of a `coefs` object.
 
+Keys that only factored (LoRA) vectors hold skip the dense tensors: norms and cosines come from
+the factors, the entrywise statistics from tiles (`factored_stats`).
+
 A vector that lacks a key counts as zero there: cosines are those of the vectors in the full
 parameter space. Two vectors holding one key with different shapes are an error.
 """
@@ -23,7 +26,8 @@ from tvtool.checkpoints.readers import CheckpointReader
 from tvtool.errors import TvtoolError
 from tvtool.store.store import Store
 from tvtool.vectors.blocks import CoefsLayout, coef_for_key
-from tvtool.vectors.gram import key_sums, stream_keys
+from tvtool.vectors.factored_stats import factored_key_sums, factors_of
+from tvtool.vectors.gram import KeyRows, KeySums, key_sums, stream_keys
 
 
 class BlockStats(BaseModel):
@@ -148,17 +152,25 @@ def inspect_vectors(
     block_cos: list[BlockCosine] = []
     contrib = _ContributionAcc(coefs) if coefs else None
 
+    def holders_of(key: str) -> list[int]:
+        return [i for i, s in enumerate(sources) if key in s.reader]
+
+    # keys only factored vectors hold: norms and cosines from the factors (`factored_stats`)
+    factored = [] if contrib is not None else [
+        k for k in keys if all(k in getattr(sources[i].reader, "factors", {})
+                               for i in holders_of(k))]
+    fset = set(factored)
     stream = stream_keys(
-        keys,
-        lambda key: [i for i, s in enumerate(sources) if key in s.reader],
+        [k for k in keys if k not in fset],
+        holders_of,
         lambda i, key: sources[i].reader.get(key),
         lambda i, key: tuple(sources[i].reader.meta(key).shape),
         [s.name for s in sources],
         keep_rows=contrib is not None,
     )
-    for rows in stream:
+
+    def absorb(rows: KeyRows, sums: KeySums) -> None:
         key, holders, n = rows.key, rows.holders, rows.numel
-        sums = key_sums(rows, signs=True)
         g = sums.gram
         idx = torch.tensor(holders)
         dots[idx[:, None], idx[None, :]] += g
@@ -179,9 +191,27 @@ def inspect_vectors(
             block_cos.append(BlockCosine(name=key, cosine=cos))
         if contrib is not None:
             contrib.add(key, rows.shape, rows.rows, holders)  # type: ignore[arg-type]
-        del rows
         if on_key:
             on_key(key)
+
+    for rows in stream:
+        absorb(rows, key_sums(rows, signs=True))
+        del rows
+    readers = [s.reader for s in sources]
+    for key in factored:
+        holders = holders_of(key)
+        parts = factors_of(readers, key, holders)
+        if parts is None:  # mixed transposes or factor shapes: expand one tensor at a time
+            for rows in stream_keys([key], holders_of, lambda i, k: readers[i].get(k),
+                                    lambda i, k: tuple(readers[i].meta(k).shape),
+                                    [s.name for s in sources]):
+                absorb(rows, key_sums(rows, signs=True))
+        else:
+            shape = tuple(readers[holders[0]].meta(key).shape)
+            absorb(*factored_key_sums(key, shape, holders, parts))
+    if factored:  # blocks in name order, as read
+        blocks = [dict(sorted(bl.items())) for bl in blocks]
+        block_cos.sort(key=lambda b: b.name)
 
     vectors = []
     for s, bl in zip(sources, blocks, strict=True):
