@@ -191,6 +191,16 @@ class SafetensorsReader(CheckpointReader):
         raw = self._names[key]
         return self._raw[raw].read(raw)
 
+    def range_reader(self, key: str):
+        """For a float32 tensor whose fingerprint is known (nothing to hash on the side): a
+        function `(out, start)` that fills the float32 numpy row `out` with elements start..
+        of `key` by positioned reads (streamed reductions reuse one small buffer). Else None."""
+        raw = self._names[key]
+        sf = self._raw[raw]
+        if self._fingerprint is None or sf.dtype(raw) != torch.float32:
+            return None
+        return lambda out, start: sf.read_into(raw, out, start)
+
     def shard_of(self, key: str) -> Path:
         """The file that holds tensor `key`."""
         return self._raw[self._names[key]].path

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tvtool.checkpoints.header import Entry, read_header_fd
@@ -58,19 +59,26 @@ class SafetensorsFile:
 
     def read(self, name: str) -> torch.Tensor:
         """A fresh tensor (owning its memory) with the contents of `name`."""
+        out = torch.empty(self.entries[name].shape, dtype=self.dtype(name))
+        self.read_into(name, out)
+        return out
+
+    def read_into(self, name: str, out: torch.Tensor | np.ndarray, start: int = 0) -> None:
+        """Fill the contiguous `out` (of `name`'s dtype) with its size of elements of `name`
+        from element `start` on: positioned reads of just those bytes into its memory."""
         e = self.entries[name]
-        out = torch.empty(e.shape, dtype=self.dtype(name))
-        nbytes = e.end - e.begin
-        if nbytes == 0:
-            return out
-        buf = memoryview(out.view(-1).view(torch.uint8).numpy()).cast("B")
+        arr = out.view(-1).view(torch.uint8).numpy() if isinstance(out, torch.Tensor) else out
+        buf = memoryview(arr).cast("B")
+        nbytes = len(buf)
+        begin = e.begin + start * arr.itemsize
+        if start < 0 or begin + nbytes > e.end:
+            raise ValueError(f"elements {start}.. of {out.numel()} are outside tensor {name!r}")
         done = 0
         while done < nbytes:
-            got = os.preadv(self._fd, [buf[done:]], e.begin + done)
+            got = os.preadv(self._fd, [buf[done:]], begin + done)
             if got <= 0:
                 raise TvtoolError(f"{self.path}: unexpected end of file reading tensor {name!r}")
             done += got
-        return out
 
     def close(self) -> None:
         if self._fd >= 0:

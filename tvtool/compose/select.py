@@ -173,7 +173,7 @@ def pair_dots(
 def norm_scores(store: Store, plan: BankPlan, blocks: list[BlockInfo]) -> torch.Tensor:
     """[T, B] L2 norm of each vector's part in each block (data-free), in one streamed pass
     over the keys with the next key read in the background (vectors.gram)."""
-    from tvtool.vectors.gram import key_sums, stream_keys
+    from tvtool.vectors.gram import range_reader, stream_keys
 
     block_of = {k: b for b, blk in enumerate(blocks) for k in blk.keys}
     rows_of = {k.key: k.rows for k in plan.keys}
@@ -188,9 +188,11 @@ def norm_scores(store: Store, plan: BankPlan, blocks: list[BlockInfo]) -> torch.
             lambda t, key: readers[t].get(key),
             lambda t, key: tuple(readers[t].meta(key).shape),
             [v.label for v in plan.vectors],
+            ranged=lambda t, key: range_reader(readers[t], key),
+            signs=False,
         )
         for rows in stream:
-            sq = key_sums(rows, signs=False).gram.diagonal()
+            sq = rows.sums.gram.diagonal()
             for r, t in enumerate(rows.holders):
                 out[t, block_of[rows.key]] += float(sq[r])
     finally:

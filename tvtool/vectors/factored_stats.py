@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import torch
 
-from tvtool.vectors.gram import CHUNK, KeyRows, KeySums, key_sums
+from tvtool.vectors.gram import CHUNK, KeyRows, KeySums, tile_sums
 
 Factor = tuple[torch.Tensor, torch.Tensor, float, bool]  # (A, B, scale, transpose)
 
@@ -54,20 +54,10 @@ def _tiles(factors: list[Factor]) -> Iterator[torch.Tensor]:
 
 def factored_key_sums(key: str, shape: tuple[int, ...], holders: list[int],
                       factors: list[Factor]) -> tuple[KeyRows, KeySums]:
-    """`gram.key_sums` of one key (and its KeyRows' max|x|) from its holders' factors."""
-    max_abs = [0.0] * len(holders)
-
-    def chunks() -> Iterator[torch.Tensor]:
-        for tile in _tiles(factors):
-            peak = tile.abs().amax(dim=1)
-            for r in range(len(holders)):
-                max_abs[r] = max(max_abs[r], float(peak[r]))
-            yield tile
-
-    rows = KeyRows(key, shape, holders, chunks(), max_abs, None)  # type: ignore[arg-type]
-    sums = key_sums(rows, signs=True)  # entrywise sums over the tiles
+    """`gram`'s sums of one key (and its KeyRows) from its holders' factors."""
+    sums, max_abs, nonzero = tile_sums(_tiles(factors), len(holders))  # entrywise, over tiles
     sums.gram = factored_gram(factors)  # exact, from the factors
-    return rows, sums
+    return KeyRows(key, shape, holders, sums, max_abs, nonzero, None), sums
 
 
 def factors_of(readers: list, key: str, holders: list[int]) -> list[Factor] | None:

@@ -1,46 +1,41 @@
 """One streamed pass over the keys of several tensor files: per key, the rows of all holders and
 their pairwise sums (Gram matrix, sign agreement), for `inspect` and `select --score norm`.
 
-A background thread reads key k+1 (positioned reads release the GIL) while the caller reduces
-key k, so reading and arithmetic use both cores; at most two keys' tensors are in memory
-(O(largest tensor x vectors)). Each key's rows are copied into column chunks of `CHUNK`
-elements, every chunk one contiguous [rows, w] block: the products then run on cache-sized,
-contiguous operands and each element comes from memory once.
+Two worker threads (one per core) take alternate keys. A worker walks its key in column
+slices of `SLICE` elements: it reads that slice of every holder's tensor into one small reused
+[rows, SLICE] buffer (positioned reads of just those bytes, `range_reader`; readers without
+them give the whole tensor once per key) and reduces it while it is in the cache, so each
+element comes from the page cache once and from memory never again. At most two keys are in
+flight (O(largest tensor x vectors) even on the fallback path; `keep_rows` keeps a key's rows).
 
-Precision: every chunk's products are float32 matrix products (exact for the sign sums, which
-are integers below 2^24), summed over chunks in float64; norms and cosines are accurate to about
-1e-6 relative, far below anything they are used for, at a fraction of the cost of a float64
-product.
+Gram matrix: float32 products of `CHUNK`-column slices, summed in float64; norms and cosines
+are accurate to about 1e-6 relative, far below anything they are used for, at a fraction of
+the cost of a float64 product.
+
+Sign agreement: exact integer counts from packed sign bits s and nonzero bits nz:
+    opposite(a, b) = popcount((s_a XOR s_b) AND nz_a AND nz_b)
+    both(a, b) = popcount(nz_a AND nz_b),  agree = both - 2 * opposite  (#same - #opposite)
+(nz only enters when a key has zeros). One bit per element: ~8x cheaper than a product of
+float signs. Nonzero counts are popcounts of nz (numpy's float count holds the GIL).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from tvtool.errors import TvtoolError
 
-CHUNK = 1 << 14  # columns per chunk: 8 rows x 16384 x 4 bytes = 512 KB, in the L2 cache
-
-
-@dataclass
-class KeyRows:
-    """Key `key` of every vector that holds it (`holders`: indices into the sources)."""
-
-    key: str
-    shape: tuple[int, ...]
-    holders: list[int]
-    chunks: list[torch.Tensor]  # float32 [len(holders), w] each, covering the columns in order
-    max_abs: list[float]  # per holder
-    rows: list[torch.Tensor] | None  # the holders' tensors as read (keep_rows=True)
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
+CHUNK = 1 << 14  # columns per float32 product (8 rows x 16384 x 4 bytes = 512 KB)
+SLICE = 1 << 16  # columns read and reduced together (rounded to whole bytes of bits)
+WORKERS = 2  # threads reading and reducing keys (one per core)
 
 
 @dataclass
@@ -51,38 +46,148 @@ class KeySums:
     nonzero: torch.Tensor | None  # [r] float64: #nonzero per row (with signs)
 
 
+@dataclass
+class KeyRows:
+    """Key `key` of every vector that holds it (`holders`: indices into the sources)."""
+
+    key: str
+    shape: tuple[int, ...]
+    holders: list[int]
+    sums: KeySums
+    max_abs: list[float]  # per holder (signs=True)
+    nonzero: list[int]  # per holder: entries != 0 (signs=True)
+    rows: list[torch.Tensor] | None  # the holders' flat float32 tensors (keep_rows=True)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
 Reader = Callable[[int, str], torch.Tensor]  # (source index, key) -> tensor
 Meta = Callable[[int, str], tuple[int, ...]]  # (source index, key) -> shape
+Fill = Callable[[np.ndarray, int], None]  # (float32 numpy row, first element) -> None
+Ranged = Callable[[int, str], Fill | None]  # (source index, key) -> a slice reader, or None
 
 
-def _read_key(
-    key: str, holders: list[int], get: Reader, shape_of: Meta, names: Sequence[str],
-    keep_rows: bool,
-) -> KeyRows:
-    shapes = [tuple(shape_of(i, key)) for i in holders]
-    if len(set(shapes)) > 1:
-        shown = ", ".join(f"{names[i]}: {list(s)}" for i, s in zip(holders, shapes, strict=False))
-        raise TvtoolError(f"tensor {key!r} has different shapes across vectors ({shown})")
-    shape = shapes[0]
-    n, r = math.prod(shape), len(holders)
-    full = n // CHUNK
-    body = torch.empty(full, r, CHUNK, dtype=torch.float32)
-    tail = torch.empty(r, n - full * CHUNK, dtype=torch.float32)
-    max_abs, rows = [], [] if keep_rows else None
-    for j, i in enumerate(holders):
-        t = get(i, key).reshape(-1)
-        if t.numel():
-            lo, hi = torch.aminmax(t)
-            max_abs.append(max(abs(float(lo)), abs(float(hi))))
+def range_reader(reader, key: str) -> Fill | None:
+    """`reader.range_reader(key)` when the reader has one (float32 positioned reads)."""
+    f = getattr(reader, "range_reader", None)
+    return f(key) if f is not None else None
+
+
+def _shapes(
+    keys: Sequence[str], holders_of: Callable[[str], list[int]], shape_of: Meta,
+    names: Sequence[str],
+) -> dict[str, tuple[tuple[int, ...], list[int]]]:
+    """key -> (shape, holders), checking that every holder agrees on the shape."""
+    out = {}
+    for key in keys:
+        holders = holders_of(key)
+        shapes = [tuple(shape_of(i, key)) for i in holders]
+        if len(set(shapes)) > 1:
+            shown = ", ".join(f"{names[i]}: {list(s)}" for i, s in zip(holders, shapes,
+                                                                        strict=False))
+            raise TvtoolError(f"tensor {key!r} has different shapes across vectors ({shown})")
+        out[key] = (shapes[0] if shapes else (0,), holders)
+    return out
+
+
+def _whole(t: torch.Tensor) -> Fill:
+    flat = t.detach().reshape(-1).to(torch.float32).numpy()
+    return lambda out, lo: np.copyto(out, flat[lo: lo + out.shape[0]])
+
+
+class _Sums:
+    """Running sums of one key's rows, fed slice by slice ([r, w] float32 column slices or any
+    tiles laid out alike for every row). Each slice's bits are packed on their own (padding
+    bits 0 in sign and nonzero bits alike, so they count nowhere)."""
+
+    def __init__(self, r: int, width: int, signs: bool):
+        self.gram = torch.zeros(r, r, dtype=torch.float64)
+        self.part = torch.empty(r, r, dtype=torch.float32)
+        self.n, self.signs = 0, signs
+        if signs:
+            self.sign_bits: list[np.ndarray] = []
+            self.nz_bits: list[np.ndarray] = []
+            self.max_abs = np.zeros(r, dtype=np.float32)
+            self.scratch = np.empty((r, width), dtype=bool)
+
+    def add(self, xs: torch.Tensor, xn: np.ndarray | None = None) -> None:
+        """Add one slice (`xs`; `xn`: a numpy view of it, if at hand)."""
+        for c in range(0, xs.shape[1], CHUNK):
+            p = xs[:, c: c + CHUNK]
+            torch.mm(p, p.T, out=self.part)
+            self.gram += self.part
+        w = xs.shape[1]
+        self.n += w
+        if not self.signs or not w:
+            return
+        xn = xs.numpy() if xn is None else xn
+        np.maximum(self.max_abs, np.maximum(-xn.min(axis=1), xn.max(axis=1)), out=self.max_abs)
+        if self.scratch.shape[1] < w:
+            self.scratch = np.empty((xn.shape[0], w), dtype=bool)
+        scratch = self.scratch[:, :w]
+        self.sign_bits.append(np.packbits(np.signbit(xn, out=scratch), axis=1))
+        self.nz_bits.append(np.packbits(np.not_equal(xn, 0, out=scratch), axis=1))
+
+    def finish(self) -> tuple[KeySums, list[float], list[int]]:
+        """(the sums, max |x| per row, nonzero count per row)."""
+        g, n, r = self.gram, self.n, self.gram.shape[0]
+        if not self.signs:
+            return KeySums(g, None, None, None), [0.0] * r, [0] * r
+        if not self.nz_bits:  # no entries at all
+            z = torch.zeros_like(g)
+            return KeySums(g, z, z.clone(), torch.zeros(r, dtype=torch.float64)), [0.0] * r, [0] * r
+        sign_bits, nz_bits = (np.concatenate(b, axis=1) for b in (self.sign_bits, self.nz_bits))
+        nonzero = np.bitwise_count(nz_bits).sum(axis=1, dtype=np.int64)
+        if int(nonzero.min()) == n:  # no zeros: every pair is nonzero everywhere
+            both = torch.full_like(g, float(n))
+            opposite = _popcounts(sign_bits, None)
         else:
-            max_abs.append(0.0)
-        body[:, j, :] = t[: full * CHUNK].view(full, CHUNK)
-        tail[j] = t[full * CHUNK :]
-        if rows is not None:
-            rows.append(t)
-        del t
-    chunks = list(body.unbind(0)) + ([tail] if tail.shape[1] else [])
-    return KeyRows(key, shape, holders, chunks, max_abs, rows)
+            both = torch.from_numpy(_both(nz_bits)).to(torch.float64)
+            opposite = _popcounts(sign_bits, nz_bits)
+        agree = both - 2 * torch.from_numpy(opposite).to(torch.float64)
+        sums = KeySums(g, agree, both, torch.from_numpy(nonzero).to(torch.float64))
+        return sums, [float(m) for m in self.max_abs], [int(c) for c in nonzero]
+
+
+def tile_sums(
+    tiles: Iterable[torch.Tensor], r: int, signs: bool = True
+) -> tuple[KeySums, list[float], list[int]]:
+    """The sums of one key given as float32 [r, w] tiles (every row's entries in the same
+    order): (sums, max |x| per row, nonzero count per row)."""
+    sums = _Sums(r, 0, signs)
+    for tile in tiles:
+        sums.add(tile.contiguous())
+    return sums.finish()
+
+
+def _work(
+    key: str, plan, get: Reader, ranged: Ranged | None, local, keep_rows: bool, signs: bool,
+) -> KeyRows:
+    """Read and reduce one key in a worker (`local`: the worker's own slice buffer)."""
+    shape, holders = plan[key]
+    n, r = math.prod(shape), len(holders)
+    step = max(8, SLICE // 8 * 8)
+    fills = []
+    for i in holders:
+        f = ranged(i, key) if ranged is not None else None
+        fills.append(f if f is not None else _whole(get(i, key)))
+    whole = np.empty((r, n), dtype=np.float32) if keep_rows else None
+    if whole is None and (getattr(local, "buf", None) is None or local.buf.shape[0] < r):
+        local.buf = np.empty((r, step), dtype=np.float32)
+    buf = whole if whole is not None else local.buf
+    sums = _Sums(r, min(step, n), signs)
+    for lo in range(0, n, step):
+        w = min(step, n - lo)
+        xn = buf[:r, lo: lo + w] if whole is not None else buf[:r, :w]
+        for j in range(r):
+            fills[j](xn[j], lo)
+        sums.add(torch.from_numpy(xn), xn)
+    del fills  # the fallback's whole tensors
+    done, max_abs, nonzero = sums.finish()
+    return KeyRows(key, shape, holders, done, max_abs, nonzero,
+                   list(torch.from_numpy(whole).unbind(0)) if whole is not None else None)
 
 
 def stream_keys(
@@ -92,43 +197,59 @@ def stream_keys(
     shape_of: Meta,
     names: Sequence[str],
     keep_rows: bool = False,
+    ranged: Ranged | None = None,
+    signs: bool = True,
 ) -> Iterator[KeyRows]:
-    """KeyRows of every key in order, the next key read in a background thread."""
+    """KeyRows of every key in order, with their `sums`, read and reduced by two worker
+    threads; the caller only takes the (small) results. `ranged` gives a slice reader for
+    (source, key) where one exists (else `get` is called once per key). With `signs`, the sums
+    include sign agreement and the rows' max |x| and nonzero counts."""
     if not keys:
         return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tvtool-read") as pool:
+    plan = _shapes(keys, holders_of, shape_of, names)
+    workers = min(WORKERS, len(keys))
+    ahead = workers if keep_rows else 2 * workers  # keys in flight
+    local = threading.local()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tvtool-read") as pool:
 
-        def submit(key: str):
-            return pool.submit(_read_key, key, holders_of(key), get, shape_of, names, keep_rows)
+        def submit(k: int):
+            return pool.submit(_work, keys[k], plan, get, ranged, local, keep_rows, signs)
 
-        pending = submit(keys[0])
-        for nxt in list(keys[1:]) + [None]:
-            current = pending.result()
-            pending = submit(nxt) if nxt is not None else None
+        pending = deque(submit(k) for k in range(min(ahead, len(keys))))
+        for k in range(len(keys)):
+            current = pending.popleft().result()
+            if k + ahead < len(keys):
+                pending.append(submit(k + ahead))
             yield current
             del current
 
 
-def key_sums(rows: KeyRows, signs: bool) -> KeySums:
-    """Gram matrix and (with signs) sign agreement sums of one key's rows."""
-    r = len(rows.holders)
-    gram = torch.zeros(r, r, dtype=torch.float64)
-    agree = torch.zeros(r, r, dtype=torch.float64) if signs else None
-    both = torch.zeros(r, r, dtype=torch.float64) if signs else None
-    nonzero = torch.zeros(r, dtype=torch.float64) if signs else None
-    scratch = torch.empty(r, CHUNK, dtype=torch.float32) if signs else None
-    for c in rows.chunks:
-        gram += c @ c.T
-        if signs:
-            w = c.shape[1]
-            s = torch.sign(c, out=scratch[:, :w])  # type: ignore[index]
-            a = s @ s.T  # integers below 2^24: exact
-            agree += a  # type: ignore[operator]
-            nz = a.diagonal()
-            nonzero += nz  # type: ignore[operator]
-            if bool((nz < w).any()):  # zeros here: count the pairs where both are nonzero
-                s.abs_()
-                both += s @ s.T  # type: ignore[operator]
-            else:
-                both += w  # type: ignore[operator]
-    return KeySums(gram, agree, both, nonzero)
+def _popcounts(bits: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """[r, r] int64: popcount(bits_a XOR bits_b (AND mask_a AND mask_b)); diagonal 0."""
+    r = bits.shape[0]
+    if bits.shape[1] % 8 == 0:  # whole words: 64 bits at a time
+        bits = bits.view(np.uint64)
+        mask = mask.view(np.uint64) if mask is not None else None
+    out = np.zeros((r, r), dtype=np.int64)
+    for a in range(r - 1):
+        d = np.bitwise_xor(bits[a], bits[a + 1:])
+        if mask is not None:
+            d &= mask[a]
+            d &= mask[a + 1:]
+        c = np.bitwise_count(d).sum(axis=1, dtype=np.int64)
+        out[a, a + 1:] = c
+        out[a + 1:, a] = c
+    return out
+
+
+def _both(mask: np.ndarray) -> np.ndarray:
+    """[r, r] int64: popcount(mask_a AND mask_b)."""
+    r = mask.shape[0]
+    if mask.shape[1] % 8 == 0:
+        mask = mask.view(np.uint64)
+    out = np.zeros((r, r), dtype=np.int64)
+    for a in range(r):
+        c = np.bitwise_count(np.bitwise_and(mask[a], mask[a:])).sum(axis=1, dtype=np.int64)
+        out[a, a:] = c
+        out[a:, a] = c
+    return out

@@ -1,8 +1,8 @@
 """Statistics of task vectors, computed in one streaming pass over the tensor names.
 
-For every key, the tensors of that key from all T vectors are read (T tensors in memory, never
-T vectors; the next key is read in a background thread, see vectors.gram) and reduced into
-per-block statistics, the Gram matrix of dot products (whence the
+For every key, the tensors of that key from all T vectors are read and reduced (by two worker
+threads, slice by slice: at most two keys' slices in memory, never T vectors; see vectors.gram)
+into per-block statistics, the Gram matrix of dot products (whence the
 pairwise cosine similarities), sign-agreement counts and, optionally, the contribution
 `||Lambda[t, i] * tau_t,i||` of each vector to each block of a `coefs` object.
 
@@ -27,7 +27,7 @@ from tvtool.errors import TvtoolError
 from tvtool.store.store import Store
 from tvtool.vectors.blocks import CoefsLayout, coef_for_key
 from tvtool.vectors.factored_stats import factored_key_sums, factors_of
-from tvtool.vectors.gram import KeyRows, KeySums, key_sums, stream_keys
+from tvtool.vectors.gram import KeyRows, KeySums, range_reader, stream_keys
 
 
 class BlockStats(BaseModel):
@@ -167,6 +167,7 @@ def inspect_vectors(
         lambda i, key: tuple(sources[i].reader.meta(key).shape),
         [s.name for s in sources],
         keep_rows=contrib is not None,
+        ranged=lambda i, key: range_reader(sources[i].reader, key),
     )
 
     def absorb(rows: KeyRows, sums: KeySums) -> None:
@@ -195,7 +196,7 @@ def inspect_vectors(
             on_key(key)
 
     for rows in stream:
-        absorb(rows, key_sums(rows, signs=True))
+        absorb(rows, rows.sums)
         del rows
     readers = [s.reader for s in sources]
     for key in factored:
@@ -205,7 +206,7 @@ def inspect_vectors(
             for rows in stream_keys([key], holders_of, lambda i, k: readers[i].get(k),
                                     lambda i, k: tuple(readers[i].meta(k).shape),
                                     [s.name for s in sources]):
-                absorb(rows, key_sums(rows, signs=True))
+                absorb(rows, rows.sums)
         else:
             shape = tuple(readers[holders[0]].meta(key).shape)
             absorb(*factored_key_sums(key, shape, holders, parts))
