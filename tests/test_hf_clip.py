@@ -215,6 +215,13 @@ def test_both_layouts_and_shards_give_one_vector(hf):
             torch.testing.assert_close(ta[name], v - base[name], rtol=0, atol=1e-7)
     assert len(list(hf.ft_stripes_5x.glob("*.safetensors"))) > 1  # sharded fine-tune
     _extract(hf.base, hf.ft_stripes_5x, "s5")
+    # a bare 5.x CLIPVisionModel base against 4.x and 5.x fine-tunes: one vector, bare names
+    vbase = save_vision_5x({k.removeprefix("vision_model."): v for k, v in base.items()
+                            if k.startswith("vision_model.")}, hf.root / "vbase-layouts")
+    v4, v5 = _extract(vbase, hf.ft_colors_4x, "v4"), _extract(vbase, hf.ft_colors_5x, "v5")
+    assert v4 == v5
+    _, tv = load_tensor_object(store, v4, "vector")
+    assert set(tv) == {k.removeprefix("vision_model.") for k in ta}
 
 
 def test_merge_writes_the_base_layout(hf, invoke, tmp_path):
@@ -381,3 +388,48 @@ def test_compose_select_eval_merge_on_an_hf_bank(hf, invoke, tmp_path):
     applied = apply_delta(clip, delta)
     for k, t in applied.items():
         torch.testing.assert_close(merged[k], t, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_vision_only_base_with_a_head_file_through_compose_eval_merge(hf, invoke, tmp_path):
+    """A bare 5.x `CLIPVisionModel` base folder (no text tower, no projection: features are
+    `pooler_output`) with `--head FILE`: extract (4.x and 5.x fine-tunes), compose, eval and
+    merge through the CLI; the merged folder loads in transformers and its predictions with the
+    head give eval's accuracy."""
+    from tvtool.datasets import images as mdata
+    from tvtool.models.build import load_clip
+
+    full = transformers.CLIPModel.from_pretrained(hf.base)
+    vbase = save_vision_5x(full.vision_model.state_dict(), tmp_path / "vbase")
+    for name, ft in (("v/colors", hf.ft_colors_4x), ("v/stripes", hf.ft_stripes_5x)):
+        r = invoke("extract", vbase, ft, "--name", name, "-q")
+        assert r.exit_code == 0, r.stderr
+    folder = mdata.ImageFolder(hf.colors)
+    clip = load_clip(base=vbase)
+    images, labels = mdata.load_tensors(folder, list(range(len(folder))),
+                                        mdata.eval_transform(clip))
+    ft = transformers.CLIPVisionModel.from_pretrained(hf.ft_colors_5x).eval()
+    with torch.no_grad():  # a linear-probe-like head: class means of the fine-tune's features
+        feats = torch.nn.functional.normalize(ft(pixel_values=images).pooler_output, dim=-1)
+    head = torch.stack([feats[labels == c].mean(0) for c in range(len(folder.classnames))])
+    torch.save(torch.nn.functional.normalize(head, dim=-1), tmp_path / "head.pt")
+    model = ["--base", vbase, "--device", "cpu", "--head", tmp_path / "head.pt"]
+    r = invoke("compose", "v/colors", "v/stripes", *model, "--data", hf.colors, "--val",
+               hf.colors_val, "--shots", "4", "--epochs", "4", "--name", "v/learned", "--json")
+    assert r.exit_code == 0, r.stderr
+    rep = json.loads(r.stdout)
+    base_acc = invoke("eval", *model, "--data", hf.colors_val, "-q")
+    assert base_acc.exit_code == 0, base_acc.stderr
+    e = invoke("eval", *model, "--coefs", "v/learned", "--data", hf.colors_val, "-q")
+    assert e.exit_code == 0, e.stderr
+    assert float(e.stdout) == pytest.approx(rep["val_acc"]["colors"])
+    assert float(e.stdout) > float(base_acc.stdout)
+    m = invoke("merge", "--base", vbase, "--coefs", "v/learned", "--out", tmp_path / "merged",
+               "-q")
+    assert m.exit_code == 0, m.stderr
+    merged = transformers.CLIPVisionModel.from_pretrained(tmp_path / "merged").eval()
+    val = mdata.ImageFolder(hf.colors_val)
+    vimages, vlabels = mdata.load_tensors(val, list(range(len(val))), mdata.eval_transform(clip))
+    with torch.no_grad():
+        pred = (merged(pixel_values=vimages).pooler_output @ head.T).argmax(-1)
+    assert float((pred == vlabels).float().mean()) == pytest.approx(float(e.stdout))

@@ -5,7 +5,8 @@
   ``visual_projection.weight``, ``text_model.*``, ``text_projection.weight``, ``logit_scale`` in
   both. tvtool's canonical HF tower names are the `CLIPModel` ones.
 * `align_submodel`: a `CLIPVisionModel` fine-tune of a `CLIPModel` base (FusionBench's layout)
-  is compared with the base's image tower only; its keys are read under the base's names.
+  is compared with the base's image tower only; its keys are read under the base's names, as
+  are a 4.x fine-tune's of a 5.x `CLIPVisionModel` base (and the other way round).
 * `open_clip_to_hf` names the HF tensor(s) an open_clip image-tower tensor corresponds to (the
   fused ``in_proj`` is three HF tensors: q, k, v rows in that order), for reports and presets.
 """
@@ -79,7 +80,7 @@ def align_submodel(
     are returned unchanged (note None)."""
     bkeys, fkeys = base.keys(), ft.keys()
     if not (looks_like_hf_clip(bkeys) and any(k.startswith("text_model.") for k in bkeys)):
-        return base, ft, None
+        return base, _tower_prefix(base, ft), None
     if any(k.startswith(("text_model.", "text_projection.")) for k in fkeys):
         return base, ft, None  # a whole CLIPModel: compared key for key
     bset = set(bkeys)
@@ -93,6 +94,18 @@ def align_submodel(
     tower = {k: k for k in bkeys if k.startswith(HF_TOWER) and not is_buffer(k)}
     note = "vision_model"
     return KeyMappedReader(base, tower), KeyMappedReader(ft, names), note
+
+
+def _tower_prefix(base: CheckpointReader, ft: CheckpointReader) -> CheckpointReader:
+    """Two `CLIPVisionModel`s, one saved by transformers 4.x (``vision_model.``), the other by
+    5.x (bare): the fine-tune read under the base's names (its ``position_ids`` buffers
+    dropped). Any other fine-tune is returned as it is."""
+    bset = set(base.keys())
+    fkeys = [k for k in ft.keys() if not is_buffer(k)]
+    if not fkeys or bset & set(fkeys):
+        return ft
+    mapped = align_vector(KeyMappedReader(ft, {k: k for k in fkeys}), bset)
+    return mapped if mapped.keys() != fkeys else ft
 
 
 def align_vector(reader: CheckpointReader, base_keys: Container[str]) -> CheckpointReader:
