@@ -12,6 +12,7 @@ same classes the real ones do.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import pickle
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-# a small open_clip config; the public bank is ViT-B-32, the layout is the same
+# a small open_clip config (`register`); build_bank also takes open_clip's own "ViT-B-32" etc.
 CONFIG = {
     "embed_dim": 16,
     "quick_gelu": False,  # the architecture says nothing: the checkpoints must
@@ -110,6 +111,27 @@ def full_clip(name: str, seed: int) -> torch.nn.Module:
     return open_clip.create_model(name, pretrained=None, force_quick_gelu=True).eval()
 
 
+def transforms(clip: torch.nn.Module) -> tuple:
+    """(val_preprocess, train_preprocess) as the public encoders carry them."""
+    import open_clip
+
+    size = clip.visual.image_size
+    return (
+        open_clip.image_transform(size, is_train=False),
+        open_clip.image_transform(size, is_train=True),
+    )
+
+
+def encoder_file(path: Path, name: str, seed: int = 0, plain: bool = False) -> torch.nn.Module:
+    """Save the public `zeroshot.pt` of architecture `name` (QuickGELU, random weights from
+    `seed`, text transformer deleted); returns the full CLIP it was made from, text tower
+    included (an independent reference: the saved module shares no code path with tvtool)."""
+    ref = full_clip(name, seed)
+    enc = ImageEncoder(copy.deepcopy(ref), *transforms(ref))
+    save_module(enc, path, plain)
+    return ref
+
+
 def text_head(clip: torch.nn.Module, tokenizer, classnames: list[str], templates: list[str]):
     """The public heads' weight: mean normalised template embedding per class, normalised, x
     exp(logit_scale)."""
@@ -142,19 +164,16 @@ def build_bank(
     save_safetensors(out["full"], {k: v.clone() for k, v in clip.state_dict().items()}, {})
     tok = open_clip.get_tokenizer(name)
     ckpt = root / "checkpoints" / name
-    tf = open_clip.image_transform(CONFIG["vision_cfg"]["image_size"], is_train=False)
-    train_tf = open_clip.image_transform(CONFIG["vision_cfg"]["image_size"], is_train=True)
+    tf, train_tf = transforms(clip)
     heads = {d: text_head(clip, tok, cls, templates) for d, cls in datasets.items()}
     zs = ImageEncoder(clip, train_tf, tf)
     out["zeroshot"] = ckpt / "zeroshot.pt"
     save_module(zs, out["zeroshot"], plain)
-    base_state = {k: v.clone() for k, v in zs.state_dict().items()}
     for i, (d, _) in enumerate(datasets.items()):
         g = torch.Generator().manual_seed(seed * 100 + i + 1)
-        ft = ImageEncoder(full_clip(name, seed), train_tf, tf)
+        ft = copy.deepcopy(zs)  # a "fine-tune": the image tower moved by seeded noise
         with torch.no_grad():
             for k, p in ft.named_parameters():
-                p.copy_(base_state[k])
                 if k.startswith("model.visual."):
                     p.add_(0.02 * torch.randn(p.shape, generator=g))
         out[f"ft:{d}"] = ckpt / f"{d}Val" / "finetuned.pt"

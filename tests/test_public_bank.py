@@ -4,7 +4,9 @@ A random-weight bank in their layout (pickled `ImageEncoder`s with QuickGELU and
 transformer, `ClassificationHead` pickles, three fine-tuned variants by seeded perturbation; see
 public_bank.py), saved with torch.save (zip) and with plain pickle.dump, runs
 extract -> inspect -> select -> compose --shots 4 -> merge -> eval, with heads from the head
-pickles and, separately, from a text tower.
+pickles and, separately, from a text tower. The same flow runs on the real ViT-B-32
+architecture (random weights; slow, one optimisation step), and a ViT-B-16 `zeroshot.pt` loads as
+open_clip's QuickGELU model; the small custom architecture covers the plain-pickle form.
 """
 
 from __future__ import annotations
@@ -186,3 +188,74 @@ def test_bank_end_to_end_through_the_cli(bank, invoke, tmp_path):
     # without any head source the error says what to give
     r = invoke("eval", *model, *data)
     assert r.exit_code == 1 and "--head FILE" in r.stderr
+
+
+# -- the real architectures (random weights): ViT-B-32 end to end, ViT-B-16 as a builder ------
+@pytest.fixture(scope="module")
+def vit_bank(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The ViT-B-32 bank itself: three fine-tuned variants, their heads, the full CLIP."""
+    root = tmp_path_factory.mktemp("vit-b-32")
+    torch.set_num_threads(1)
+    out = build_bank(root, "ViT-B-32", DATASETS, TEMPLATES)
+    out["colors"] = write_task(root / "data" / "colors", "colors", 6, seed=1)
+    (root / "templates.txt").write_text("\n".join(TEMPLATES) + "\n")
+    out["templates"] = root / "templates.txt"
+    return out
+
+
+@pytest.mark.slow
+def test_vit_b_32_bank_end_to_end_through_the_cli(vit_bank, invoke, tmp_path):
+    """extract -> inspect -> select -> compose --shots 4 -> merge -> eval on the real ViT-B-32
+    architecture in the public layout; heads from the pickles, then from the text tower."""
+    z = vit_bank
+    model = ["--model", "ViT-B-32", "--base", z["zeroshot"], "--device", "cpu"]
+    data = ["--data", z["colors"]]
+    names = []
+    for d in DATASETS:
+        r = invoke("extract", z["zeroshot"], z[f"ft:{d}"], "--preset", "visual",
+                   "--name", f"b32/{d}", "-q")
+        assert r.exit_code == 0, r.stderr
+        names.append(f"b32/{d}")
+    info = _json(invoke("inspect", *names, "--json"))
+    assert info
+    sel = _json(invoke("select", *names, *model, *data, "--head", z["head:Colors"],
+                       "--shots", "4", "--top", "2", "--name", "sel", "--json"))
+    assert sel["kind"] == "selection" and len(sel["keep"]) > 0
+    rep = _json(invoke("compose", *model, "--selection", "sel", *data, "--head", z["head:Colors"],
+                       "--shots", "4", "--epochs", "1", "--min-steps", "1", "--batch-size",
+                       "12", "--name", "co", "--json"))  # one step of 12 images: CI-sized
+    assert rep["data"][0]["train"] == 12 and any(abs(c) > 0 for row in rep["coefs"] for c in row)
+    out = tmp_path / "merged.safetensors"
+    r = invoke("merge", "--base", z["zeroshot"], "--coefs", "co", "--out", out)
+    assert r.exit_code == 0 and "image tower only" in r.stderr, r.stderr
+    from tvtool.checkpoints.readers import open_checkpoint
+
+    with open_checkpoint(out) as merged:  # the activation came from the pickle
+        assert merged.metadata().get("tvtool.activation") == "quick_gelu"
+        assert not any(k.startswith("model.transformer.") for k in merged.keys())
+    by_head = _json(invoke("eval", *model, "--coefs", "co", *data, "--head", z["head:Colors"],
+                           "--json"))
+    by_text = _json(invoke("eval", *model, "--coefs", "co", *data, "--text-tower", z["full"],
+                           "--templates", z["templates"], "--json"))
+    assert by_text["results"][0]["accuracy"] == pytest.approx(by_head["results"][0]["accuracy"])
+
+
+@pytest.mark.slow
+def test_vit_b_16_public_encoder_builds_with_quickgelu(tmp_path):
+    """A ViT-B-16 `zeroshot.pt` in the public layout loads as the model it was saved from:
+    QuickGELU from the pickle, no text tower, open_clip's own features."""
+    import torch.nn.functional as F
+    from public_bank import encoder_file
+
+    from tvtool.models.build import load_clip
+    from tvtool.models.functional import encode_images
+
+    torch.set_num_threads(1)
+    ref = encoder_file(tmp_path / "zeroshot.pt", "ViT-B-16", seed=2)
+    clip = load_clip(model="ViT-B-16", base=tmp_path / "zeroshot.pt")
+    assert (clip.activation, clip.activation_source, clip.has_text) == (
+        "quick_gelu", "checkpoint", False)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = F.normalize(ref.encode_image(x), dim=-1)
+        assert torch.allclose(encode_images(clip, None, x), want, atol=1e-5)
