@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from tvtool import __version__
-from tvtool.cli.group import TvtoolGroup
+from tvtool.cli.group import new_app
 
 # Each module has `register(app)`; imported by name, so the demo (a room above the CLI, which
 # drives it) registers its command without the CLI importing it.
@@ -23,14 +23,10 @@ COMMAND_MODULES = (
 )
 
 
-app = typer.Typer(
-    cls=TvtoolGroup,
-    name="tvtool",
-    help="Task-vector management: extract, store, inspect, select, compose (aTLAS) and merge.",
-    no_args_is_help=True,
+app = new_app(
+    "tvtool",
+    "Task-vector management: extract, store, inspect, select, compose (aTLAS) and merge.",
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
-    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 

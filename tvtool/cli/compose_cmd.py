@@ -7,37 +7,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from tvtool.cli.learn_options import (
-    GranularityOpt,
-    ObjectiveOpt,
-    ShotsOpt,
-    ThresholdOpt,
-    VecDtypeOpt,
-)
-from tvtool.cli.model_options import (
-    BaseOpt,
-    ClassnamesOpt,
-    DataOpt,
-    HeadOpt,
-    ModelConfigOpt,
-    ModelOpt,
-    OtherBaseOpt,
-    PretrainedOpt,
-    QuickGeluOpt,
-    SplitOpt,
-    TemplatesOpt,
-    TextTowerOpt,
-)
-from tvtool.cli.options import (
-    DeviceOpt,
-    ForceOpt,
-    JsonOpt,
-    NameOpt,
-    QuietOpt,
-    SeedOpt,
-    StoreOpt,
-    complete_names,
-)
+from tvtool.cli.learn_options import learn_fields, learn_options
+from tvtool.cli.model_options import model_options
+from tvtool.cli.options import complete_names, output_options, with_options
 
 if TYPE_CHECKING:
     from tvtool.compose.reports import ComposeReport
@@ -304,27 +276,14 @@ def render(report: ComposeReport) -> None:
     stored("coefs", report.digest, report.name)
 
 
+@with_options(model_options("train"), after="vectors")
+@with_options(learn_options("auto"), output_options())
 def compose_command(
     vectors: OptVectors = None,
-    model: ModelOpt = None,
-    model_config: ModelConfigOpt = None,
-    base: BaseOpt = None,
-    pretrained: PretrainedOpt = None,
-    quick_gelu: QuickGeluOpt = None,
-    text_tower: TextTowerOpt = None,
-    head: HeadOpt = None,
-    data: DataOpt = None,  # type: ignore[assignment]
-    classnames: ClassnamesOpt = None,
-    templates: TemplatesOpt = None,
-    split: SplitOpt = "train",
     val: ValOpt = None,
     val_split: ValSplitOpt = None,
     negate: NegateOpt = None,
     control: ControlOpt = None,
-    objective: ObjectiveOpt = "ce",
-    shots: ShotsOpt = None,
-    threshold: ThresholdOpt = 0.99,
-    granularity: GranularityOpt = "tensor",
     partitions: PartitionsOpt = 1,
     partition_rule: PartitionRuleOpt = "tvtool",
     epochs: EpochsOpt = None,
@@ -339,19 +298,11 @@ def compose_command(
     init: InitOpt = 0.0,
     clamp: ClampOpt = None,
     finetuned_acc: FinetunedAccOpt = None,
-    seed: SeedOpt = 0,
     selection: SelectionOpt = None,
-    device: DeviceOpt = "auto",
-    vector_dtype: VecDtypeOpt = "auto",
     workers: WorkersOpt = None,
     flip: FlipOpt = False,
     resume: ResumeOpt = False,
-    allow_other_base: OtherBaseOpt = False,
-    name: NameOpt = None,
-    force: ForceOpt = False,
-    store: StoreOpt = None,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
+    **shared: Any,
 ) -> None:
     """Learn block-wise coefficients (aTLAS) for task VECTORS on a few images; store a `coefs`.
 
@@ -359,26 +310,22 @@ def compose_command(
     Several --data sets: task addition (losses summed). --negate T --control C: forgetting.
     Runs under `torchrun --nproc-per-node N -m tvtool compose ...` as DistributedDataParallel.
     """
-    from tvtool.cli.model_options import model_spec
+    flags = {**locals(), **shared}  # the flags, before any name of the body
     from tvtool.cli.output import emit, warn
     from tvtool.compose.compose_run import compose
     from tvtool.compose.ddp import init_from_env
     from tvtool.compose.recipes import parse_clamp
-    from tvtool.compose.registry import objective_params
     from tvtool.compose.requests import ComposeRequest
     from tvtool.models.eval_run import load_finetuned_acc
-    from tvtool.models.heads import load_templates
 
+    quiet, json_out = flags["quiet"], flags["json_out"]
     req = ComposeRequest.from_flags(
-        locals(),
-        model=model_spec(locals()),
-        heads=list(head or []),
-        templates=load_templates(templates) if templates else None,
-        objective=objective_params(objective, threshold=threshold),
+        flags,
+        **learn_fields(flags),
         clamp=parse_clamp(clamp),
         finetuned_acc=load_finetuned_acc(finetuned_acc) if finetuned_acc else None,
     )
-    dist, device = init_from_env(device)
+    dist, device = init_from_env(flags["device"])
     try:
         clip = req.model.load(device, warn=warn)
         show = dist.main and not quiet and not json_out

@@ -6,16 +6,11 @@ from typing import Annotated
 
 import typer
 
-from tvtool.cli.group import TvtoolGroup
+from tvtool.cli.group import new_app
 from tvtool.cli.options import JsonOpt
 
-datasets_app = typer.Typer(
-    cls=TvtoolGroup,
-    name="datasets",
-    help="Built-in data sets of the task-vector papers: class names and prompt templates.",
-    no_args_is_help=True,
-    rich_markup_mode="rich",
-    context_settings={"help_option_names": ["-h", "--help"]},
+datasets_app = new_app(
+    "datasets", "Built-in data sets of the task-vector papers: class names and prompt templates."
 )
 
 

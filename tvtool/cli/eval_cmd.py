@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from tvtool.cli.model_options import (
-    BaseOpt,
-    BatchSizeOpt,
-    ClassnamesOpt,
-    DataOpt,
-    HeadOpt,
-    ModelConfigOpt,
-    ModelOpt,
-    OtherBaseOpt,
-    PretrainedOpt,
-    QuickGeluOpt,
-    SplitOpt,
-    TemplatesOpt,
-    TextTowerOpt,
-)
-from tvtool.cli.options import DeviceOpt, JsonOpt, QuietOpt, StoreOpt, complete_names
+from tvtool.cli.model_options import BatchSizeOpt, model_options
+from tvtool.cli.options import complete_names, output_options, with_options
 
 if TYPE_CHECKING:
     from tvtool.models.eval_report import EvalReport
@@ -55,6 +41,8 @@ def register(app: typer.Typer) -> None:
     app.command("eval", cls=TermsCommand, help=HELP)(eval_cmd)
 
 
+@with_options(model_options("test", data=...), after="vectors")
+@with_options(output_options(named=False))
 def eval_cmd(
     vectors: Annotated[
         list[str] | None,
@@ -64,13 +52,6 @@ def eval_cmd(
             show_default=False,
         ),
     ] = None,
-    model: ModelOpt = None,
-    model_config: ModelConfigOpt = None,
-    base: BaseOpt = None,
-    pretrained: PretrainedOpt = None,
-    quick_gelu: QuickGeluOpt = None,
-    text_tower: TextTowerOpt = None,
-    head: HeadOpt = None,
     weights: Annotated[
         Path | None,
         typer.Option("--weights", help="Fine-tuned checkpoint to evaluate.", show_default=False),
@@ -84,10 +65,6 @@ def eval_cmd(
             show_default=False,
         ),
     ] = None,
-    data: DataOpt = ...,  # type: ignore[assignment]
-    split: SplitOpt = "test",
-    classnames: ClassnamesOpt = None,
-    templates: TemplatesOpt = None,
     grid: Annotated[
         str | None,
         typer.Option(
@@ -140,18 +117,15 @@ def eval_cmd(
     alphas: Annotated[
         str, typer.Option("--alphas", help="Alphas for --disentanglement.")
     ] = "0:1:0.25",
-    allow_other_base: OtherBaseOpt = False,
-    device: DeviceOpt = "auto",
     batch_size: BatchSizeOpt = 128,
-    store: StoreOpt = None,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
+    **shared: Any,
 ) -> None:
+    flags = {**locals(), **shared}  # the flags, before any name of the body
     from tvtool.cli.model_options import model_spec
     from tvtool.cli.output import emit, info, progress
     from tvtool.models.eval_run import EvalRequest, run_eval
 
-    req = EvalRequest.from_flags(locals(), model=model_spec(locals()), heads=list(head or []))
+    req = EvalRequest.from_flags(flags, model=model_spec(flags), heads=list(flags["head"] or []))
     with progress() as bar:
 
         def on_progress(desc: str, total: int):
@@ -159,7 +133,7 @@ def eval_cmd(
             return lambda: bar.advance(task)
 
         report = run_eval(req, on_note=info, on_progress=on_progress)
-    emit(report, json_out=json_out, quiet=quiet, human=render,
+    emit(report, json_out=flags["json_out"], quiet=flags["quiet"], human=render,
          quiet_data=[f"{report.headline():.6f}"])
 
 

@@ -88,3 +88,16 @@ class TvtoolGroup(TyperGroup):
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
+
+
+def new_app(name: str, help: str, **kwargs: Any) -> typer.Typer:
+    """A tvtool (sub-)app: the TvtoolGroup, rich help, ``-h``, help when called bare."""
+    return typer.Typer(
+        cls=TvtoolGroup,
+        name=name,
+        help=help,
+        no_args_is_help=True,
+        rich_markup_mode="rich",
+        context_settings={"help_option_names": ["-h", "--help"]},
+        **kwargs,
+    )

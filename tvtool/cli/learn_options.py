@@ -4,9 +4,13 @@ checked once, by the command's request (`tvtool.compose.requests`). Torch-free."
 
 from __future__ import annotations
 
-from typing import Annotated
+import inspect
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 import typer
+
+from tvtool.cli.options import SeedOpt, option
 
 ObjectiveOpt = Annotated[
     str,
@@ -53,3 +57,32 @@ VecDtypeOpt = Annotated[
         "fp32, fp16 or bf16; select's --budget-mb counts bytes in it.",
     ),
 ]
+
+
+def learn_options(vector_dtype: str) -> list[inspect.Parameter]:
+    """--objective, --shots, --threshold, --granularity, --seed and --vector-dtype (default
+    `vector_dtype`), as compose and select take them."""
+    return [
+        option("objective", ObjectiveOpt, "ce"),
+        option("shots", ShotsOpt),
+        option("threshold", ThresholdOpt, 0.99),
+        option("granularity", GranularityOpt, "tensor"),
+        option("seed", SeedOpt, 0),
+        option("vector_dtype", VecDtypeOpt, vector_dtype),
+    ]
+
+
+def learn_fields(flags: Mapping[str, Any]) -> dict[str, Any]:
+    """The request fields compose and select build from several flags: the model spec, the head
+    files, the --templates file's lines and the objective's parameters."""
+    from tvtool.cli.model_options import model_spec
+    from tvtool.compose.registry import objective_params
+    from tvtool.models.heads import load_templates
+
+    templates = flags["templates"]
+    return {
+        "model": model_spec(flags),
+        "heads": list(flags["head"] or []),
+        "templates": load_templates(templates) if templates else None,
+        "objective": objective_params(flags["objective"], threshold=flags["threshold"]),
+    }

@@ -29,6 +29,7 @@ from tvtool.cli.options import (
     StoreOpt,
     complete_names,
     open_store,
+    with_options,
 )
 from tvtool.cli.terms_arg import TermsCommand, split_terms
 from tvtool.vectors.methods import METHODS, cli_flag, param_fields
@@ -264,17 +265,7 @@ def merge(
     emit_line(result.digest)
 
 
-def _with_method_options(func: Any) -> Any:
-    """`func` with one keyword parameter per method option (typer reads the signature)."""
-    sig = inspect.signature(func, eval_str=True)
-    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
-    params += _option_parameters()
-    func.__signature__ = sig.replace(parameters=params)
-    func.__annotations__ = {p.name: p.annotation for p in params}
-    return func
-
-
-_with_method_options(merge)
+with_options(_option_parameters())(merge)  # one keyword parameter per method option
 
 
 def _warn_foreign(plan: Any) -> None:

@@ -3,11 +3,14 @@ turn them into the request's model spec. Importing this module does not import t
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from tvtool.cli.options import DeviceOpt, option
 
 ModelOpt = Annotated[
     str | None,
@@ -135,3 +138,25 @@ OtherBaseOpt = Annotated[
         "--allow-other-base", help="Accept vectors recorded as extracted from another base file."
     ),
 ]
+
+
+def model_options(split: str, data: Any = None) -> list[inspect.Parameter]:
+    """The model (--model/--model-config, --base/--pretrained, --quick-gelu, --text-tower,
+    --head), the data (--data, --classnames, --templates, --split), --allow-other-base and
+    --device, as compose, select and eval take them; `split` and `data` are the defaults (eval
+    reads the test split and needs --data: ``...``)."""
+    return [
+        option("model", ModelOpt),
+        option("model_config", ModelConfigOpt),
+        option("base", BaseOpt),
+        option("pretrained", PretrainedOpt),
+        option("quick_gelu", QuickGeluOpt),
+        option("text_tower", TextTowerOpt),
+        option("head", HeadOpt),
+        option("data", DataOpt, data),
+        option("classnames", ClassnamesOpt),
+        option("templates", TemplatesOpt),
+        option("split", SplitOpt, split),
+        option("allow_other_base", OtherBaseOpt, False),
+        option("device", DeviceOpt, "auto"),
+    ]

@@ -1,9 +1,13 @@
-"""Shared `Annotated` option aliases, so every command spells the same option the same way."""
+"""Shared `Annotated` option aliases, so every command spells the same option the same way, and
+`with_options`, which adds a group of them to a command at once (compose, select and eval share
+the model, data, learning and output groups instead of restating them)."""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -88,3 +92,41 @@ VectorsArg = Annotated[
         show_default=False,
     ),
 ]
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def option(name: str, alias: Any, default: Any = None) -> inspect.Parameter:
+    """Parameter `name` of a command declared by an `Annotated` alias, for `with_options`."""
+    return inspect.Parameter(name, _KEYWORD, default=default, annotation=alias)
+
+
+_KEYWORD = inspect.Parameter.KEYWORD_ONLY
+
+
+def with_options(
+    *groups: Sequence[inspect.Parameter], after: str | None = None
+) -> Callable[[F], F]:
+    """Add the parameters of `groups` to a command's signature as typer reads it (after the
+    parameter `after`, else at the end); the command receives them in its ``**kwargs``."""
+
+    def add(func: F) -> F:
+        sig = inspect.signature(func, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        at = next((i + 1 for i, p in enumerate(own) if p.name == after), len(own))
+        kind = own[at - 1].kind if at else inspect.Parameter.POSITIONAL_OR_KEYWORD
+        extra = [p.replace(kind=kind) for g in groups for p in g]
+        params = [*own[:at], *extra, *own[at:]]
+        func.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+        func.__annotations__ = {p.name: p.annotation for p in params}
+        return func
+
+    return add
+
+
+def output_options(named: bool = True) -> list[inspect.Parameter]:
+    """--name and --force (for a command that stores a result), --store, --json, -q."""
+    tag = [option("name", NameOpt), option("force", ForceOpt, False)] if named else []
+    return [*tag, option("store", StoreOpt), option("json_out", JsonOpt, False),
+            option("quiet", QuietOpt, False)]

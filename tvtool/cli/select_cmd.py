@@ -6,38 +6,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from tvtool.cli.learn_options import (
-    BatchOpt,
-    GranularityOpt,
-    ObjectiveOpt,
-    ShotsOpt,
-    ThresholdOpt,
-    VecDtypeOpt,
-)
-from tvtool.cli.model_options import (
-    BaseOpt,
-    ClassnamesOpt,
-    DataOpt,
-    HeadOpt,
-    ModelConfigOpt,
-    ModelOpt,
-    OtherBaseOpt,
-    PretrainedOpt,
-    QuickGeluOpt,
-    SplitOpt,
-    TemplatesOpt,
-    TextTowerOpt,
-)
-from tvtool.cli.options import (
-    DeviceOpt,
-    ForceOpt,
-    JsonOpt,
-    NameOpt,
-    QuietOpt,
-    SeedOpt,
-    StoreOpt,
-    VectorsArg,
-)
+from tvtool.cli.learn_options import BatchOpt, learn_fields, learn_options
+from tvtool.cli.model_options import model_options
+from tvtool.cli.options import VectorsArg, output_options, with_options
 
 if TYPE_CHECKING:
     from tvtool.compose.reports import MasksReport, SelectionReport, SelectReport
@@ -141,37 +112,16 @@ def digests(report: SelectReport) -> list[str]:
     return [m.digest for m in report.masks]
 
 
+@with_options(model_options("train"), after="vectors")
+@with_options(learn_options("fp16"), output_options())
 def select_command(
     vectors: VectorsArg,
-    model: ModelOpt = None,
-    model_config: ModelConfigOpt = None,
-    base: BaseOpt = None,
-    pretrained: PretrainedOpt = None,
-    quick_gelu: QuickGeluOpt = None,
-    text_tower: TextTowerOpt = None,
-    head: HeadOpt = None,
-    data: DataOpt = None,  # type: ignore[assignment]
-    classnames: ClassnamesOpt = None,
-    templates: TemplatesOpt = None,
-    split: SplitOpt = "train",
     score: ScoreOpt = "grad",
     top: TopOpt = None,
     budget_mb: BudgetOpt = None,
     density: DensityOpt = None,
-    granularity: GranularityOpt = "tensor",
-    objective: ObjectiveOpt = "ce",
-    shots: ShotsOpt = None,
-    threshold: ThresholdOpt = 0.99,
     batch_size: BatchOpt = 32,
-    seed: SeedOpt = 0,
-    vector_dtype: VecDtypeOpt = "fp16",
-    device: DeviceOpt = "auto",
-    allow_other_base: OtherBaseOpt = False,
-    name: NameOpt = None,
-    force: ForceOpt = False,
-    store: StoreOpt = None,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
+    **shared: Any,
 ) -> None:
     """Score which task VECTORS matter in which blocks for the --data, and keep the best.
 
@@ -180,24 +130,17 @@ def select_command(
     per element -> one `mask` per vector for `merge --method mask` (--density d). norm: data-free
     |tau| (selection with --top/--budget-mb, masks with --density; no model needed).
     """
-    from tvtool.cli.model_options import model_spec
+    flags = {**locals(), **shared}  # the flags, before any name of the body
     from tvtool.cli.output import emit, progress, warn
-    from tvtool.compose.registry import objective_params
     from tvtool.compose.requests import SelectRequest
     from tvtool.compose.select_run import run_select
-    from tvtool.models.heads import load_templates
 
-    req = SelectRequest.from_flags(
-        locals(),
-        model=model_spec(locals()),
-        heads=list(head or []),
-        templates=load_templates(templates) if templates else None,
-        objective=objective_params(objective, threshold=threshold),
-    )
+    req = SelectRequest.from_flags(flags, **learn_fields(flags))
     with progress() as bar:
         task = bar.add_task("scoring", total=None)
         report = run_select(req, on_batch=lambda: bar.advance(task), warn=warn)
-    emit(report, json_out=json_out, quiet=quiet, human=render, data=digests(report))
+    emit(report, json_out=flags["json_out"], quiet=flags["quiet"], human=render,
+         data=digests(report))
 
 
 def register(app: typer.Typer) -> None:

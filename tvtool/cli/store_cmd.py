@@ -7,7 +7,7 @@ from typing import Annotated, Any, get_args
 
 import typer
 
-from tvtool.cli.group import TvtoolGroup
+from tvtool.cli.group import new_app
 from tvtool.cli.options import (
     DryRunOpt,
     ForceOpt,
@@ -21,13 +21,9 @@ from tvtool.cli.store_render import count, render_manifest, short_dtype, when
 from tvtool.errors import IntegrityError, TvtoolError
 from tvtool.store.manifest import ObjectKind
 
-store_app = typer.Typer(
-    cls=TvtoolGroup,
-    name="store",
-    help="The local content-addressed store: list, show, tag, remove, verify, gc, export, import.",
-    no_args_is_help=True,
-    rich_markup_mode="rich",
-    context_settings={"help_option_names": ["-h", "--help"]},
+store_app = new_app(
+    "store",
+    "The local content-addressed store: list, show, tag, remove, verify, gc, export, import.",
 )
 
 
