@@ -136,6 +136,27 @@ def load_bank(model, store, names, granularity="tensor", partitions=1, seed=5, d
     return plan, layout, stacks
 
 
+TINY = {  # the smallest open_clip config: the model and eval tests build it under own names
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 1, "layers": 1},
+}
+
+
+def tiny_clip(cfg: Path, config: dict, seed: int = 0) -> tuple[str, dict[str, torch.Tensor]]:
+    """Write `config` to `cfg` (open_clip names the model after the file stem), register it and
+    build it with weights from `torch.manual_seed(seed)`: (model name, state dict)."""
+    import open_clip
+
+    from tvtool.models.build import register_config
+
+    cfg.write_text(json.dumps(config))
+    name, _ = register_config(cfg)
+    torch.manual_seed(seed)
+    net = open_clip.create_model(name, pretrained=None)
+    return name, {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
 def build_assets(root: Path) -> Assets:
     """Write everything into `root` (an empty directory)."""
     import open_clip

@@ -155,3 +155,30 @@ def test_the_cycle_check_sees_imports_inside_functions() -> None:
     tree = {"a": [("tvtool.errors", False)], "tvtool.errors": [("a", True)]}
     assert ("tvtool.errors", False) in _imports_of(src)
     assert _cycles({m: {t for t, _ in ts} for m, ts in tree.items()}) == [["a", "tvtool.errors"]]
+
+
+def _fixtures(path: Path) -> set[str]:
+    """Names of the functions decorated with a pytest fixture in a test file."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.FunctionDef):
+            for d in node.decorator_list:
+                target = d.func if isinstance(d, ast.Call) else d
+                if "fixture" in ast.unparse(target):
+                    out.add(node.name)
+    return out
+
+
+def test_no_test_module_imports_another_modules_fixtures() -> None:
+    """Shared fixtures live in tests/conftest.py; a test module may import helpers (from helper
+    modules or, for plain functions, another test module), never a fixture."""
+    tests = ROOT / "tests"
+    bad = []
+    for p in sorted(tests.glob("test_*.py")):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                src = tests / f"{node.module}.py"
+                if src.is_file() and src.name != "conftest.py":
+                    shared = _fixtures(src) & {a.name for a in node.names}
+                    bad += [f"{p.name} imports fixture {n} from {src.name}" for n in shared]
+    assert bad == [], "\n".join(bad)

@@ -191,9 +191,7 @@ def test_negation_forgets_the_target_and_keeps_the_control(assets, clip, invoke)
     assert bad.exit_code == 1 and "--control" in bad.stderr
 
 
-def test_task_addition_sums_losses_over_data_sets(assets, clip, invoke):
-    extract(assets, assets.ft_colors, "c")
-    extract(assets, assets.ft_stripes, "s")
+def test_task_addition_sums_losses_over_data_sets(assets, clip, invoke, two_vectors):
     r = invoke(
         "compose",
         "c",

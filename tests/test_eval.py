@@ -3,96 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-TINY = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 1, "layers": 1},
-}
-CLASSES = ("apple", "big_cat", "car")
-
-
-def _images(root: Path, n: int, seed: int) -> None:
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for c in CLASSES:
-        (root / c).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
-                root / c / f"{i}.png"
-            )
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Config, base and two 'fine-tuned' checkpoints (base + tau_t), two data sets with splits."""
-    import open_clip
-
-    from tvtool.checkpoints.writer import save_safetensors
-    from tvtool.models.build import register_config
-
-    d = tmp_path_factory.mktemp("eval")
-    cfg = d / "tvtool-test-eval.json"
-    cfg.write_text(json.dumps(TINY))
-    name, _ = register_config(cfg)
-    torch.manual_seed(0)
-    net = open_clip.create_model(name, pretrained=None)
-    base = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    save_safetensors(d / "base.safetensors", base, {})
-    g = torch.Generator().manual_seed(1)
-    taus = []
-    for t in range(2):
-        tau = {
-            k: 0.5 * torch.randn(v.shape, generator=g)
-            for k, v in base.items()
-            if k.startswith("visual.")
-        }
-        taus.append(tau)
-        ft = {k: v + tau[k] if k in tau else v for k, v in base.items()}
-        save_safetensors(d / f"ft{t}.safetensors", ft, {})
-    for i, ds in enumerate(("one", "two")):
-        _images(d / ds / "test", 4, seed=10 + i)
-        _images(d / ds / "val", 3, seed=20 + i)
-    return {"dir": d, "cfg": cfg, "base": base, "taus": taus, "name": name}
-
-
-@pytest.fixture
-def vecs(env) -> list[str]:
-    """The two task vectors, stored (with the base fingerprint) in this test's store."""
-    from tvtool.checkpoints.readers import checkpoint_fingerprint
-    from tvtool.store.store import Store
-    from tvtool.vectors.stored import save_tensor_object
-
-    store = Store(None)
-    fp = checkpoint_fingerprint(env["dir"] / "base.safetensors")
-    names = []
-    for t, tau in enumerate(env["taus"]):
-        m = save_tensor_object(store, "vector", tau, params={"base": {"fingerprint": fp}})
-        store.set_ref(f"v{t}", m.digest)
-        names.append(f"v{t}")
-    return names
-
-
-def base_args(env, *data: str) -> list[str]:
-    args = [
-        "eval",
-        "--model-config",
-        env["cfg"],
-        "--base",
-        env["dir"] / "base.safetensors",
-        "--device",
-        "cpu",
-    ]
-    for ds in data or ("one",):
-        args += ["--data", env["dir"] / ds]
-    return args
+from eval_assets import CLASSES, base_args
 
 
 def plain_predictions(

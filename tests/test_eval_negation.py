@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-from test_eval import base_args, env, vecs  # noqa: F401
+from eval_assets import base_args
 
 
-def test_negation_search_picks_most_forgetting_within_control(env, invoke, vecs):  # noqa: F811
+def test_negation_search_picks_most_forgetting_within_control(env, invoke, vecs):
     r = invoke(
         *base_args(env, "one"), f"{vecs[0]}:-1", "--control", env["dir"] / "two",
         "--grid", "0:2:0.25", "--json",
@@ -25,6 +25,6 @@ def test_negation_search_picks_most_forgetting_within_control(env, invoke, vecs)
     assert [x["dataset"] for x in doc["results"]] == ["one", "two"]  # the control is evaluated
 
 
-def test_control_needs_the_grid(env, invoke, vecs):  # noqa: F811
+def test_control_needs_the_grid(env, invoke, vecs):
     r = invoke(*base_args(env, "one"), vecs[0], "--control", env["dir"] / "two")
     assert r.exit_code == 1 and "--grid" in r.stderr

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
+from reader_helpers import content_fingerprint
 
 from tvtool.store.store import Store
 from tvtool.vectors.stored import load_tensor_object
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_readers import content_fingerprint  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -264,17 +259,9 @@ def test_pickled_module_checkpoints(invoke, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_subprocess_quiet_composes(pair, tmp_path: Path) -> None:
+def test_subprocess_quiet_composes(pair, tmp_path: Path, run_tvtool) -> None:
     bp, fp, _ = pair
-    env = {**os.environ, "TVTOOL_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(
-        [sys.executable, "-m", "tvtool", "extract", str(bp), str(fp), "-q", "--name", "sub/v"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        check=False,
-    )
+    out = run_tvtool("extract", bp, fp, "-q", "--name", "sub/v", TVTOOL_HOME=str(tmp_path / "home"))
     assert out.returncode == 0, out.stderr
     assert out.stderr == ""
     digest = out.stdout.strip()

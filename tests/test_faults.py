@@ -11,6 +11,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -137,6 +138,24 @@ def delays(seed: int, duration: float) -> list[float]:
     return [rng.uniform(0, 1.1 * duration) for _ in range(ROUNDS)]
 
 
+def kill_rounds(
+    seed: int,
+    duration: float,
+    sigs: Sequence[int],
+    args_of: Callable[[int], list],
+    store_of: Callable[[int], Store],
+) -> Iterator[tuple[int, int]]:
+    """The kill loop: for round i at each seeded kill time, fork `tvtool *args_of(i)`, send it
+    `sigs[i % len(sigs)]` after that delay, check that it exited 0 or by that signal and that
+    `store_of(i)` stays consistent; yields (i, exit code) for the test's own checks."""
+    for i, delay in enumerate(delays(seed, duration)):
+        sig = sigs[i % len(sigs)]
+        code = kill_after(fork_cli(*args_of(i)), delay, sig)
+        assert code in (0, -sig), code
+        assert_consistent(store_of(i))
+        yield i, code
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "term"])
 def test_killed_extracts(checkpoints, tmp_path, sig) -> None:
@@ -144,13 +163,14 @@ def test_killed_extracts(checkpoints, tmp_path, sig) -> None:
     store = Store(tmp_path / "store")
     duration = timed("extract", base, fts[0], "--store", tmp_path / "warm", "-q")
     codes = []
-    for i, delay in enumerate(delays(sig, duration)):
-        ft = fts[i % len(fts)]
-        pid = fork_cli("extract", base, ft, "--name", f"v/{i}", "--store", store.root, "-q")
-        codes.append(kill_after(pid, delay, sig))
-        assert codes[-1] in (0, -sig), codes
-        assert_consistent(store)
-        if codes[-1] == 0:
+    for i, code in kill_rounds(
+        sig, duration, [sig],
+        lambda i: ["extract", base, fts[i % len(fts)], "--name", f"v/{i}", "--store", store.root,
+                   "-q"],
+        lambda i: store,
+    ):  # fmt: skip
+        codes.append(code)
+        if code == 0:
             assert f"v/{i}" in store.refs()
     assert -sig in codes  # the loop did interrupt something
     assert_swept(store)
@@ -169,13 +189,16 @@ def test_killed_merges(checkpoints, tmp_path, sig) -> None:
     terms = ["t0:0.3", "t1:0.3", "t2:0.3"]
     duration = timed("merge", "--base", base, "-o", reference, *terms, "--store", store.root)
     expected = reference.read_bytes()
-    for i, delay in enumerate(delays(10 + sig, duration)):
-        out = outdir / f"m{i}.safetensors"
-        pid = fork_cli("merge", "--base", base, "-o", out, *terms, "--store", store.root, "-q")
-        code = kill_after(pid, delay, sig)
-        assert code in (0, -sig)
-        assert not out.exists() or out.read_bytes() == expected  # whole or absent
-        assert_consistent(store)
+
+    def out(i: int) -> Path:
+        return outdir / f"m{i}.safetensors"
+
+    for i, _ in kill_rounds(
+        10 + sig, duration, [sig],
+        lambda i: ["merge", "--base", base, "-o", out(i), *terms, "--store", store.root, "-q"],
+        lambda i: store,
+    ):  # fmt: skip
+        assert not out(i).exists() or out(i).read_bytes() == expected  # whole or absent
     report = stale_parts([outdir], 0)
     assert all(is_part_file(Path(p)) for p in report.removed)
     assert not any(is_part_file(p) for p in outdir.iterdir())
@@ -191,11 +214,14 @@ def test_killed_imports(checkpoints, tmp_path, sig) -> None:
     assert run_cli("store", "export", "ns/", "-o", bundle, "--store", src.root) == 0
     wanted = src.refs()
     duration = timed("store", "import", bundle, "--store", tmp_path / "warm")
-    for i, delay in enumerate(delays(20 + sig, duration)):
-        store = Store(tmp_path / f"dst{i}")
-        code = kill_after(fork_cli("store", "import", bundle, "--store", store.root), delay, sig)
-        assert code in (0, -sig)
-        assert_consistent(store)
+    def dst(i: int) -> Store:
+        return Store(tmp_path / f"dst{i}")
+
+    for i, code in kill_rounds(
+        20 + sig, duration, [sig], lambda i: ["store", "import", bundle, "--store", dst(i).root],
+        dst,
+    ):
+        store = dst(i)
         if code == 0:
             assert store.refs() == wanted
         assert set(store.refs().items()) <= set(wanted.items())
@@ -216,11 +242,10 @@ def test_killed_composes(assets, isolated_store) -> None:
     args = ["compose", "colors", "stripes", *model_args(assets), "--data", assets.colors,
             "--epochs", "2", "--store", store.root, "-q"]
     duration = timed(*args, "--name", "first")
-    for i, delay in enumerate(delays(30, duration)):
-        sig = (signal.SIGKILL, signal.SIGTERM)[i % 2]
-        code = kill_after(fork_cli(*args, "--name", f"c/{i}"), delay, sig)
-        assert code in (0, -sig)
-        assert_consistent(store)
+    for i, code in kill_rounds(
+        30, duration, [signal.SIGKILL, signal.SIGTERM], lambda i: [*args, "--name", f"c/{i}"],
+        lambda i: store,
+    ):
         if code == 0:
             assert store.manifest(store.resolve(f"c/{i}")).kind == "coefs"
     assert_swept(store, keep=("compose-runs",))  # resumable runs are compose's to remove

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from reader_helpers import DictReader
 
 from tvtool.store.store import Store
 from tvtool.vectors.blocks import CoefsLayout, coef_for_key, make_blocks
@@ -145,24 +144,10 @@ def test_streams_one_key_at_a_time() -> None:
 
     log: list[tuple[int, str]] = []
 
-    class Reader:
-        def __init__(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
-            self.i, self.t = i, tensors
+    def reader(i: int) -> DictReader:
+        return DictReader(vec(i), on_get=lambda k: log.append((i, k)))
 
-        def keys(self) -> list[str]:
-            return sorted(self.t)
-
-        def __contains__(self, k: str) -> bool:
-            return k in self.t
-
-        def meta(self, k: str):
-            return self.t[k]
-
-        def get(self, k: str) -> torch.Tensor:
-            log.append((self.i, k))
-            return self.t[k]
-
-    sources = [Source(f"v{i}", "0" * 64, Reader(i, vec(i))) for i in range(4)]
+    sources = [Source(f"v{i}", "0" * 64, reader(i)) for i in range(4)]
     inspect_vectors(sources)  # type: ignore[arg-type]
     reading: set[str] = set()  # keys begun and not finished: at most one per worker thread
     reads: dict[str, int] = {}
@@ -256,16 +241,8 @@ def test_coefs_wrong_kind(invoke, three) -> None:
 
 
 @pytest.mark.slow
-def test_subprocess_json(three, tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # TVTOOL_HOME set by the autouse fixture
-    out = subprocess.run(
-        [sys.executable, "-m", "tvtool", "inspect", "t/one", "t/three", "--json"],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        check=False,
-    )
+def test_subprocess_json(three, run_tvtool) -> None:
+    out = run_tvtool("inspect", "t/one", "t/three", "--json")
     assert out.returncode == 0, out.stderr
     doc = json.loads(out.stdout)
     assert doc["cosine"]["names"] == ["t/one", "t/three"]
@@ -281,27 +258,11 @@ def test_chunked_pass_matches_float64(monkeypatch) -> None:
     monkeypatch.setattr(gram, "CHUNK", 7)  # products of 7 columns in slices of 16
     monkeypatch.setattr(gram, "SLICE", 16)
 
-    class Reader:
-        def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-            self.t = tensors
-
-        def keys(self) -> list[str]:
-            return sorted(self.t)
-
-        def __contains__(self, k: str) -> bool:
-            return k in self.t
-
-        def meta(self, k: str):
-            return self.t[k]
-
-        def get(self, k: str) -> torch.Tensor:
-            return self.t[k].clone()
-
     vs = [vec(1, sparse=0.4), vec(2, drop="c.weight"), vec(3)]
     vs[2] = {k: v.half() for k, v in vs[2].items()}
     vs[0]["a.weight"][:, :2] = 0.0  # whole chunks of zeros
     vs[1]["a.weight"][0, 1] = -0.0  # a zero whose sign bit is set
-    sources = [Source(f"v{i}", "0" * 64, Reader(v)) for i, v in enumerate(vs)]
+    sources = [Source(f"v{i}", "0" * 64, DictReader(v, copy=True)) for i, v in enumerate(vs)]
     report, _ = inspect_vectors(sources)  # type: ignore[arg-type]
     flats = [flat({k: t.double() for k, t in v.items()}) for v in vs]
     for i, (stats, x) in enumerate(zip(report.vectors, flats, strict=True)):

@@ -8,31 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from compose_assets import TINY, tiny_clip
 
 from tvtool.errors import TvtoolError
-
-TINY = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 1, "layers": 1},
-}
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A tiny config (own name, so it cannot clash with other modules) and its saved weights."""
-    import open_clip
-
     from tvtool.checkpoints.writer import save_safetensors
-    from tvtool.models.build import register_config
 
     d = tmp_path_factory.mktemp("tiny")
     cfg = d / "tvtool-test-models.json"
-    cfg.write_text(json.dumps(TINY))
-    name, _ = register_config(cfg)
-    torch.manual_seed(0)
-    net = open_clip.create_model(name, pretrained=None)
-    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    _, state = tiny_clip(cfg, TINY)
     st = d / "base.safetensors"
     save_safetensors(st, state, {})
     return {"cfg": cfg, "state": state, "st": st, "dir": d}
@@ -54,7 +42,7 @@ def test_load_from_safetensors_round_trips_state(tiny, clip):
     assert clip.image_size == (16, 16)
     assert not clip.model.training
     assert not any(p.requires_grad for p in clip.model.parameters())
-    from test_readers import content_fingerprint
+    from reader_helpers import content_fingerprint
 
     assert clip.base_fingerprint == content_fingerprint(tiny["state"])
     expected = min(float(tiny["state"]["logit_scale"].exp()), 100.0)

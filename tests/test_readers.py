@@ -13,22 +13,11 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from reader_helpers import content_fingerprint
 
 from tvtool.checkpoints.readers import normalise_keys, open_checkpoint
 from tvtool.checkpoints.safe_unpickle import Stub
 from tvtool.errors import TvtoolError, UnsafePickleError
-
-
-def content_fingerprint(sd: dict[str, torch.Tensor]) -> str:
-    """The content fingerprint, computed independently of tvtool's code."""
-    import hashlib
-
-    lines = []
-    for k in sorted(sd):
-        raw = sd[k].contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-        dt = str(sd[k].dtype).split(".")[1]
-        lines.append(f"{k}\t{dt}\t{list(sd[k].shape)}\t{hashlib.sha256(raw).hexdigest()}\n")
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
 def state(seed: int = 0) -> dict[str, torch.Tensor]:

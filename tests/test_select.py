@@ -13,29 +13,16 @@ from tvtool.compose.coefs import Coefs, build_layout, compose_params, learnable_
 from tvtool.compose.objectives import get_objective
 from tvtool.compose.select import base_gradient, grad_scores, keep_budget, keep_top, norm_scores
 from tvtool.datasets import images as mdata
-from tvtool.models.bank import load_stacks, plan_bank
+from tvtool.models.bank import load_stacks
 from tvtool.models.functional import encode_images, visual_params
-from tvtool.models.heads import zeroshot_head
 from tvtool.store.store import Store
 from tvtool.vectors.blocks import make_blocks
 from tvtool.vectors.stored import load_tensor_object
 
 
-def _setup(assets, clip):
-    store = Store()
-    digests = [extract(assets, assets.ft_colors, "c"), extract(assets, assets.ft_stripes, "s")]
-    plan = plan_bank(
-        store, digests, visual_params(clip), set(clip.model.state_dict()), clip.base_fingerprint
-    )
-    folder = mdata.ImageFolder(assets.colors)
-    head = zeroshot_head(clip, folder.classnames)
-    idx = list(range(len(folder)))
-    return store, digests, plan, folder, head, idx
-
-
 @pytest.mark.parametrize("granularity", ["tensor", "layer"])
-def test_grad_scores_match_autograd_through_lambda(assets, clip, granularity):
-    store, digests, plan, folder, head, idx = _setup(assets, clip)
+def test_grad_scores_match_autograd_through_lambda(bank, clip, granularity):
+    store, digests, plan, folder, head, idx = bank
     grads = base_gradient(
         clip, plan, get_objective("ce"), [(folder, idx, folder.labels, head)], batch_size=10
     )
@@ -76,16 +63,8 @@ def test_keep_top_and_budget():
         keep_budget(scores, covered, nbytes, 5)
 
 
-def test_select_grad_cli_feeds_compose(assets, clip, invoke):
-    extract(assets, assets.ft_colors, "c")
-    extract(assets, assets.ft_stripes, "s")
-    r = invoke(
-        "select",
-        "c",
-        "s",
-        *model_args(assets),
-        "--data",
-        assets.colors,
+def test_select_grad_cli_feeds_compose(assets, clip, invoke, select_two):
+    r = select_two(
         "--shots",
         "3",
         "--top",
@@ -122,13 +101,7 @@ def test_select_grad_cli_feeds_compose(assets, clip, invoke):
     crep = json.loads(c.stdout)
     assert crep["learnable"] == n_blocks and crep["groups"] == n_blocks
     # budget: the kept bytes fit; the human view names layers and vectors
-    b = invoke(
-        "select",
-        "c",
-        "s",
-        *model_args(assets),
-        "--data",
-        assets.colors,
+    b = select_two(
         "--shots",
         "3",
         "--budget-mb",
@@ -140,15 +113,9 @@ def test_select_grad_cli_feeds_compose(assets, clip, invoke):
     assert store.manifest(b.stdout.strip()).params["bytes"] <= 100_000 and brep["keep"]
 
 
-def test_importance_masks_match_reference(assets, clip, invoke):
-    store, digests, plan, folder, head, idx = _setup(assets, clip)
-    r = invoke(
-        "select",
-        "c",
-        "s",
-        *model_args(assets),
-        "--data",
-        assets.colors,
+def test_importance_masks_match_reference(clip, bank, select_two):
+    store, digests, plan, folder, head, idx = bank
+    r = select_two(
         "--score",
         "importance",
         "--density",

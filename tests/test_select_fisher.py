@@ -6,8 +6,6 @@ import json
 
 import torch
 import torch.nn.functional as F
-from compose_assets import extract, model_args
-from test_select import _setup
 
 from tvtool.compose.coefs import Coefs, build_layout, compose_params, learnable_mask
 from tvtool.compose.objectives import get_objective
@@ -18,8 +16,8 @@ from tvtool.models.functional import encode_images, visual_params
 from tvtool.vectors.blocks import make_blocks
 
 
-def test_fisher_scores_are_summed_squared_batch_gradients_of_lambda(assets, clip):
-    store, digests, plan, folder, head, idx = _setup(assets, clip)
+def test_fisher_scores_are_summed_squared_batch_gradients_of_lambda(bank, clip):
+    store, digests, plan, folder, head, idx = bank
     sets = [(folder, idx, folder.labels, head)]
     blocks = make_blocks(plan.shapes(), "tensor")
     bs = 5
@@ -47,16 +45,8 @@ def test_fisher_scores_are_summed_squared_batch_gradients_of_lambda(assets, clip
     assert bool((grad.pow(2) < scores / n_batches).any())
 
 
-def test_select_score_fisher_cli(assets, clip, invoke):
-    extract(assets, assets.ft_colors, "c")
-    extract(assets, assets.ft_stripes, "s")
-    r = invoke(
-        "select",
-        "c",
-        "s",
-        *model_args(assets),
-        "--data",
-        assets.colors,
+def test_select_score_fisher_cli(select_two):
+    r = select_two(
         "--score",
         "fisher",
         "--top",
