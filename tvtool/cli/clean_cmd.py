@@ -33,8 +33,10 @@ def clean_cmd(
     seconds = parse_duration(grace)
     report = stale_parts(dirs or [Path(".")], seconds, recursive=recursive, dry_run=dry_run)
     if as_json:
-        emit_json({"dry_run": dry_run, "grace_seconds": seconds, "removed": report.removed,
-                   "bytes": report.bytes, "kept_recent": report.kept_recent})
+        from tvtool.cli.store_reports import CleanReport
+
+        emit_json(CleanReport(dry_run=dry_run, grace_seconds=seconds, removed=report.removed,
+                              bytes=report.bytes, kept_recent=report.kept_recent))
         return
     verb = "would remove" if dry_run else "removed"
     for p in report.removed:

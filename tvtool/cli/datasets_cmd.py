@@ -41,22 +41,14 @@ def ls_cmd(
 
     rows = [get(n) for n in names(suite)]
     if as_json:
-        emit_json(
-            {
-                "suites": SUITES,
-                "datasets": [
-                    {
-                        "name": d.name,
-                        "title": d.title,
-                        "classes": len(d.classnames) if d.classnames else None,
-                        "templates": len(d.templates),
-                        "suites": d.suites,
-                        "variants": sorted(d.variants),
-                    }
-                    for d in rows
-                ],
-            }
-        )
+        from tvtool.cli.store_reports import DatasetRow, DatasetsReport
+
+        emit_json(DatasetsReport(suites=SUITES, datasets=[
+            DatasetRow(name=d.name, title=d.title,
+                       classes=len(d.classnames) if d.classnames else None,
+                       templates=len(d.templates), suites=d.suites, variants=sorted(d.variants))
+            for d in rows
+        ]))
         return
     table(
         ["name", Col("classes", "right"), Col("templates", "right"), "suites", "title"],

@@ -84,6 +84,7 @@ def ls_cmd(
         table,
         warn,
     )
+    from tvtool.cli.store_reports import StoreListing
     from tvtool.store.maintenance import dangling_refs, list_objects
     from tvtool.store.store import Store
 
@@ -91,7 +92,7 @@ def ls_cmd(
     rows = list_objects(st, kind, caches=show_all)
     dangling = dangling_refs(st)
     if as_json:
-        emit_json({"store": str(st.root), "objects": rows, "dangling_refs": dangling})
+        emit_json(StoreListing(store=str(st.root), objects=rows, dangling_refs=dangling))
         return
     if quiet:
         for r in rows:
@@ -221,6 +222,7 @@ def verify_cmd(as_json: JsonOpt = False, store: StoreOpt = None) -> None:
     that every input and every ref target is present, and that reached data has a manifest.
     """
     from tvtool.cli.output import emit_json, err, progress
+    from tvtool.cli.store_reports import ProblemRow, VerifyReport
     from tvtool.store.maintenance import Problem, verify
     from tvtool.store.store import Store
 
@@ -232,18 +234,18 @@ def verify_cmd(as_json: JsonOpt = False, store: StoreOpt = None) -> None:
         checked, problems = verify(st, on_object=lambda _d: bar.advance(task), warnings=warnings)
     by_digest = st.names_by_digest()
 
-    def listed(items: list[Problem]) -> list[dict]:
-        return [{"digest": p.digest, "names": by_digest.get(p.digest, []), "problem": p.what,
-                 "dangling_ref": p.ref} for p in items]
+    def listed(items: list[Problem]) -> list[ProblemRow]:
+        return [ProblemRow(digest=p.digest, names=by_digest.get(p.digest, []), problem=p.what,
+                           dangling_ref=p.ref) for p in items]
 
     if as_json:
-        emit_json({"store": str(st.root), "checked": checked, "ok": not problems,
-                   "problems": listed(problems), "warnings": listed(warnings)})
+        emit_json(VerifyReport(store=str(st.root), checked=checked, ok=not problems,
+                               problems=listed(problems), warnings=listed(warnings)))
     else:
         from tvtool.cli.output import plain
 
         for p, item in zip(problems, listed(problems), strict=True):
-            names = f" ({', '.join(item['names'])})" if item["names"] else ""
+            names = f" ({', '.join(item.names)})" if item.names else ""
             label = "dangling" if p.ref else "corrupt"
             err.print(f"[red]{label}[/red] {plain(p.digest + names)}: {plain(p.what)}",
                       soft_wrap=True, highlight=False)
@@ -279,10 +281,14 @@ def gc_cmd(
     seconds = parse_duration(grace)
     report = gc(st, seconds, dry_run=dry_run)
     if as_json:
-        emit_json({"store": str(st.root), "dry_run": dry_run, "grace_seconds": seconds,
-                   "removed": report.removed, "reclaimed_bytes": report.reclaimed_bytes,
-                   "kept_recent": report.kept_recent, "kept_damaged": report.kept_damaged,
-                   "corrupt_refs": report.corrupt_refs, "tmp_removed": report.tmp_removed})
+        from tvtool.cli.store_reports import GcReport
+
+        emit_json(GcReport(
+            store=str(st.root), dry_run=dry_run, grace_seconds=seconds, removed=report.removed,
+            reclaimed_bytes=report.reclaimed_bytes, kept_recent=report.kept_recent,
+            kept_damaged=report.kept_damaged, corrupt_refs=report.corrupt_refs,
+            tmp_removed=report.tmp_removed,
+        ))
         return
     verb = "would remove" if dry_run else "removed"
     for d in report.removed:
@@ -314,16 +320,18 @@ def export_cmd(
     A namespace (e.g. vit-b-32/) exports every ref under it; a digest exports an unnamed object.
     """
     from tvtool.cli.output import emit_json, human_bytes, info
+    from tvtool.cli.store_reports import ExportReport
     from tvtool.store.bundle import export_bundle
     from tvtool.store.store import Store
 
-    result = export_bundle(Store(store), names, output, force=force)
+    result = ExportReport(bundle=str(output), **export_bundle(Store(store), names, output,
+                                                              force=force))
     if as_json:
-        emit_json({"bundle": str(output), **result})
+        emit_json(result)
         return
-    refs = ", ".join(result["refs"]) or "no refs"
-    info(f"exported {len(result['objects'])} object(s) ({refs}) to {output}"
-         f" ({human_bytes(result['size'])})")
+    refs = ", ".join(result.refs) or "no refs"
+    info(f"exported {len(result.objects)} object(s) ({refs}) to {output}"
+         f" ({human_bytes(result.size)})")
 
 
 @store_app.command("import")
@@ -337,20 +345,21 @@ def import_cmd(
 ) -> None:
     """Import a bundle: every object is verified; a corrupt bundle imports nothing (exit 3)."""
     from tvtool.cli.output import emit_json, emit_line, info
+    from tvtool.cli.store_reports import ImportReport
     from tvtool.store.bundle_import import import_bundle
     from tvtool.store.store import Store
 
     if not bundle.is_file():
         raise TvtoolError(f"no bundle file {bundle}")
-    result = import_bundle(Store(store), bundle, force=force)
+    result = ImportReport(**import_bundle(Store(store), bundle, force=force))
     if as_json:
         emit_json(result)
     elif quiet:
-        for d in result["objects"]:
+        for d in result.objects:
             emit_line(d)
     else:
-        refs = ", ".join(result["refs"]) or "no refs"
-        info(f"imported {len(result['objects'])} object(s), {len(result['new'])} new ({refs})")
+        refs = ", ".join(result.refs) or "no refs"
+        info(f"imported {len(result.objects)} object(s), {len(result.new)} new ({refs})")
 
 
 def register(app: typer.Typer) -> None:
