@@ -18,6 +18,7 @@ one line, before any large allocation:
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import unicodedata
@@ -55,10 +56,7 @@ class Entry:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ shards), torch `.pt/.bin/.pth` state dicts (`weights_only=True`, memory-mapped),
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +29,7 @@ class TensorMeta:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 def normalise_keys(keys: list[str]) -> dict[str, str]:
