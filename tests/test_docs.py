@@ -6,6 +6,7 @@ import re
 import shlex
 from pathlib import Path
 
+import pytest
 import typer.main
 
 from tvtool.cli.app import app
@@ -92,3 +93,28 @@ def test_every_command_is_documented():
     assert _is_group(root)
     for name in root.list_commands(_ctx(root)):
         assert f"tvtool {name}" in README, f"README never mentions `tvtool {name}`"
+
+
+def test_reproducing_defaults_table_matches_the_recipes():
+    """The README's defaults per objective are the ones compose uses (tvtool/compose/recipes)."""
+    from tvtool.compose.recipes import RECIPES
+
+    sec = README.split("## Reproducing the papers on the public banks", 1)[1].split("\n## ", 1)[0]
+    rows = [
+        [c.strip() for c in ln.strip("|").split("|")]
+        for ln in sec.splitlines()
+        if ln.startswith("| ") and not ln.startswith("| run ")
+    ]
+    first = {"few-shot": "few-shot", "addition": "addition", "negation": "negation",
+             "test-time-pseudo": "test-time, `ufm`", "test-time-entropy": "test-time, `entropy`"}
+    assert len(rows) == len(RECIPES)
+    for name, r in RECIPES.items():
+        (row,) = [row for row in rows if row[0].startswith(first[name])]
+        opt, batch, clip, source = row[1], row[2], row[3], row[5]
+        assert float(re.search(r"\d+e-\d+", opt).group()) == pytest.approx(r.lr), name
+        wd = 0.0 if "decay 0" in opt else float(opt.rsplit(",", 1)[1])
+        assert wd == r.weight_decay, name
+        epochs, schedule = re.search(r"(\d+)(?: \([^)]*\))?, (cosine|constant)", batch).groups()
+        assert (int(epochs), schedule) == (r.epochs, r.schedule), name
+        assert clip == (f"{r.clip_grad:.1f}" if r.clip_grad else "none"), name
+        assert r.source.split()[0].split("/")[1] in source, name
