@@ -6,12 +6,12 @@ only when complete, and the manifest (the commit point) is linked in last.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import uuid
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from tvtool.checkpoints.prefetch import WriteBehind
 from tvtool.store.files import create_locked, fsync_dir, open_whole_blob, touch
 from tvtool.store.manifest import Manifest
 
@@ -22,37 +22,41 @@ if TYPE_CHECKING:
 class ObjectWriter:
     """A locked temp file in `tmp/` that hashes what is written; `commit` moves it into place.
 
-    Use as a context manager: an exception before `commit` removes the temp file.
+    Writes and hashing run behind the caller (`checkpoints.prefetch.WriteBehind`): a buffer
+    given to `write` must stay unchanged until the next `write` returns. Use as a context
+    manager: an exception before `commit` removes the temp file.
     """
 
     def __init__(self, store: Store):
         self.store = store
         self.path = store.tmp_dir / f"{uuid.uuid4().hex}.part"
         self._file: IO[bytes] = create_locked(self.path)
-        self._hash = hashlib.sha256()
-        self.size = 0
+        self._behind = WriteBehind(self._file)
         self._done = False
 
     @property
     def digest(self) -> str:
         """sha256 of everything written so far."""
-        return self._hash.hexdigest()
+        return self._behind.hexdigest()
+
+    @property
+    def size(self) -> int:
+        return self._behind.size
 
     def write(self, data: bytes | memoryview) -> int:
-        self._file.write(data)
-        self._hash.update(data)
-        self.size += len(data)
-        return len(data)
+        return self._behind.write(data)
 
     def tell(self) -> int:
         return self.size
 
     def flush(self) -> None:
+        self._behind.wait()
         self._file.flush()
 
     def finish(self) -> str:
         """Flush and fsync the data (the file stays open and locked); returns the digest."""
         if not self._done:
+            self._behind.wait()
             self._file.flush()
             os.fsync(self._file.fileno())
             self._done = True
@@ -69,9 +73,11 @@ class ObjectWriter:
         try:
             return place(self.store, self.path, manifest)[0]
         finally:
+            self._behind.close()
             self._file.close()
 
     def abort(self) -> None:
+        self._behind.close()
         if not self._file.closed:
             self._file.close()
         self.path.unlink(missing_ok=True)

@@ -226,11 +226,15 @@ def extract_vector(
         added = {str(v["added_rows"]): k for k, v in (resized or {}).items() if "added_rows" in v}
         if resized:
             params["resized"] = resized
-        # the difference goes into one reused buffer: written (and hashed) before the next
-        scratch = torch.empty(max(_numel(s.shape) for s in specs), dtype=torch.float32)
+        # the difference goes into two reused buffers in turn: the store writes (and hashes)
+        # one behind our back while we fill the other (`ObjectWriter`, `WriteBehind`)
+        size = max(_numel(s.shape) for s in specs)
+        scratch = [torch.empty(size, dtype=torch.float32) for _ in range(2)]
+        turn = [0]
 
         def produce(spec: TensorSpec) -> torch.Tensor:
-            d = scratch[: _numel(spec.shape)].view(spec.shape)
+            turn[0] ^= 1
+            d = scratch[turn[0]][: _numel(spec.shape)].view(spec.shape)
             if spec.name in added:  # rows only the fine-tune has: stored whole
                 d.copy_(ft.get(added[spec.name])[rows[added[spec.name]]:])
             else:

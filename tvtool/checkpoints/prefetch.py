@@ -1,0 +1,116 @@
+"""Background I/O for streamed commands: writes (and the sha256 of what is written) done behind
+the caller's back on one worker thread.
+
+`WriteBehind` takes each piece, writes it to the file and adds it to the hash on its thread
+(both release the GIL), so the caller reads and computes the next piece meanwhile. On Linux the
+writeback of every written range is started at once (`sync_file_range(SYNC_FILE_RANGE_WRITE)`,
+which does not wait), so the disk works while the command computes and the final fsync finds
+little left to do. Ordering, sizes and the digest are those of plain sequential writes; an
+error on the thread is raised by the next `write` or by `wait`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import IO
+
+WRITEBACK_EVERY = 32 << 20  # bytes between writeback hints
+
+
+def _sync_file_range():
+    """libc's sync_file_range where there is one (Linux), else None."""
+    with contextlib.suppress(Exception):
+        import ctypes
+        import ctypes.util
+        import sys
+
+        if not sys.platform.startswith("linux"):
+            return None
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        f = libc.sync_file_range
+        f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+        return f
+    return None
+
+
+_SYNC_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+class WriteBehind:
+    """Sequential writes to `f` (and a running sha256 when `hashed`) on a worker thread.
+
+    `write(data)` returns once at most `depth` writes are pending (this one included), so a
+    caller that reuses buffers needs `depth + 1` of them: with the default depth of 1, a
+    buffer handed to `write` may be refilled after the *next* `write` returns. The bytes of
+    `data` must not change until then.
+    """
+
+    def __init__(self, f: IO[bytes], *, hashed: bool = True, depth: int = 1):
+        self._f = f
+        self._hash = hashlib.sha256() if hashed else None
+        self._depth = depth
+        self._pending: deque[Future[None]] = deque()
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self.size = 0
+        self._hinted = 0  # bytes whose writeback was started
+        try:
+            self._fd: int | None = f.fileno()
+        except (AttributeError, OSError, ValueError):
+            self._fd = None
+
+    def _do(self, data: memoryview | bytes) -> None:
+        self._f.write(data)
+        if self._hash is not None:
+            self._hash.update(data)
+
+    def write(self, data: memoryview | bytes) -> int:
+        n = memoryview(data).nbytes
+        if not self._depth:  # inline: plain writes, with the writeback hints
+            self._do(data)
+            self.size += n
+            if _SYNC_RANGE is not None and self._fd is not None and \
+                    self.size - self._hinted >= WRITEBACK_EVERY:
+                self._hint(self._hinted, self.size - self._hinted)
+                self._hinted = self.size
+            return n
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="tvtool-write")
+        self._pending.append(self._pool.submit(self._do, data))
+        self.size += n
+        if _SYNC_RANGE is not None and self._fd is not None and \
+                self.size - self._hinted >= WRITEBACK_EVERY:
+            start, self._hinted = self._hinted, self.size  # the thread writes in order
+            self._pending.append(self._pool.submit(self._hint, start, self.size - start))
+        while len(self._pending) > self._depth:
+            self._pending.popleft().result()
+        return n
+
+    def _hint(self, start: int, nbytes: int) -> None:
+        with contextlib.suppress(Exception):
+            self._f.flush()
+            _SYNC_RANGE(self._fd, start, nbytes, _SYNC_FILE_RANGE_WRITE)  # type: ignore[misc]
+
+    def wait(self) -> None:
+        """Every write done (raises the first error a write met)."""
+        while self._pending:
+            self._pending.popleft().result()
+
+    def hexdigest(self) -> str:
+        self.wait()
+        assert self._hash is not None
+        return self._hash.hexdigest()
+
+    def close(self) -> None:
+        """Wait for the writes in flight (errors are dropped: use `wait` to see them)."""
+        with contextlib.suppress(Exception):
+            self.wait()
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
