@@ -162,6 +162,8 @@ def test_clip_prompt_lists_as_variants():
     ucf = registry.get("ucf101:openai").classnames
     assert len(ucf) == 101 and ucf[36] == "Hand Stand Pushups" and ucf[-1] == "Yo Yo"
     assert [c.replace(" ", "_") for c in ucf][:36] == registry.get("ucf101").classnames[:36]
+    src = registry.get("ucf101:openai").sources  # a variant names its own source
+    assert src["classnames"].startswith("openai/CLIP") and src["templates"].startswith("fredzzhang")
     assert registry.get("caltech101").templates[10] == "a {} in a video game."
     assert registry.get("ucf101").templates[-1] == "a demonstration of the person practicing {}."
     assert registry.get("fgvc_aircraft").templates == [

@@ -74,6 +74,11 @@ class BuiltinDataset(BaseModel):
             update={
                 "classnames": var.classnames if var.classnames is not None else self.classnames,
                 "templates": var.templates if var.templates is not None else self.templates,
+                "sources": {
+                    **self.sources,
+                    **{k: var.source for k in ("classnames", "templates")
+                       if getattr(var, k) is not None},
+                },
                 "variant": v,
             }
         )
