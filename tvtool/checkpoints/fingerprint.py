@@ -85,10 +85,17 @@ class ContentHasher:
 
 def fingerprint_tensors(tensors: dict[str, torch.Tensor]) -> str:
     """The content fingerprint of an in-memory state dict (names as given)."""
+    return content_fingerprint(
+        {k: (t.dtype, tuple(t.shape), tensor_digest(t)) for k, t in tensors.items()}
+    )
+
+
+def content_fingerprint(digests: dict[str, tuple[torch.dtype, tuple[int, ...], str]]) -> str:
+    """The content fingerprint from per-tensor digests: name -> (dtype, shape, sha256 of the
+    bytes), e.g. taken while streaming the tensors in slices."""
     h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name]
-        h.update(_line(name, t.dtype, tuple(t.shape), tensor_digest(t)).encode())
+    for name in sorted(digests):
+        h.update(_line(name, *digests[name]).encode())
     return h.hexdigest()
 
 

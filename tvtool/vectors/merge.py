@@ -15,11 +15,13 @@ from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from tvtool.checkpoints.fingerprint import FingerprintCache
 from tvtool.checkpoints.readers import open_checkpoint
 from tvtool.checkpoints.writer import atomic_output, build_header
 from tvtool.errors import TvtoolError
 from tvtool.store.store import Store
 from tvtool.vectors.merge_plan import MergePlan, PlannedTerm, plan_merge
+from tvtool.vectors.merge_rows import single_threaded
 from tvtool.vectors.merge_stream import MergeInputs, Progress, keep_freed_memory, write_bytes
 from tvtool.vectors.recipe import index_document
 from tvtool.vectors.resize import pieces
@@ -51,12 +53,18 @@ def execute_merge(store: Store, plan: MergePlan, progress: Progress = _noop) -> 
     keep_freed_memory()
     if plan.layout is not None and plan.layout.folder is not None:
         plan.layout.folder.mkdir(exist_ok=True)
+    cache = FingerprintCache(store.root / "cache" / "fingerprints")
     with ExitStack() as stack:
         inputs = MergeInputs(stack, store, plan)
+        stack.enter_context(single_threaded())  # parallel by explicit threads instead
+        readers = _cached_fingerprints(plan, inputs, cache)
         hashing = None
         if not plan.hashed and inputs.slices is not None:  # slices bypass the readers' hashing:
-            pool = stack.enter_context(ThreadPoolExecutor(1))  # hash on a thread meanwhile
-            hashing = pool.submit(_hash_inputs, plan)
+            if plan.fingerprint is None and inputs.base._fingerprint is None:
+                inputs.base_digests = {}  # the base: hashed while it is read
+            if any(t.checkpoint is not None and not t.fingerprint for t in plan.terms):
+                pool = stack.enter_context(ThreadPoolExecutor(1))  # checkpoint terms: meanwhile
+                hashing = pool.submit(_hash_terms, plan)
         if plan.method.global_density(plan.params) is not None:
             inputs.thresholds(progress)
         done = 0
@@ -73,13 +81,23 @@ def execute_merge(store: Store, plan: MergePlan, progress: Progress = _noop) -> 
                 done += 1
                 progress("merge", done, len(plan.specs))
         if not plan.hashed:  # the real headers once the fingerprints are known
-            plan.finalize(hashing.result() if hashing is not None else inputs.fingerprints())
+            if hashing is not None:
+                hashing.result()
+            fp = plan.fingerprint or inputs.base_fingerprint()
+            if fp is not None:
+                inputs.base._fingerprint = fp  # kept for the cache
+            plan.finalize(fp or inputs.fingerprints())
             for f, specs, header_size in written:
                 header = build_header(specs, plan.metadata)
                 if len(header) != header_size:  # pragma: no cover - digests have fixed lengths
                     raise TvtoolError("internal error: the final header changed size")
                 f.seek(0)
                 f.write(header)
+        for t, v in zip(plan.terms, inputs.vecs, strict=True):
+            if t.checkpoint is not None and t.fingerprint and v._fingerprint is None:
+                v._fingerprint = t.fingerprint  # hashed by another reader: cache it too
+        for r in readers:
+            cache.put(r)
     if plan.index is not None:
         with atomic_output(plan.index, force=force) as f:
             f.write(index_document(plan.files, plan.metadata))
@@ -116,13 +134,21 @@ def execute_merge(store: Store, plan: MergePlan, progress: Progress = _noop) -> 
     )
 
 
-def _hash_inputs(plan: MergePlan) -> str:
-    """sha256 of every checkpoint term not hashed yet, then of the base (returned)."""
+def _cached_fingerprints(plan: MergePlan, inputs: MergeInputs, cache: FingerprintCache) -> list:
+    """Take the base's and checkpoint terms' fingerprints from the cache where their files are
+    unchanged; returns the readers whose fingerprints are to be cached afterwards."""
+    readers = [inputs.base] + [v for v, c in zip(inputs.vecs, inputs.is_ckpt, strict=True) if c]
+    if plan.fingerprint is None:
+        cache.apply(inputs.base)
+    for t, v in zip(plan.terms, inputs.vecs, strict=True):
+        if t.checkpoint is not None and not t.fingerprint and cache.apply(v):
+            t.fingerprint = v.fingerprint()
+    return readers
+
+
+def _hash_terms(plan: MergePlan) -> None:
+    """sha256 of every checkpoint term not hashed yet (on a thread, while merging)."""
     for t in plan.terms:
         if t.checkpoint is not None and not t.fingerprint:
             with open_checkpoint(t.checkpoint) as r:
                 t.fingerprint = r.fingerprint()
-    if plan.fingerprint is not None:
-        return plan.fingerprint
-    with open_checkpoint(plan.request.base) as r:
-        return r.fingerprint()

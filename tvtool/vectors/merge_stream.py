@@ -17,15 +17,18 @@ reads one tensor at a time).
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import IO
 
 import torch
 
+from tvtool.checkpoints.fingerprint import content_fingerprint
 from tvtool.checkpoints.keymaps import align_vector
 from tvtool.checkpoints.readers import (
     CheckpointReader,
@@ -40,8 +43,9 @@ from tvtool.store.store import Store
 from tvtool.vectors import stored
 from tvtool.vectors.blocks import CoefsLayout, coef_for_key
 from tvtool.vectors.merge_plan import MergePlan
+from tvtool.vectors.merge_rows import band_thresholds, span, stacked_pieces, workers
 from tvtool.vectors.methods.base import TensorInfo, TermState
-from tvtool.vectors.methods.topk import KthLargest, topk_count
+from tvtool.vectors.methods.topk import KthLargest, topk_count, topk_rule
 from tvtool.vectors.stored import open_tensor_object
 
 CHUNK = 1 << 18  # elements per slice: 1 MB of float32
@@ -106,21 +110,35 @@ class SliceReader:
         """Elements [start, stop) of tensor `key`, flattened row-major, as a 1-D tensor that
         lives in this reader's buffer: valid until its next `read` (at most `CHUNK` elements)."""
         i, raw = self._index[key]
-        sf = self._files[i]
-        dtype = sf.dtype(raw)
-        item = torch.empty((), dtype=dtype).element_size()
-        nbytes = (stop - start) * item
+        dtype = self._files[i].dtype(raw)
+        nbytes = (stop - start) * torch.empty((), dtype=dtype).element_size()
         if nbytes > self._buf.numel():
             self._buf = torch.empty(nbytes, dtype=torch.uint8)
             self._view = memoryview(self._buf.numpy()).cast("B")
+        self._pread(key, start, self._view[:nbytes])
+        return self._buf[:nbytes].view(dtype)
+
+    def read_into(self, key: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """`read` into `out` (a contiguous 1-D tensor of stop - start elements): the bytes go
+        straight there when the dtypes agree, else through this reader's buffer."""
+        i, raw = self._index[key]
+        if self._files[i].dtype(raw) != out.dtype or not out.is_contiguous():
+            return out.copy_(self.read(key, start, stop))
+        if out.numel():
+            self._pread(key, start, memoryview(out.view(torch.uint8).numpy()).cast("B"))
+        return out
+
+    def _pread(self, key: str, start: int, view: memoryview) -> None:
+        i, raw = self._index[key]
+        sf = self._files[i]
+        item = torch.empty((), dtype=sf.dtype(raw)).element_size()
         offset = sf.entries[raw].begin + start * item
-        done = 0
+        done, nbytes = 0, len(view)
         while done < nbytes:
-            got = os.preadv(self._fds[i], [self._view[done:nbytes]], offset + done)
+            got = os.preadv(self._fds[i], [view[done:]], offset + done)
             if got <= 0:
                 raise TvtoolError(f"{sf.path}: unexpected end of file reading tensor {key!r}")
             done += got
-        return self._buf[:nbytes].view(dtype)
 
     def close(self) -> None:
         for fd in self._fds:
@@ -169,6 +187,17 @@ class MergeInputs:
             if any(r is None for r in self.vec_slices):  # a torch-format checkpoint term
                 self.slices.close()
                 self.slices = None
+        self.chunk = CHUNK
+        self.stacked = self.m.stacked(self.p)
+        self.base_bufs: list[torch.Tensor | None] = [None, None]
+        self.stack_bufs: list[torch.Tensor | None] = [None, None]
+        self.workers = workers()
+        self.reader_pool: ThreadPoolExecutor | None = None
+        if self.slices is not None and self.stacked and self.workers > 1:
+            self.reader_pool = stack.enter_context(
+                ThreadPoolExecutor(1, thread_name_prefix="tvtool-read")
+            )
+        self.base_digests: dict[str, str] | None = None  # set: hash the base while reading it
 
     def fingerprints(self) -> str:
         """Fill in the checkpoint terms' fingerprints and return the base's, from the open
@@ -194,15 +223,18 @@ class MergeInputs:
         return m.get(key).reshape(-1) if m is not None and key in m else None
 
     def thresholds(self, progress: Progress) -> None:
-        """The global top-k pre-pass: two streamed histogram passes per vector (in slices
-        when the merge runs in slices: positioned reads into one buffer, no tensor copies)."""
+        """The global top-k pre-pass: in slices, `merge_rows.band_thresholds` (one streamed
+        pass per vector); whole tensors: two streamed histogram passes per vector."""
         density = self.m.global_density(self.p)
+        if self.slices is not None:
+            band_thresholds(self, density, progress)
+            return
         for i, t in enumerate(self.plan.terms):
             kth = KthLargest(topk_count(t.numel, density), t.numel)
             if kth.needs_passes:
                 for n, add in enumerate((kth.add_pass1, kth.add_pass2)):
                     for j, key in enumerate(t.keys):
-                        for x in self._term_slices(i, key):
+                        for x in self.term_slices(i, key, None):
                             add(x.abs_().to(torch.float32))
                         progress(
                             f"top-k {i + 1}/{len(self.states)}, pass {n + 1}", j + 1, len(t.keys)
@@ -211,20 +243,30 @@ class MergeInputs:
                         kth.end_pass1()
             self.states[i].topk = kth.result()
 
-    def _term_slices(self, i: int, key: str) -> Iterator[torch.Tensor]:
+    def term_slices(
+        self, i: int, key: str, base: SliceReader | None
+    ) -> Iterator[torch.Tensor]:
         """Term i's tensor for `key` after the method's pre-trim steps, flat, in the compute
-        dtype: whole, or in `CHUNK` slices (each valid until the next is read)."""
+        dtype: whole, or in `CHUNK` slices (each valid until the next is read; a checkpoint
+        term's base slices come from `base`, default the merge's reader)."""
         info = TensorInfo(key, self.base.meta(key).shape)
         if self.slices is None:
             yield self.m.before_trim(self._tau(i, key, None), info, self.states[i], self.p)
             return
         n = self.base.meta(key).numel
-        cdt = self.cdtype(key)
-        for lo in range(0, n, CHUNK):
-            hi = min(n, lo + CHUNK)
-            base32 = self.slices.read(key, lo, hi).to(torch.float32) if self.is_ckpt[i] else None
-            x = self._slice(i, key, lo, hi, base32, cdt)
+        for lo in range(0, n, self.chunk):
+            x = self.term_slice(i, key, lo, min(n, lo + self.chunk), base)
             yield self.m.before_trim(x, info, self.states[i], self.p)
+
+    def term_slice(
+        self, i: int, key: str, lo: int, hi: int, base: SliceReader | None
+    ) -> torch.Tensor:
+        """Elements [lo, hi) of term i's tensor for `key` in the compute dtype (a checkpoint's:
+        minus the base's, read from `base`, default the merge's reader)."""
+        base32 = None
+        if self.is_ckpt[i]:
+            base32 = (base or self.slices).read(key, lo, hi).to(torch.float32, copy=True)
+        return self._slice(i, key, lo, hi, base32, self.cdtype(key))
 
     def _slice(
         self, i: int, key: str, lo: int, hi: int, base32: torch.Tensor | None, cdt: torch.dtype
@@ -289,14 +331,26 @@ class MergeInputs:
                 if owned and tensor.dtype == cdt
                 else tensor.to(cdt, copy=True).reshape(-1)
             )
+            if self.stacked and coefs is None:
+                yield self._whole_rows(ids, acc, base32, info, n)
+                return
             yield self._combine(
                 ids, acc, lambda i: self._tau(i, key, base32), lambda i: self._mask(i, key),
                 coefs, info, 0, n,
             )
             return
-        for lo in range(0, n, CHUNK):
-            hi = min(n, lo + CHUNK)
+        h = None
+        if self.base_digests is not None:
+            h = hashlib.sha256()
+            self.base_digests[key] = h  # type: ignore[assignment] - hexdigest() at the end
+        if ids and self.stacked and coefs is None:
+            yield from stacked_pieces(self, key, ids, n, h)
+            return
+        for lo in range(0, n, self.chunk):
+            hi = min(n, lo + self.chunk)
             acc = self.slices.read(key, lo, hi)
+            if h is not None:
+                h.update(memoryview(acc.view(torch.uint8).numpy()))
             if not ids:
                 yield acc
                 continue
@@ -312,3 +366,42 @@ class MergeInputs:
                 return m.read(key, lo, hi) if m is not None and key in m else None
 
             yield self._combine(ids, acc, part, mask_of, coefs, info, lo, hi)
+
+    def _whole_rows(
+        self, ids: list[int], acc: torch.Tensor, base32, info: TensorInfo, n: int
+    ) -> torch.Tensor:
+        """A `stacked` method on whole tensors: the terms stacked [T, n], each row's trim rule
+        (the global one, or this tensor's top-k), then `combine_rows` over cache-sized column
+        slices."""
+        x = torch.empty(len(ids), n, dtype=acc.dtype)
+        for r, i in enumerate(ids):
+            x[r] = self._tau(i, info.key, base32)
+        if self.m.global_density(self.p) is not None:
+            rules = [self.states[i].topk for i in ids]
+        else:
+            k = topk_count(n, self.m.density(self.p))
+            rules = [topk_rule(row.abs().to(torch.float32), k) for row in x]
+        weights = [self.states[i].weight for i in ids]
+        step = span(len(ids), self.chunk)
+        for lo in range(0, n, step):
+            hi = min(n, lo + step)
+            self.m.combine_rows(
+                acc[lo:hi], x[:, lo:hi], rules, weights, self.plan.scale, self.p, info
+            )
+        return acc
+
+    def base_fingerprint(self) -> str | None:
+        """The base's content fingerprint from the digests taken while reading it (None when
+        it was not hashed so)."""
+        if self.base_digests is None:
+            return None
+        keys = self.base.keys()
+        if set(self.base_digests) != set(keys):  # pragma: no cover - every key is written
+            return None
+        return content_fingerprint(
+            {
+                k: (self.base.meta(k).dtype, tuple(self.base.meta(k).shape),
+                    self.base_digests[k].hexdigest())
+                for k in keys
+            }
+        )

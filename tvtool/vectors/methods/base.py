@@ -92,6 +92,30 @@ class Method:
             base.add_(x, alpha=w)
         return base
 
+    def stacked(self, p: Any) -> bool:
+        """The maths is a trim then a combine of the stacked terms (`combine_rows`): the
+        executor reads the terms of a slice into one [T, c] tensor and hands over trim rules
+        (the global ones, or per tensor from `density`)."""
+        return False
+
+    def density(self, p: Any) -> float:
+        """The per-tensor trim density of a `stacked` method."""
+        raise NotImplementedError
+
+    def combine_rows(
+        self,
+        base: torch.Tensor,
+        x: torch.Tensor,
+        rules: list[GlobalTopK],
+        weights: list[float],
+        scale: float,
+        p: Any,
+        t: TensorInfo,
+    ) -> torch.Tensor:
+        """theta for one slice of a `stacked` method: x [T, c] holds the terms' task-vector
+        slices (overwritten), rules their trims; `base` may be updated in place."""
+        raise NotImplementedError
+
     def check(self, p: Any, n_terms: int) -> str | None:
         """A reason this merge cannot run (term count ...), else None."""
         if self.exact_terms is not None and n_terms != self.exact_terms:

@@ -42,24 +42,37 @@ def dare(x: torch.Tensor, p: float, seed: int, rescale: str = "inverse") -> torc
 
 
 def elect_and_merge(xs: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
-    """TIES' elect + disjoint merge of weighted tensors x_t = w_t * tau_t (already trimmed).
+    """TIES' elect + disjoint merge of weighted tensors x_t = w_t * tau_t (already trimmed):
+    `merge_rows` of their stack."""
+    absw = [abs(w) for w in weights]
+    return merge_rows(torch.stack([x.reshape(-1) for x in xs]), absw, normalize).reshape(
+        xs[0].shape
+    )
+
+
+def merge_rows(
+    x: torch.Tensor, absw: list[float], normalize: bool, scratch: torch.Tensor | None = None
+) -> torch.Tensor:
+    """TIES' elect + disjoint merge of the rows of x ([T, c], x_t = w_t * trimmed tau_t; x is
+    overwritten), `absw` the |w_t|, `scratch` an optional float tensor of x's shape.
 
     Elected sign s = sign(sum_t x_t), a zero sum counting as +1 (mergekit's rule). An entry of
     x_t agrees when sign(x_t) == s (zeros never agree). Result: sum_t x_t [agree] divided, with
     `normalize`, by sum_t |w_t| [agree] (the disjoint mean; with unit weights the count of
     agreeing terms), else not divided (the disjoint sum). Entries where no term agrees are 0.
+    Computed on the stack with few passes: p_t = s x_t agrees iff p_t > 0, and
+    sum_t x_t [agree] = s * sum_t max(p_t, 0) (exact: the signs are +-1).
     """
-    elected = torch.zeros_like(xs[0])
-    for x in xs:
-        elected += x
-    elected = elected.sign_().add_(0.5).sign_()  # -1, or +1 where the sum is >= 0
-    total = torch.zeros_like(xs[0])
-    denom = torch.zeros_like(xs[0]) if normalize else None
-    for x, w in zip(xs, weights, strict=True):
-        agree = torch.sign(x).eq_(elected)  # 1.0 where x is non-zero with the elected sign
-        total.addcmul_(x, agree)
-        if denom is not None:
-            denom.add_(agree, alpha=abs(w))
-    if denom is None:
+    s = x.sum(0).sign_().add_(0.5).sign_()  # -1, or +1 where the sum is >= 0
+    x.mul_(s)
+    agree = None
+    if normalize:
+        agree = scratch if scratch is not None and scratch.dtype == x.dtype else None
+        agree = torch.gt(x, 0, out=agree) if agree is not None else (x > 0).to(x.dtype)
+    total = x.clamp_(min=0).sum(0).mul_(s)
+    if agree is None:
         return total
+    if any(w != 1.0 for w in absw):
+        agree.mul_(torch.tensor(absw, dtype=x.dtype).reshape(-1, 1))
+    denom = agree.sum(0)
     return total.div_(denom.add_(denom.eq(0).to(denom.dtype)))  # 0 / 0 -> 0

@@ -39,6 +39,20 @@ def ties_combine(base, xs, weights, scale: float, normalize: bool):
     return base.add_(elect_and_merge(weighted, weights, normalize), alpha=scale)
 
 
+def ties_rows(x, rules, weights: list[float], normalize: bool):
+    """The merged delta of one slice of the stacked task vectors x ([T, c], overwritten):
+    trim every row by its rule, weight it, elect and merge (`topk.trim_rows`, `ops.merge_rows`)."""
+    import torch
+
+    from tvtool.vectors.methods.ops import merge_rows
+    from tvtool.vectors.methods.topk import trim_rows
+
+    scratch = trim_rows(x, rules)
+    if any(w != 1.0 for w in weights):
+        x.mul_(torch.tensor(weights, dtype=x.dtype).reshape(-1, 1))
+    return merge_rows(x, [abs(w) for w in weights], normalize, scratch)
+
+
 class Ties(Method):
     name = "ties"
     summary = (
@@ -64,6 +78,15 @@ class Ties(Method):
 
     def combine(self, base, xs, weights, scale, p: TiesParams, t: TensorInfo):
         return ties_combine(base, xs, weights, scale, p.normalize)
+
+    def stacked(self, p: TiesParams) -> bool:
+        return True
+
+    def density(self, p: TiesParams) -> float:
+        return p.density
+
+    def combine_rows(self, base, x, rules, weights, scale, p: TiesParams, t: TensorInfo):
+        return base.add_(ties_rows(x, rules, weights, p.normalize), alpha=scale)
 
 
 METHOD = Ties()
