@@ -349,6 +349,23 @@ def test_slices_and_whole_tensors_give_identical_bytes(world, monkeypatch, metho
     assert sliced.files[0].read_bytes() == whole.files[0].read_bytes()
 
 
+@pytest.mark.parametrize("fallback", [False, True])
+def test_ties_global_sampled_band_and_its_fallback_give_identical_bytes(world, monkeypatch,
+                                                                        fallback):
+    from tvtool.vectors import merge_rows
+    from tvtool.vectors.methods import topk
+
+    tmp, store, base, taus = world
+    terms = ["t0", "-t1:0.7", str(_checkpoints(tmp, base, taus[2:])[0])]
+    _, _, exact = run(store, tmp, terms, name="e.safetensors", method="ties", density=0.3)
+    monkeypatch.setattr(merge_rows, "SAMPLE", 64)  # a sample of pages, not the whole vector
+    monkeypatch.setattr(merge_rows, "PAGE", 4)
+    if fallback:
+        monkeypatch.setattr(topk.BandKth, "result", lambda self: None)
+    _, _, sampled = run(store, tmp, terms, name="s.safetensors", method="ties", density=0.3)
+    assert sampled.files[0].read_bytes() == exact.files[0].read_bytes()
+
+
 def test_torch_and_bf16_bases(world):
     tmp, store, base, taus = world
     torch.save({"module." + k: v for k, v in base.items()}, tmp / "base.pt")

@@ -14,7 +14,7 @@ from tvtool.errors import TvtoolError
 from tvtool.vectors.methods import METHODS, make_params, param_fields, topk
 from tvtool.vectors.methods.base import TensorInfo, TermState
 from tvtool.vectors.methods.ops import dare, dare_seed, elect_and_merge
-from tvtool.vectors.methods.topk import KthLargest, topk_count, topk_mask
+from tvtool.vectors.methods.topk import BandKth, KthLargest, topk_count, topk_mask, trim_rows
 from tvtool.vectors.terms import Term, default_scale, parse_size, parse_term
 
 
@@ -110,6 +110,43 @@ def test_global_threshold_on_values_in_one_histogram_bucket():
     chunks = list(a.split(700))
     got = torch.cat(_stream_topk(chunks, 1234))
     assert torch.equal(got, ref_topk(a, 1234))
+
+
+@pytest.mark.parametrize("levels", [0, 50])
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.3, 0.97, 1.0])
+def test_band_threshold_from_a_sample_equals_the_sort(levels, density):
+    g = torch.Generator().manual_seed(int(density * 100) + levels)
+    a = torch.randn(400_000, generator=g).abs()
+    if levels:  # many ties at the threshold
+        a = (a * levels).round() / levels
+    n, k = a.numel(), topk_count(a.numel(), density)
+    band = BandKth(k, n, a[7::13].contiguous())
+    for c in a.split(40_000):
+        band.add(c)
+    rule = band.result()
+    assert rule is not None
+    got = torch.cat([rule.mask(c) for c in a.split(9999)])
+    assert int(got.sum()) == k
+    assert torch.equal(got, ref_topk(a, k))
+
+
+def test_band_threshold_misled_by_its_sample_says_so():
+    a = torch.rand(20_000, generator=torch.Generator().manual_seed(1))
+    band = BandKth(1000, a.numel(), torch.rand(5000) * 0.01)  # a sample of another stream
+    band.add(a)
+    assert band.result() is None
+
+
+def test_trim_rows_equals_trim_of_each_row():
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randint(-3, 4, (4, 300), generator=g).float()) * 0.5
+    rows = [r.clone() for r in x]
+    ks = [0, 17, 150, 300]
+    rules = [topk.topk_rule(r.abs(), k) for r, k in zip(rows, ks, strict=True)]
+    ref = [r * ref_topk(r.abs(), k) for r, k in zip(rows, ks, strict=True)]
+    for lo in range(0, 300, 64):  # in slices, as the merge does
+        trim_rows(x[:, lo:lo + 64], rules)
+    assert torch.equal(x, torch.stack(ref))
 
 
 def test_dare_is_deterministic_and_unbiased():

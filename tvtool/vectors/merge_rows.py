@@ -80,11 +80,9 @@ def _sample(inp: MergeInputs, i: int, base: SliceReader | None) -> tuple[torch.T
 
 def _threshold(inp: MergeInputs, i: int, density: float, progress: Progress) -> None:
     """Term i's global top-k rule (BandKth, else the two histogram passes)."""
-    from tvtool.vectors.merge_stream import SliceReader
-
     t = inp.plan.terms[i]
     k = topk_count(t.numel, density)
-    base = SliceReader.of(inp.base, stored=False) if inp.is_ckpt[i] else None
+    base = inp.base_slices() if inp.is_ckpt[i] else None  # this thread's own reader
     try:
         sample, exact = _sample(inp, i, base)
         band = BandKth(k, t.numel, sample, exact)

@@ -207,6 +207,10 @@ class MergeInputs:
                 t.fingerprint = v.fingerprint()
         return self.plan.fingerprint or self.base.fingerprint()
 
+    def base_slices(self) -> SliceReader | None:
+        """A new slice reader of the base (one per thread; the caller closes it)."""
+        return SliceReader.of(self.base, stored=False)
+
     def cdtype(self, key: str) -> torch.dtype:
         return torch.float64 if self.base.meta(key).dtype == torch.float64 else torch.float32
 
