@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
+from tvtool.cli.merge_report import MergeReport, ProvenanceReport, merge_report
 from tvtool.cli.model_options import OtherBaseOpt
 from tvtool.cli.options import (
     DryRunOpt,
@@ -243,9 +244,9 @@ def merge(
         )
     if dry_run:
         _warn_foreign(plan)
-        doc = _plan_doc(st, plan)
+        doc = merge_report(st, plan)
         if json_out:
-            emit_json({"dry_run": True, **doc})
+            emit_json(doc)
         elif not quiet:
             _render(doc)
         return
@@ -256,9 +257,9 @@ def merge(
                 task, description=stage, completed=done, total=total),
         )
     _warn_foreign(plan)
-    doc = {**_plan_doc(st, plan), "seconds": round(result.seconds, 3)}
+    doc = merge_report(st, plan, result.seconds)
     if json_out:
-        emit_json({"dry_run": False, **doc})
+        emit_json(doc)
         return
     if not quiet:
         _render(doc)
@@ -276,58 +277,32 @@ def _warn_foreign(plan: Any) -> None:
              f"than {plan.request.base} ({plan.fingerprint[:12]})")
 
 
-def _plan_doc(st: Any, plan: Any) -> dict[str, Any]:
-    return {
-        "merge": plan.digest,
-        "base": {"path": str(plan.request.base), "fingerprint": plan.recipe.base},
-        "method": plan.params.method,
-        "params": plan.recipe.params(),
-        "name": plan.request.name,
-        "terms": [
-            {"term": t.label, "vector": t.digest,
-             "name": st.display_name(t.digest) if t.digest else str(t.checkpoint),
-             "checkpoint": str(t.checkpoint) if t.checkpoint else None,
-             "fingerprint": t.fingerprint, "weight": t.weight, "mask": t.mask,
-             "tensors": len(t.keys), "numel": t.numel, "extracted_from": t.extracted_from}
-            for t in plan.terms
-        ],
-        "coefs": plan.coefs,
-        "tensors": {"total": len(plan.specs), "touched": len(plan.touched),
-                    "copied": len(plan.specs) - len(plan.touched)},
-        "files": [str(f) for f, _ in plan.files],
-        "index": str(plan.index) if plan.index else None,
-        "size": plan.total_size,
-        "skipped": plan.skipped,
-    }
-
-
-def _render(doc: dict[str, Any]) -> None:
+def _render(doc: MergeReport) -> None:
     from rich.padding import Padding
     from rich.table import Table
 
     from tvtool.cli.output import err, human_bytes
 
-    prm = doc["params"]
+    prm = doc.params
     skip = {"scale", "dtype", "include", "exclude", "allow_missing", "shard_size"}
     extra = ", ".join(f"{k} {v}" for k, v in prm.items() if k not in skip and v is not None)
-    err.print(f"Merge [bold]{doc['merge'][:12]}[/bold]: {doc['method']}, scale {prm['scale']:g}"
+    err.print(f"Merge [bold]{doc.merge[:12]}[/bold]: {doc.method}, scale {prm['scale']:g}"
               + (f", {extra}" if extra else ""), soft_wrap=True)
     table = Table(box=None, pad_edge=False)
     for col in ("term", "vector", "weight", "mask", "tensors"):
         table.add_column(col, justify="right" if col in ("weight", "tensors") else "left")
-    for t in doc["terms"]:
-        source = t["vector"] or t["fingerprint"] or "(checkpoint)"
-        table.add_row(t["term"], source[:12], f"{t['weight']:g}", (t["mask"] or "-")[:12],
-                      str(t["tensors"]))
+    for t in doc.terms:
+        source = t.vector or t.fingerprint or "(checkpoint)"
+        table.add_row(t.term, source[:12], f"{t.weight:g}", (t.mask or "-")[:12], str(t.tensors))
     err.print(Padding(table, (0, 0, 0, 2), expand=False))
-    n = doc["tensors"]
-    rows = [("base", f"{doc['base']['path']}  sha256 {doc['base']['fingerprint'][:12]}"),
-            ("tensors", f"{n['total']} ({n['touched']} changed, {n['copied']} copied)")]
-    if doc["coefs"]:
-        rows.append(("coefs", doc["coefs"][:12]))
-    files = doc["files"] + ([doc["index"]] if doc["index"] else [])
-    done = f"written in {doc['seconds']:.1f} s" if "seconds" in doc else "dry run: not written"
-    rows.append(("output", f"{', '.join(files)} ({human_bytes(doc['size'])}), {done}"))
+    n = doc.tensors
+    rows = [("base", f"{doc.base.path}  sha256 {(doc.base.fingerprint or '')[:12]}"),
+            ("tensors", f"{n.total} ({n.touched} changed, {n.copied} copied)")]
+    if doc.coefs:
+        rows.append(("coefs", doc.coefs[:12]))
+    files = doc.files + ([doc.index] if doc.index else [])
+    done = f"written in {doc.seconds:.1f} s" if doc.seconds is not None else "dry run: not written"
+    rows.append(("output", f"{', '.join(files)} ({human_bytes(doc.size)}), {done}"))
     for label, text in rows:
         err.print(f"  {label:<8} {text}", soft_wrap=True, markup=False, highlight=False)
 
@@ -348,8 +323,8 @@ def provenance(
     file, meta = read_metadata(path)
     prov = decode_provenance(meta)
     if json_out:
-        emit_json({"path": str(file), "tvtool": bool(prov), "provenance": prov,
-                   "metadata": meta})
+        emit_json(ProvenanceReport(path=str(file), tvtool=bool(prov), provenance=prov,
+                                   metadata=meta))
         return
     if not prov:
         warn(f"{file} has no tvtool provenance (not written by tvtool merge)")
