@@ -88,3 +88,65 @@ def test_folder_with_other_weights_needs_force_then_stale_files_go(invoke, llama
     assert sorted(p.name for p in (tmp / "one").iterdir() if "safetensors" in p.name) == [
         "model.safetensors"]
     AutoModelForCausalLM.from_pretrained(tmp / "one")
+
+
+def _config(tmp: Path, name: str, text: str) -> Path:
+    path = tmp / f"{name}.yml"
+    path.write_text(text)
+    return path
+
+
+def test_a_mergekit_config_means_what_it_means_to_mergekit(invoke, llamas):
+    """A file in mergekit's spelling: linear (normalised weights), task_arithmetic with lambda,
+    out_dtype; ties per tensor and dare_ties (density = keep probability, L1 rescale) give the
+    same bytes as the equivalent command line; tokenizer_source is one line."""
+    from safetensors.torch import load_file
+
+    tmp, _, (b, f1, f2) = llamas
+    models = (f"models:\n  - model: {tmp / 'ft1'}\n    parameters: {{weight: 1.0}}\n"
+              f"  - model: {tmp / 'ft2'}\n    parameters: {{weight: 3.0}}\n")
+    head = f"base_model: {tmp / 'base'}\n"
+
+    def merged(name: str, text: str) -> dict[str, torch.Tensor]:
+        out = tmp / f"{name}.safetensors"
+        r = invoke("merge", "--config", _config(tmp, name, text), "--out", out, "-q")
+        assert r.exit_code == 0, (name, r.stderr)
+        return load_file(out)
+
+    cases = {
+        "linear": (head + "merge_method: linear\n" + models + "dtype: float32\n"
+                   "out_dtype: bfloat16\n", 0.25, 0.75, torch.bfloat16),
+        "ta": (head + "merge_method: task_arithmetic\nparameters: {lambda: 0.5}\n" + models,
+               0.5, 1.5, torch.float32),
+    }
+    for name, (text, w1, w2, dtype) in cases.items():
+        got = merged(name, text)
+        assert set(got) == set(b) - {"lm_head.weight"}  # tied: the file has no lm_head
+        for k, x in got.items():
+            v = b[k]
+            want = v + w1 * (f1[k] - v) + w2 * (f2[k] - v)
+            assert x.dtype == dtype, name
+            torch.testing.assert_close(x.float(), want.to(dtype).float(), rtol=0, atol=1e-6,
+                                       msg=(name, k))
+    same = {
+        "ties": ("merge_method: ties\nparameters: {density: 0.5}\n",
+                 ["--method", "ties", "--density", "0.5", "--ties-scope", "tensor"]),
+        "dare": ("merge_method: dare_ties\nparameters: {density: 0.7}\n",
+                 ["--method", "dare", "--drop", "0.3", "--rescale", "l1", "--then", "ties",
+                  "--ties-scope", "tensor"]),
+    }
+    for name, (text, flags) in same.items():
+        got = merged(name, head + text + models)
+        cli = tmp / f"{name}-cli.safetensors"
+        r = invoke("merge", "--base", tmp / "base", f"{tmp / 'ft1'}:1", f"{tmp / 'ft2'}:3",
+                   *flags, "--out", cli, "-q")
+        assert r.exit_code == 0, r.stderr
+        want = load_file(cli)
+        assert set(got) == set(want)
+        for k in want:
+            assert torch.equal(got[k], want[k]), (name, k)
+    r = invoke("merge", "--config", _config(tmp, "tok", head + "merge_method: ties\n" + models
+                                            + "tokenizer_source: union\n"),
+               "--out", tmp / "t.safetensors")
+    assert r.exit_code == 1 and "tokenizer_source" in r.stderr and "--allow-resize" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

@@ -11,6 +11,15 @@
 
 The file becomes a `MergeRequest` (one pydantic model, the same as the command line's); paths
 in it are relative to the file's folder. Options given on the command line override it.
+
+A file in mergekit's spelling (``merge_method:``) means what it means to mergekit
+(`from_mergekit`): ``task_arithmetic`` is `sum`; ``linear`` is `sum` with the weights divided by
+their sum (``normalize: false`` keeps them); ``ties`` trims per tensor; ``dare_ties`` /
+``dare_linear`` are `dare` then TIES' election / a sum, mergekit's ``density`` (the keep
+probability) read as ``drop = 1 - density`` and its default rescale (to the tensor's L1 norm,
+``rescale: false``: none); ``lambda`` is `scale`; ``out_dtype`` (else ``dtype``) the output
+dtype (tvtool always merges in float32). ``tokenizer_source`` is refused: tvtool reads no
+tokenizer (vocabulary resizes: ``extract --allow-resize``).
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ class MergeConfig(BaseModel):
     coefs: str | None = None
     masks: list[str] = Field(default_factory=list)
     dtype: str | None = None
+    out_dtype: str | None = None  # mergekit: the output dtype (wins over dtype)
     include: list[str] = Field(default_factory=list)
     exclude: list[str] = Field(default_factory=list)
     allow_missing: bool = False
@@ -69,6 +79,44 @@ class MergeConfig(BaseModel):
                        "terms": "models"}
             data = {renames.get(k, k): v for k, v in data.items()}
         return data
+
+
+_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # torch's (mergekit) names
+MERGEKIT_METHODS: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (method, fixed params)
+    "task_arithmetic": ("sum", {}),
+    "linear": ("sum", {}),
+    "ties": ("ties", {"scope": "tensor"}),
+    "dare_ties": ("dare", {"then": "ties", "rescale": "l1", "scope": "tensor"}),
+    "dare_linear": ("dare", {"then": "sum", "rescale": "l1"}),
+}
+
+
+def from_mergekit(cfg: MergeConfig, terms: list[Term]) -> tuple[str, dict[str, Any], list[Term]]:
+    """(method, params, terms) of a file in mergekit's spelling, with mergekit's meaning."""
+    params = dict(cfg.params)
+    name = cfg.method
+    method, fixed = MERGEKIT_METHODS.get(name, (name, {}))
+    lam = params.pop("lambda", None)
+    if name in ("task_arithmetic", "linear"):  # explicit weights; lambda scales their sum
+        if any(t.weight is None for t in terms):
+            raise TvtoolError(f"--config: merge_method {name} needs a weight for every model")
+        total = sum(t.resolved_weight(0.0) for t in terms)
+        if name == "linear" and params.pop("normalize", True):
+            if total == 0:
+                raise TvtoolError("--config: the linear weights sum to 0 (normalize: false?)")
+            lam = (1.0 if lam is None else float(lam)) / total
+        if lam is not None:
+            terms = [Term(t.ref, t.weight * float(lam), t.negate) for t in terms]  # type: ignore
+    elif lam is not None:
+        if cfg.scale is not None:
+            raise TvtoolError("--config: give lambda or scale, not both")
+        cfg.scale = float(lam)
+    if name in ("dare_ties", "dare_linear"):
+        if "density" in params:
+            params["drop"] = 1.0 - float(params.pop("density"))
+        if params.pop("rescale", True) is False:
+            params["rescale"] = "none"
+    return method, {**fixed, **params}, terms
 
 
 def _terms(cfg: MergeConfig, root: Path) -> list[Term]:
@@ -116,6 +164,11 @@ def read_config(path: Path) -> dict[str, Any]:
             raise TvtoolError(f"--config {path}: not valid YAML ({first})") from None
     if not isinstance(doc, dict):
         raise TvtoolError(f"--config {path}: expected a mapping (base, method, terms ...)")
+    if "tokenizer_source" in doc or "tokenizer" in doc:
+        raise TvtoolError(
+            f"--config {path}: tokenizer_source is not supported: tvtool reads no tokenizer and "
+            "writes the base's; for added tokens extract with --allow-resize (README: "
+            "Vocabulary resizes)")
     try:
         cfg = MergeConfig.model_validate(doc)
     except ValidationError as e:
@@ -125,12 +178,16 @@ def read_config(path: Path) -> dict[str, Any]:
         msg = str(first["msg"]).replace("Value error, ", "")
         raise TvtoolError(f"--config {path}: {loc + ': ' if loc else ''}{msg}") from None
     root = path.parent
+    method, params, terms = cfg.method, cfg.params, _terms(cfg, root)
+    if "merge_method" in doc:  # mergekit's spelling: mergekit's meaning
+        method, params, terms = from_mergekit(cfg, terms)
     fields: dict[str, Any] = {
-        "method": cfg.method,
-        **cfg.params,
-        "terms": _terms(cfg, root),
-        **{k: getattr(cfg, k) for k in ("scale", "coefs", "masks", "dtype", "include", "exclude",
+        "method": method,
+        **params,
+        "terms": terms,
+        **{k: getattr(cfg, k) for k in ("scale", "coefs", "masks", "include", "exclude",
                                        "allow_missing", "allow_other_base", "name")},
+        "dtype": _DTYPES.get(str(cfg.out_dtype or cfg.dtype).lower(), cfg.out_dtype or cfg.dtype),
     }
     if cfg.shard_size is not None:
         fields["shard_size"] = (
