@@ -2,8 +2,8 @@
 float32 parameters, 351 MB each) against reading them once (every tensor of every vector, the
 floor) and a naive cosine matrix that holds every vector in memory.
 
-Each measurement runs in a fresh subprocess (one torch thread: inspect's second core is its
-reader thread) and reads its peak resident set size (VmHWM); "import only" is the interpreter
+Each measurement runs in a fresh subprocess (one torch thread: inspect uses both cores through its
+two worker threads) and reads its peak resident set size (VmHWM); "import only" is the interpreter
 with torch and tvtool imported. Modes run interleaved `--repeats` times; the fastest run of
 each is kept. Target: inspect <= 2x the read.
 
