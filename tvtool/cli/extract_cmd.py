@@ -149,9 +149,10 @@ def extract(
                 on_note=info,
             )
     if json_out:
-        doc = {"name": name, "deduplicated": result.deduplicated}
-        doc.update(result.manifest.model_dump(mode="json"))
-        emit_json(doc)
+        from tvtool.cli.store_reports import Extracted
+
+        emit_json(Extracted(**result.manifest.model_dump(), name=name,
+                            deduplicated=result.deduplicated))
         return
     if not quiet:
         _summary(result, base, finetuned)

@@ -129,7 +129,9 @@ def show_cmd(
     manifest = st.manifest(digest)
     names = st.names_for(digest)
     if as_json:
-        emit_json({"names": names, **manifest.model_dump(mode="json")})
+        from tvtool.cli.store_reports import ShownObject
+
+        emit_json(ShownObject(**manifest.model_dump(), names=names))
     elif quiet:
         emit_line(digest)
     else:

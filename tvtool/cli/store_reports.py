@@ -1,4 +1,4 @@
-"""The reports of the store commands, `clean` and `datasets ls`: what `--json` prints
+"""The reports of the store commands, `extract`, `clean` and `datasets ls`: what `--json` prints
 (`Report.doc()`) and the human views read. Field names are the documents' keys. Torch-free."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 
 from tvtool.request import Report
+from tvtool.store.manifest import Manifest
 
 
 class _Part(BaseModel):
@@ -23,6 +24,23 @@ class ObjectRow(_Part):
     dtype: str | None
     created: str | None
     tensors: int | None
+
+
+class _Stored(Report, Manifest):
+    """An object's manifest fields, flat in the document, and what the command adds."""
+
+
+class ShownObject(_Stored):
+    """`store show`: the manifest and the object's ref names."""
+
+    names: list[str]
+
+
+class Extracted(_Stored):
+    """`extract`: the stored vector's manifest, its ref name, and whether the store held it."""
+
+    name: str | None
+    deduplicated: bool
 
 
 class StoreListing(Report):
