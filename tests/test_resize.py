@@ -30,21 +30,23 @@ def _finetune(base: LlamaForCausalLM, seed: int, out: Path, grow: int = 0) -> di
         ft.resize_token_embeddings(CFG["vocab_size"] + grow)
         with torch.no_grad():  # the new rows are trained too
             for w in (ft.model.embed_tokens.weight, ft.lm_head.weight):
-                w[CFG["vocab_size"]:] = torch.randn(grow, w.shape[1], generator=g)
+                w[CFG["vocab_size"]:] = torch.randn(max(grow, 0), w.shape[1], generator=g)
     ft.save_pretrained(out)
     return {k: v.detach().clone() for k, v in ft.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
 def llamas(tmp_path_factory):
-    """base/, grow3a/ and grow3b/ (3 added tokens each), grow5/ (5), plain/ (no resize)."""
+    """base/, grow3a/ and grow3b/ (3 added tokens each), grow5/ (5), plain/ (no resize),
+    shrink/ (4 tokens fewer)."""
     tmp = tmp_path_factory.mktemp("resize")
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(**CFG))
     base.save_pretrained(tmp / "base")
     (tmp / "base" / "tokenizer_config.json").write_text('{"model_max_length": 32}')
     sds = {"base": {k: v.detach().clone() for k, v in base.state_dict().items()}}
-    for name, seed, grow in (("grow3a", 1, 3), ("grow3b", 2, 3), ("grow5", 3, 5), ("plain", 4, 0)):
+    for name, seed, grow in (("grow3a", 1, 3), ("grow3b", 2, 3), ("grow5", 3, 5), ("plain", 4, 0),
+                             ("shrink", 5, -4)):
         sds[name] = _finetune(base, seed, tmp / name, grow)
     return tmp, sds
 
@@ -119,12 +121,13 @@ def test_two_vectors_adding_rows_give_their_mean_and_every_method_runs(invoke, l
 
 def test_resize_refusals_are_one_line(invoke, llamas, tmp_path):
     tmp, _ = llamas
-    for name in ("grow3a", "grow5"):
+    for name in ("grow3a", "grow5", "shrink"):
         _extract(invoke, tmp, name)
     base = ("merge", "--base", tmp / "base", "--out", tmp_path / "x.safetensors")
     cases = [
         (("grow3a", "grow5"), "different sizes"),
         (("-grow3a:0.5",), "negated"),
+        (("shrink",), "shrank the vocabulary"),
     ]
     for terms, needle in cases:
         r = invoke(*base, *terms)
@@ -142,3 +145,6 @@ def test_resize_refusals_are_one_line(invoke, llamas, tmp_path):
     params = {EMB: torch.zeros(64, 16)}
     with pytest.raises(TvtoolError, match="adds vocabulary rows .*64 -> 67.*tvtool merge"):
         plan_bank(Store(), ["grow3a"], params, set(params))
+    r = invoke("select", "grow3a", "--score", "norm", "--top", "1")  # data-free: no model
+    assert r.exit_code == 1 and "adds vocabulary rows" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

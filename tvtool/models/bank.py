@@ -316,6 +316,7 @@ def plan_from_vectors(store: Store, names: list[str]) -> BankPlan:
     shapes: dict[str, tuple[int, ...]] = {}
     rows: dict[str, list[int]] = {}
     for t, (digest, label, manifest) in enumerate(resolve_vectors(store, names)):
+        refuse_in_bank(label, manifest)  # a vocabulary resize: merge only
         bv = BankVector(digest, label, manifest)
         for ti in vector_tensors(manifest):
             shape = tuple(ti.shape)
