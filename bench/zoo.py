@@ -9,8 +9,8 @@ minutes on 2 CPU cores; the small zoo in about a minute.
     .venv/bin/python bench/zoo.py --small    # the reduced zoo the tests use
     .venv/bin/python bench/zoo.py --zoo-only
 
-Writes bench/results/zoo.json (zoo-small.json with --small). Thread count: torch's default,
-except the zoo's training, which fixes its own (the recipe's `threads`) for determinism.
+Writes bench/results/zoo.json (zoo-small.json with --small). Thread count: the recipe's `threads`
+for the zoo's training and every demo stage (fixed for determinism).
 """
 
 from __future__ import annotations

@@ -189,3 +189,30 @@ def test_claim_six_summary():
     )
     line = next(n for n in notes(r) if n.startswith("attn ft./add."))
     assert "full 0.500, attention-only 0.300" in line and "a-b" in line
+
+
+def test_kept_per_vector_counts_blocks():
+    """select --json's keep pairs (vector row, block) become blocks kept per vector label."""
+    from tvtool.demo.pipeline import kept_per_vector
+
+    report = {
+        "vectors": [{"label": "digits/a"}, {"label": "digits/b"}, {"label": "digits/c"}],
+        "keep": [[0, 0], [1, 0], [0, 1], [2, 1], [0, 2], [2, 2]],
+    }
+    assert kept_per_vector(report) == {"digits/a": 3, "digits/b": 1, "digits/c": 2}
+
+
+def test_kept_line_and_normalised_summary():
+    from tvtool.demo.report import check_claims, notes
+
+    r = _results()
+    r["selection_top"], r["selection_score"] = 1, "fisher"
+    r["domains"]["h"].update(kept={"digits/a": 1, "digits/b": 3}, blocks=4)
+    r["addition"] = {"scale": 0.3}
+    check_claims(r)
+    assert r["summary"]["normalised"]["learned_addition"] == pytest.approx((40 / 80 + 60 / 90) / 2)
+    lines = notes(r)
+    kept = next(n for n in lines if "kept" in n and n.startswith("top-1 kept"))
+    assert "of the 4 blocks" in kept and "h: b 3, a 1" in kept and "fisher" in kept
+    add = next(n for n in lines if n.startswith("addition:"))
+    assert "learned 0.58" in add and "isotropic 0.42" in add

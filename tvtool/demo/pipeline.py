@@ -35,11 +35,15 @@ GRID = "0:1:0.05"
 CALIBRATED = ["--weight-decay", "0", "--clip-grad", "0", "--augment", "mild", "--min-steps", "0"]
 CALIBRATED += ["--schedule", "cosine"]
 COMPOSE = ["--epochs", "20", "--batch-size", "32", "--lr", "0.1", *CALIBRATED]  # few-shot
-ADDITION = ["--epochs", "10", "--batch-size", "32", "--lr", "0.1", *CALIBRATED]  # several sets
+ADDITION = ["--epochs", "30", "--batch-size", "32", "--lr", "0.1", *CALIBRATED]  # several sets
 NEGATION = ["--epochs", "10", "--batch-size", "32", "--lr", "0.01", *CALIBRATED]
 ENTROPY = ["--objective", "entropy", "--epochs", "3", "--batch-size", "64", "--lr", "0.01"]
 ENTROPY += CALIBRATED
 ALPHAS = "0:1:0.25"  # eval --disentanglement's grid of alpha_1, alpha_2
+# select's score for top-N per block: the empirical Fisher of the coefficients over batches of 8
+# (|mean gradient| lets shots that pull a coefficient in opposite directions cancel, and then
+# rarely keeps the vector a held-out domain needs)
+SELECT = ["--score", "fisher", "--batch-size", "8"]
 
 
 @dataclass
@@ -270,13 +274,25 @@ def few_shot(demo: Demo, domain: str) -> None:
     demo.dom(domain)["entropy"] = pct(demo.eval(log, ["--coefs", name], [domain]))[domain]
 
 
+def kept_per_vector(report: dict) -> dict[str, int]:
+    """{vector label: number of blocks in which `select` kept it} from a select --json report."""
+    labels = [v["label"] for v in report["vectors"]]
+    counts = dict.fromkeys(labels, 0)
+    for t, _ in report["keep"]:
+        counts[labels[t]] += 1
+    return counts
+
+
 def selection(demo: Demo, domain: str, top: int) -> None:
-    """Keep the top-N vectors per block (gradient scores on the same shots), learn only those."""
+    """Keep the top-N vectors per block (select --score fisher on the same shots), learn only
+    those; records how many blocks each vector was kept in."""
     vecs = [demo.vec(d) for d in demo.tasks]
     log = f"select-{domain}"
     sel = f"demo/select/{domain}"
     opts = flags(data=demo.data(domain), shots=SHOTS, seed=demo.seed, top=top, name=sel)
-    demo.cli.json(log, ["select", *vecs, *demo.model_args(), *opts, "--force"])
+    rep = demo.cli.json(log, ["select", *vecs, *demo.model_args(), *opts, *SELECT, "--force"])
+    demo.dom(domain)["kept"] = kept_per_vector(rep)
+    demo.dom(domain)["blocks"] = len(rep["blocks"])
     name = f"demo/atlas-top{top}/{domain}"
     comp = demo.compose(
         log,
@@ -286,6 +302,7 @@ def selection(demo: Demo, domain: str, top: int) -> None:
     demo.dom(domain)["selected"] = pct(demo.eval(log, ["--coefs", name], [domain]))[domain]
     demo.dom(domain)["selected_bytes"] = comp.get("vector_bytes")
     demo.results["selection_top"] = top
+    demo.results["selection_score"] = rep["score"]
 
 
 # ----------------------------------------------------------------------------- driver
@@ -317,6 +334,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """Build/reuse the zoo under OUT/zoo and run every stage; returns the results document."""
     from tvtool.demo.report import finish
+    from tvtool.demo.train import deterministic
 
     start = time.perf_counter()
     out = Path(out)
@@ -338,12 +356,15 @@ def run_demo(
         stages.append((f"aTLAS {SHOTS}-shot on {d}", lambda d=d: few_shot(demo, d)))
     for d in zoo.recipe.target_domains:
         stages.append((f"select top-{top} per block on {d}", lambda d=d: selection(demo, d, top)))
-    for desc, fn in stages:
-        t0 = time.perf_counter()
-        tick = say(desc, 1)
-        fn()
-        tick(1)
-        seconds[desc] = time.perf_counter() - t0
+    # the zoo's thread count for every stage too: CPU results are bit-identical only for the
+    # same number of threads, so a rerun on another machine prints the same table
+    with deterministic(seed, zoo.recipe.threads):
+        for desc, fn in stages:
+            t0 = time.perf_counter()
+            tick = say(desc, 1)
+            fn()
+            tick(1)
+            seconds[desc] = time.perf_counter() - t0
     demo.results.update(
         seed=seed,
         size=size,

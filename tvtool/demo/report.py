@@ -96,6 +96,11 @@ def check_claims(r: dict[str, Any]) -> list[dict[str, Any]]:
         and att["attention"]["normalised"] > att["full"]["normalised"]
     )
     r["summary"] = {
+        # mean over the task domains of accuracy / that domain's fine-tuned accuracy
+        "normalised": {
+            k: _mean([get(d, k) / get(d, "finetuned") for d in tasks])
+            for k in ("zeroshot", "addition", "learned_addition")
+        },
         "task_mean": {
             "zeroshot": zs,
             "addition": iso,
@@ -143,6 +148,12 @@ def notes(r: dict[str, Any]) -> list[str]:
             "vectors (scale chosen on validation by mean normalised accuracy); learned "
             f"add.: block-wise coefficients from {16} shots of every task domain"
         )
+        norm = r.get("summary", {}).get("normalised", {})
+        if _ok(norm.get("learned_addition")) and _ok(norm.get("addition")):
+            out[-1] += (
+                f"; mean normalised accuracy (accuracy / fine-tuned): isotropic "
+                f"{norm['addition']:.2f}, learned {norm['learned_addition']:.2f}"
+            )
     neg = r.get("negation") or {}
     if neg:
         ln = neg["learned"]
@@ -164,10 +175,14 @@ def notes(r: dict[str, Any]) -> list[str]:
         )
         out.append(
             f"top-{r.get('selection_top')}: only the top-{r.get('selection_top')} vectors "
-            f"per block (select --top) learned and held on the device: "
+            f"per block (select --top --score {r.get('selection_score')}) learned and held on "
+            "the device: "
             f"{100 * sel['memory_fraction']:.0f}% of the vector memory{mb}, "
             f"{sel['mean_accuracy_loss']:.1f} points lost on average"
         )
+    kept = kept_line(r)
+    if kept:
+        out.append(kept)
     att = r.get("summary", {}).get("attention", {})
     if r.get("attention") and att:
         a, f = att["attention"], att["full"]
@@ -187,6 +202,25 @@ def notes(r: dict[str, Any]) -> list[str]:
         "without labels (entropy minimisation on the train split's images)"
     )
     return out
+
+
+def kept_line(r: dict[str, Any]) -> str | None:
+    """Which vectors `select --top N` kept for each held-out domain (blocks kept / blocks)."""
+    parts = []
+    for d in r["targets"]:
+        v = r["domains"].get(d, {})
+        if not v.get("kept"):
+            continue
+        counts = sorted(v["kept"].items(), key=lambda kv: (-kv[1], kv[0]))
+        each = ", ".join(f"{name.rsplit('/', 1)[-1]} {n}" for name, n in counts)
+        parts.append(f"{d}: {each}")
+    if not parts:
+        return None
+    blocks = next(r["domains"][d]["blocks"] for d in r["targets"] if r["domains"][d].get("kept"))
+    return (
+        f"top-{r.get('selection_top')} kept (select --score {r.get('selection_score')}; of the "
+        f"{blocks} blocks, how many kept each vector): " + "; ".join(parts)
+    )
 
 
 def markdown(r: dict[str, Any]) -> str:
