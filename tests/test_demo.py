@@ -209,10 +209,12 @@ def test_kept_line_and_normalised_summary():
     r["selection_top"], r["selection_score"] = 1, "fisher"
     r["domains"]["h"].update(kept={"digits/a": 1, "digits/b": 3}, blocks=4)
     r["addition"] = {"scale": 0.3}
+    r["attention"].update(scale=0.4, alphas="0:1:0.25", pairs=[["a", "b"]])
+    r["negation"].update(scale=1.0, learned={"target": 10.0, "control": 80.0})
     check_claims(r)
     assert r["summary"]["normalised"]["learned_addition"] == pytest.approx((40 / 80 + 60 / 90) / 2)
     lines = notes(r)
     kept = next(n for n in lines if "kept" in n and n.startswith("top-1 kept"))
     assert "of the 4 blocks" in kept and "h: b 3, a 1" in kept and "fisher" in kept
     add = next(n for n in lines if n.startswith("addition:"))
-    assert "learned 0.58" in add and "isotropic 0.42" in add
+    assert "learned 0.58" in add and "isotropic 0.41" in add
