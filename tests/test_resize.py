@@ -133,6 +133,8 @@ def test_resize_refusals_are_one_line(invoke, llamas, tmp_path):
         r = invoke(*base, *terms)
         assert r.exit_code == 1 and needle in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    r = invoke(*base, tmp / "grow3a")  # a resized fine-tune as a TERM: extract it first
+    assert r.exit_code == 1 and "--allow-resize" in r.stderr, r.stderr
     # an embedding grown without its untied head: the folder would not load
     _extract(invoke, tmp, "grow3a", "--include", "embed_tokens", "--name", "emb-only", "--force")
     r = invoke("merge", "--base", tmp / "base", "emb-only", "--out", tmp_path / "dir")

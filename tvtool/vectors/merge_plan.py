@@ -196,6 +196,7 @@ def _match_keys(store, t: PlannedTerm, metas: dict[str, TensorMeta], keep) -> li
         reader = align_vector(stack.enter_context(_open_term(store, t)), metas)  # HF layouts
         mask = stack.enter_context(open_tensor_object(store, t.mask, "mask")[1]) if t.mask else None
         resized = resized_keys(store.manifest(t.digest)) if t.digest else {}
+        rows_differ = False  # a shape mismatch in the first dimension only
         names = set(reader.keys())
         for k in reader.keys():
             meta = reader.meta(k)
@@ -214,6 +215,7 @@ def _match_keys(store, t: PlannedTerm, metas: dict[str, TensorMeta], keep) -> li
                 if shrink:
                     raise TvtoolError(shrink)
                 bad.append(f"{k} {list(shape)} vs base {list(base.shape)} {base.dtype}")
+                rows_differ |= bool(shape) and shape[1:] == base.shape[1:] and not resized
             else:
                 if mask is not None and k in mask and mask.meta(k).shape != shape:
                     raise TvtoolError(
@@ -229,7 +231,9 @@ def _match_keys(store, t: PlannedTerm, metas: dict[str, TensorMeta], keep) -> li
     if missing:
         out.append(f"{t.label}: {len(missing)} tensor(s) not in the base ({few(missing)})")
     if bad:
-        out.append(f"{t.label}: {len(bad)} shape/dtype mismatch(es) ({few(bad, 2)})")
+        hint = (" (a vocabulary resize? extract it with --allow-resize and merge the vector)"
+                if rows_differ else "")
+        out.append(f"{t.label}: {len(bad)} shape/dtype mismatch(es) ({few(bad, 2)}){hint}")
     return out
 
 
