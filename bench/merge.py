@@ -9,7 +9,9 @@ task vectors stored in a tvtool store.
   fsynced, with no arithmetic.
 * tvtool: `plan_merge` + `execute_merge` (what the CLI runs), fsync included.
 
-Every measurement runs in its own subprocess (OMP_NUM_THREADS=1) and reads its peak resident set
+Every measurement runs in its own subprocess (OMP_NUM_THREADS=--threads, default 2: tvtool's
+reader thread and two-at-a-time top-k passes; the floor and naive modes are single-threaded
+I/O or torch) and reads its peak resident set
 (VmHWM in /proc/self/status); wall time excludes the interpreter start and imports; the modes
 run interleaved, --repeat rounds (minimum time, largest peak: on a shared machine the minimum
 is the least disturbed run; the slow naive TIES once, or never with --skip-naive-ties). The
@@ -173,9 +175,10 @@ def settle(cfg: dict) -> None:
 
 def measure(mode: str, cfg: dict) -> tuple[int, float]:
     settle(cfg)
+    env = {"OMP_NUM_THREADS": str(cfg["threads"]), "PATH": "/usr/bin:/bin"}
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, mode, json.dumps(cfg)],
-        capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+        [sys.executable, "-c", CHILD, mode, json.dumps(cfg)], capture_output=True, text=True,
+        env=env,
     )
     if proc.returncode != 0:
         raise SystemExit(f"{mode} failed:\n{proc.stderr[-3000:]}")
@@ -189,6 +192,7 @@ def main() -> None:
                     help="quick smoke run: width x0.25 (~6M params); fixed costs dominate, so "
                     "the targets are only meaningful at full size")
     ap.add_argument("--vectors", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of every mode")
     ap.add_argument("--repeat", type=int, default=3,
                     help="runs per mode, minimum wall time reported (naive ties: always 1)")
     ap.add_argument("--skip-naive-ties", action="store_true",
@@ -213,7 +217,7 @@ def main() -> None:
         cfg = {
             "base": str(base), "out": str(work / "out.safetensors"), "store": str(work / "store"),
             "digests": digests, "blobs": [str(store.blob_path(d)) for d in digests],
-            "out_bytes": base.stat().st_size,
+            "out_bytes": base.stat().st_size, "threads": args.threads,
         }
         rows = []
         load_before = os.getloadavg()
@@ -246,12 +250,12 @@ def main() -> None:
             by["tvtool-ties"]["peak_rss_mb"] < 0.25 * by["naive-ties"]["peak_rss_mb"]
         )
     info = {"parameters": params, "tensors": len(shapes), "vectors": args.vectors,
-            "checkpoint_mb": params * 4 / 1e6, "small": args.small, "threads": 1,
+            "checkpoint_mb": params * 4 / 1e6, "small": args.small, "threads": args.threads,
             "repeat": args.repeat, "statistic": "min", "cpus": os.cpu_count(),
             "load_average_before": load_before, "load_average_after": load_after,
             "rows": rows, "targets": targets}
     print(f"synthetic ViT-B/32-like base: {params / 1e6:.1f}M params in {len(shapes)} tensors "
-          f"({params * 4 / 1e6:.0f} MB), {args.vectors} task vectors, 1 thread")
+          f"({params * 4 / 1e6:.0f} MB), {args.vectors} task vectors, {args.threads} threads")
     print(f"{'mode':<48} {'peak RSS MB':>11} {'over import':>11} {'wall s':>7} {'x floor':>7}")
     for r in rows:
         x = f"{r['x_io_floor']:.2f}" if r["x_io_floor"] is not None else "-"

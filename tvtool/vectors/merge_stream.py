@@ -335,8 +335,8 @@ class MergeInputs:
                 if owned and tensor.dtype == cdt
                 else tensor.to(cdt, copy=True).reshape(-1)
             )
-            if self.stacked and coefs is None:
-                yield self._whole_rows(ids, acc, base32, info, n)
+            if self.stacked and coefs is None and not self.m.weighted_sum(self.p):
+                yield self._whole_rows(ids, acc, base32, info, n)  # (a sum: one term at a time)
                 return
             yield self._combine(
                 ids, acc, lambda i: self._tau(i, key, base32), lambda i: self._mask(i, key),
@@ -380,10 +380,13 @@ class MergeInputs:
         x = torch.empty(len(ids), n, dtype=acc.dtype)
         for r, i in enumerate(ids):
             x[r] = self._tau(i, info.key, base32)
+        density = self.m.density(self.p)
         if self.m.global_density(self.p) is not None:
             rules = [self.states[i].topk for i in ids]
+        elif density is None:
+            rules = None
         else:
-            k = topk_count(n, self.m.density(self.p))
+            k = topk_count(n, density)
             rules = [topk_rule(row.abs().to(torch.float32), k) for row in x]
         weights = [self.states[i].weight for i in ids]
         step = span(len(ids), self.chunk)

@@ -98,9 +98,9 @@ class Method:
         (the global ones, or per tensor from `density`)."""
         return False
 
-    def density(self, p: Any) -> float:
-        """The per-tensor trim density of a `stacked` method."""
-        raise NotImplementedError
+    def density(self, p: Any) -> float | None:
+        """The per-tensor trim density of a `stacked` method (None: it does not trim)."""
+        return None
 
     def combine_rows(
         self,
@@ -113,7 +113,8 @@ class Method:
         t: TensorInfo,
     ) -> torch.Tensor:
         """theta for one slice of a `stacked` method: x [T, c] holds the terms' task-vector
-        slices (overwritten), rules their trims; `base` may be updated in place."""
+        slices (overwritten), rules their trims (None when it does not trim); `base` may be
+        updated in place."""
         raise NotImplementedError
 
     def check(self, p: Any, n_terms: int) -> str | None:

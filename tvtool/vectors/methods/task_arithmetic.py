@@ -16,5 +16,13 @@ class Sum(Method):
     summary = "task arithmetic: base + sum of weighted vectors."
     Params = SumParams
 
+    def stacked(self, p: SumParams) -> bool:
+        return True  # read in stacked slices (overlapped by the reader thread)
+
+    def combine_rows(self, base, x, rules, weights, scale, p: SumParams, t):
+        for row, w in zip(x, weights, strict=True):  # term order, as the unstacked sum
+            base.add_(row, alpha=w)
+        return base
+
 
 METHOD = Sum()

@@ -82,8 +82,8 @@ class Ties(Method):
     def stacked(self, p: TiesParams) -> bool:
         return True
 
-    def density(self, p: TiesParams) -> float:
-        return p.density
+    def density(self, p: TiesParams) -> float | None:
+        return p.density if p.scope == "tensor" else None
 
     def combine_rows(self, base, x, rules, weights, scale, p: TiesParams, t: TensorInfo):
         return base.add_(ties_rows(x, rules, weights, p.normalize), alpha=scale)
