@@ -175,7 +175,8 @@ def settle(cfg: dict) -> None:
 
 def measure(mode: str, cfg: dict) -> tuple[int, float]:
     settle(cfg)
-    env = {"OMP_NUM_THREADS": str(cfg["threads"]), "PATH": "/usr/bin:/bin"}
+    env = {"OMP_NUM_THREADS": str(cfg["threads"]), "PATH": "/usr/bin:/bin",
+           "PYTHONPATH": str(HERE.parent)}  # this tree's tvtool, not an installed one
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, mode, json.dumps(cfg)], capture_output=True, text=True,
         env=env,
