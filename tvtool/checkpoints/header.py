@@ -17,6 +17,7 @@ one line, before any large allocation:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -283,3 +284,12 @@ def read_index(index: str | Path) -> tuple[dict[str, Path], dict[str, str]]:
             checked[shard] = index.parent / shard
         out[name] = checked[shard]
     return out, {str(k): v for k, v in meta.items() if isinstance(v, (str, int, float))}
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    """The sha256 of a file's bytes, read in chunks (torch-free: `store verify` uses it)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

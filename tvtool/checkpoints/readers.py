@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from tvtool.checkpoints.header import looks_like_safetensors, read_index
+from tvtool.checkpoints.header import file_sha256, looks_like_safetensors, read_index
 from tvtool.errors import TvtoolError, few, printable
 
 _PREFIXES = ("module.", "model.")
@@ -49,14 +49,6 @@ def checkpoint_fingerprint(path: str | Path) -> str:
     """The content fingerprint of the checkpoint at `path` (see `fingerprint`)."""
     with open_checkpoint(path) as reader:
         return reader.fingerprint()
-
-
-def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -11,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tvtool.checkpoints.header import file_sha256
 from tvtool.errors import TvtoolError
 from tvtool.store.claims import claim_problems, entries_from_file
 from tvtool.store.files import lock_file
@@ -51,14 +51,6 @@ class Problem:
     digest: str
     what: str
     ref: str | None = None  # set for a problem of a ref (dangling, corrupt, or a warning)
-
-
-def hash_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def verify(
@@ -121,7 +113,7 @@ def _check_object(store: Store, digest: str, named: set[str]) -> list[Problem]:
             out.append(Problem(digest, f"input {e[:12]} is missing"))
     blob = store.blob_path(digest)
     try:
-        actual = hash_file(blob)
+        actual = file_sha256(blob)
     except FileNotFoundError:
         return [*out, Problem(digest, "data blob missing")]
     except OSError as e:

@@ -13,6 +13,7 @@ An object exists iff its manifest exists. Torch-free, so that completion and `--
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -119,12 +120,7 @@ class Store:
         if path.exists():
             touch(path)
             return self.manifest(manifest.digest)
-        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.manifest"
-        with create_locked(tmp) as f:
-            f.write(canonical_json(manifest.model_dump(mode="json")))
-            f.flush()
-            os.fsync(f.fileno())
-            os.chmod(tmp, 0o444)
+        with self._sealed(manifest) as tmp:
             try:
                 os.link(tmp, path)  # atomic create-if-absent: the first writer's manifest wins
             except FileExistsError:
@@ -134,6 +130,18 @@ class Store:
             tmp.unlink()
         fsync_dir(path.parent)
         return manifest
+
+    @contextlib.contextmanager
+    def _sealed(self, manifest: Manifest) -> Iterator[Path]:
+        """A temp file holding `manifest` (canonical JSON, fsynced, read-only), still locked
+        while the caller links or moves it into place."""
+        tmp = self.tmp_dir / f"{uuid.uuid4().hex}.manifest"
+        with create_locked(tmp) as f:
+            f.write(canonical_json(manifest.model_dump(mode="json")))
+            f.flush()
+            os.fsync(f.fileno())
+            os.chmod(tmp, 0o444)
+            yield tmp
 
     def add_sources(self, digest: str, sources: list[dict[str, Any]]) -> Manifest:
         """Append `sources` (files an object was made from, e.g. the same weights in another
@@ -149,12 +157,7 @@ class Store:
                 update={"params": {**manifest.params, "sources": have + added}}
             )
             path = self.manifest_path(digest)
-            tmp = self.tmp_dir / f"{uuid.uuid4().hex}.manifest"
-            with create_locked(tmp) as f:
-                f.write(canonical_json(updated.model_dump(mode="json")))
-                f.flush()
-                os.fsync(f.fileno())
-                os.chmod(tmp, 0o444)
+            with self._sealed(updated) as tmp:
                 os.replace(tmp, path)
             fsync_dir(path.parent)
             return updated
