@@ -236,7 +236,7 @@ def test_missing_and_truncated_inputs(invoke, pair, tmp_path: Path) -> None:
 
 def test_pickled_module_checkpoints(invoke, tmp_path: Path) -> None:
     """Two whole pickled modules (keys under `model.`) give the vector of their state dicts."""
-    from test_readers import ImageEncoder, save_under_fake_module
+    from pickled_modules import ImageEncoder, save_under_fake_module
 
     torch.manual_seed(0)
     base = ImageEncoder()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from pickled_modules import ImageEncoder, save_under_fake_module
 from reader_helpers import content_fingerprint
 
 from tvtool.checkpoints.readers import normalise_keys, open_checkpoint
@@ -138,50 +139,6 @@ def test_normalise_keys_strips_only_shared_prefixes() -> None:
 
 
 # -- whole pickled modules --------------------------------------------------------------------
-
-
-class Preprocess:
-    """A non-module attribute, as ImageEncoder keeps its torchvision transforms."""
-
-    def __init__(self) -> None:
-        self.size = 224
-
-
-class Backbone(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.visual = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
-        self.logit_scale = torch.nn.Parameter(torch.tensor(1.5))
-        self.register_buffer("position_ids", torch.arange(5))
-        self.register_buffer("scratch", torch.zeros(2), persistent=False)
-
-
-class ImageEncoder(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.model = Backbone()
-        self.train_preprocess = Preprocess()
-        self.cache_dir = "/nonexistent"
-
-
-def save_under_fake_module(obj: object, path: Path, module: str = "src_fake.modeling") -> None:
-    """Pickle `obj` as if its classes lived in `module`, a module that does not exist when
-    loading: the restricted unpickler must never try to import it."""
-    fake = types.ModuleType(module)
-    classes = (ImageEncoder, Backbone, Preprocess)
-    old = {c: c.__module__ for c in classes}
-    for c in classes:
-        setattr(fake, c.__name__, c)
-        c.__module__ = module
-    parent = module.split(".")[0]
-    sys.modules[parent] = types.ModuleType(parent)
-    sys.modules[module] = fake
-    try:
-        torch.save(obj, path)
-    finally:
-        del sys.modules[module], sys.modules[parent]
-        for c, m in old.items():
-            c.__module__ = m
 
 
 def test_pickled_image_encoder_keys_normalised(tmp_path: Path) -> None:
