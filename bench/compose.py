@@ -142,10 +142,11 @@ def child(cfg: dict) -> dict:
         coefs = Coefs(learnable_mask(layout, stacks)).to(device)
         opt = torch.optim.AdamW(coefs.parameters(), lr=1e-3)
         vector_bytes = sum(s.nbytes for s in stacks)
+        buffers: dict = {}  # as the trainer composes: theta reused step after step
 
         def step():
             opt.zero_grad(set_to_none=True)
-            theta = compose_params(coefs(), stacks, layout, params)
+            theta = compose_params(coefs(), stacks, layout, params, buffers)
             with autocast(device):
                 feats = torch.func.functional_call(visual, theta, (images,), strict=False)
             loss_of(feats).backward()

@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from tvtool.compose.mixing import compose_stack
+from tvtool.compose.mixing import compose_parts
 from tvtool.models.bank import BankPlan, Stack
 from tvtool.vectors.blocks import (
     CoefsLayout,
@@ -138,16 +138,29 @@ def compose_params(
     stacks: Sequence[Stack],
     layout: CoefsLayout,
     base: Mapping[str, torch.Tensor],
+    buffers: dict[int, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """{parameter name: theta_0 + sum_t Lambda * tau} for every loaded parameter (gradients
-    reach `coefs` only). Computed in full precision whatever autocast is active outside."""
+    reach `coefs` only). Computed in full precision whatever autocast is active outside.
+
+    `buffers` (a dict the caller keeps between steps, filled here): theta is written into the
+    same memory every step instead of freshly allocated pages (on the CPU, faulting in the
+    pages of a new theta costs about as much as computing it), and the backward copies transposed
+    gradients into one parameter's worth of reused memory. The tensors of one call are
+    then overwritten by the next: only for a loop that is done with them by then (a training
+    step; autograd raises if a graph that saved them is still backpropagated)."""
     out: dict[str, torch.Tensor] = {}
     with torch.autocast(device_type=coefs.device.type, enabled=False):
-        for s in stacks:
+        for i, s in enumerate(stacks):
             if s.index is None:
                 attach_layout(layout, [s])
             lam = coefs[s.index]  # type: ignore[index]
             w0 = s.base if s.base is not None else torch.stack([base[p] for p in s.params])
-            theta = compose_stack(lam, s, w0)
-            out.update(zip(s.params, theta.unbind(0), strict=True))
+            buf = scratch = None
+            if buffers is not None and s.factors is None and s.ids is None:
+                buf, scratch = buffers.get(i), buffers.get(-1 - i)
+                if buf is None or buf.shape != w0.shape or buf.dtype != w0.dtype:
+                    buf = buffers[i] = torch.empty_like(w0)
+                    scratch = buffers[-1 - i] = w0.new_empty(w0[0].numel())
+            out.update(zip(s.params, compose_parts(lam, s, w0, buf, scratch), strict=True))
     return out

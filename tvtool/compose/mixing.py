@@ -47,15 +47,28 @@ def _cpu(st: torch.Tensor) -> bool:
     return st.device.type == "cpu"
 
 
-def _w_times_stack(w: torch.Tensor, st: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
-    """base + w @ st for w [B, 1, n], st [B, n, M], base [B, 1, M] or None; in w's dtype."""
+def _w_times_stack(
+    w: torch.Tensor, st: torch.Tensor, base: torch.Tensor | None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """base + w @ st for w [B, 1, n], st [B, n, M], base [B, 1, M] or None; in w's dtype,
+    written into `out` [B, 1, M] when given (a reused buffer: no fresh pages to fault in)."""
     if st.dtype == w.dtype:
-        return torch.bmm(w, st) if base is None else torch.baddbmm(base, w, st)
+        if out is None:
+            return torch.bmm(w, st) if base is None else torch.baddbmm(base, w, st)
+        return torch.bmm(w, st, out=out) if base is None else torch.baddbmm(base, w, st, out=out)
     if not _cpu(st):  # CUDA half: the product in half, the sum in fp32
         d = torch.bmm(w.to(st.dtype), st)
-        return d.to(w.dtype) if base is None else base + d
+        r = d.to(w.dtype) if base is None else base + d
+        return r if out is None else out.copy_(r)
     B, n, M = st.shape
-    out = torch.zeros(B, 1, M, dtype=w.dtype, device=st.device) if base is None else base.clone()
+    if out is None and base is None:
+        out = torch.zeros(B, 1, M, dtype=w.dtype, device=st.device)
+    elif out is None:
+        out = base.clone()
+    elif base is None:
+        out.zero_()
+    else:
+        out.copy_(base)
     step = max(1, CHUNK // max(1, n))
     for b in range(B):
         for a in range(0, M, step):
@@ -85,25 +98,63 @@ def _stack_times_grad(st: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _rows_times_grads(
+    st: torch.Tensor, grads: tuple, scratch: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[L, n]: row l = st[l] @ vec(grads[l]) (0 where a gradient is None), st [L, n, M]. On the
+    CPU one matrix-vector product per parameter straight from its gradient (no stacked copy of
+    the gradients; a transposed gradient, as linear layers produce, is first copied into
+    `scratch` [M] when given, memory reused rather than fresh pages); on a device the batched
+    product over the stacked gradients."""
+    L, n, M = st.shape
+    like = next(g for g in grads if g is not None)
+    if not _cpu(st):
+        g = torch.stack([like.new_zeros(like.shape) if g is None else g for g in grads])
+        return _stack_times_grad(st, g.reshape(L, M, 1)).view(L, n)
+    out = torch.zeros(L, n, dtype=like.dtype, device=st.device)
+    step = max(1, CHUNK // max(1, n))
+    for b, g in enumerate(grads):
+        if g is None:
+            continue
+        if scratch is not None and not g.is_contiguous() and scratch.dtype == g.dtype:
+            g = scratch.view(g.shape).copy_(g)
+        g = g.reshape(-1)
+        if st.dtype == g.dtype:
+            torch.mv(st[b], g, out=out[b])
+            continue
+        for a in range(0, M, step):
+            out[b].addmv_(st[b, :, a : a + step].to(g.dtype), g[a : a + step])
+    return out
+
+
 class _Compose(torch.autograd.Function):
-    """theta [L, *shape] = base + sum_j w[l, j] * stack[l, j]; gradients to w only."""
+    """theta_l = base[l] + sum_j w[l, j] * stack[l, j] for l < L, returned as L tensors (the
+    model's parameters; one output per parameter spares the backward a stacked copy of their
+    gradients); gradients to w only. `out` [L, *shape]: a buffer to write theta into;
+    `scratch` [numel]: one parameter's worth of memory for the backward."""
 
     @staticmethod
-    def forward(ctx, w: torch.Tensor, stack: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, w, stack, base, out, scratch):
         L, n = stack.shape[:2]
         theta = _w_times_stack(
-            w.to(base.dtype).unsqueeze(1), stack.view(L, n, -1), base.reshape(L, 1, -1)
+            w.to(base.dtype).unsqueeze(1),
+            stack.view(L, n, -1),
+            base.reshape(L, 1, -1),
+            None if out is None else out.view(L, 1, -1),
         )
         ctx.save_for_backward(stack)
-        ctx.w_dtype = w.dtype
-        return theta.view(base.shape)
+        ctx.w_dtype, ctx.scratch = w.dtype, scratch
+        ctx.set_materialize_grads(False)
+        return tuple(theta.view(base.shape).unbind(0))
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, *grads):
         (stack,) = ctx.saved_tensors
+        if all(g is None for g in grads):
+            return None, None, None, None, None
         L, n = stack.shape[:2]
-        gw = _stack_times_grad(stack.view(L, n, -1), grad.reshape(L, -1, 1))
-        return gw.view(L, n).to(ctx.w_dtype), None, None
+        gw = _rows_times_grads(stack.view(L, n, -1), grads, ctx.scratch)
+        return gw.to(ctx.w_dtype), None, None, None, None
 
 
 class _ComposeSegments(torch.autograd.Function):
@@ -161,12 +212,32 @@ def segment(stack: Stack) -> Segments:
     return stack.segments
 
 
+def compose_parts(
+    lam: torch.Tensor,
+    stack: Stack,
+    base: torch.Tensor,
+    out: torch.Tensor | None = None,
+    scratch: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """The stack's L composed parameters, base[l] + sum_j lam[l, j] * tau_j (see
+    `compose_stack`). Unpartitioned dense stacks only: `out` [L, *shape] in base's dtype, a
+    buffer theta is written into (the caller must not read it again once it composes the next
+    step), and `scratch` [numel] memory for the backward."""
+    if stack.factors is None and stack.ids is None:
+        if out is not None and (out.shape != base.shape or out.dtype != base.dtype):
+            out = None
+        if scratch is not None and scratch.numel() != base[0].numel():
+            scratch = None
+        return list(_Compose.apply(lam[..., 0], stack.tensor, base, out, scratch))
+    return list(compose_stack(lam, stack, base).unbind(0))
+
+
 def compose_stack(lam: torch.Tensor, stack: Stack, base: torch.Tensor) -> torch.Tensor:
     """[L, *shape]: base + sum_j lam[l, j] * tau_j for each of the stack's parameters; `lam`
     is [L, n, groups] (the stack's coefficients), `base` [L, *shape]."""
     if stack.factors is not None:  # low-rank vectors: one product of rank n * r, nothing dense
         return base + stack.factors.mix(lam[..., 0], stack.shape).to(base.dtype)
     if stack.ids is None:
-        return _Compose.apply(lam[..., 0], stack.tensor, base)
+        return torch.stack(compose_parts(lam, stack, base))
     seg = segment(stack)
     return _ComposeSegments.apply(lam, stack.tensor, seg.pos, base)

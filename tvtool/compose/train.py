@@ -93,6 +93,7 @@ class Trainer:
         self.module = dist.wrap(self.coefs, self.device)
         self.base = visual_params(clip)
         share_base(self.stacks, self.base)
+        self.theta_buffers: dict[int, torch.Tensor] = {}  # theta reused step after step
         self.scale = clip.logit_scale
         self.run_dir = run_dir
         self.opt = torch.optim.AdamW(
@@ -133,7 +134,7 @@ class Trainer:
 
     # -- forward --------------------------------------------------------------------------
     def params(self, lam: torch.Tensor) -> dict[str, torch.Tensor]:
-        return compose_params(lam, self.stacks, self.layout, self.base)
+        return compose_params(lam, self.stacks, self.layout, self.base, self.theta_buffers)
 
     def logits(
         self, params: dict[str, torch.Tensor], images: torch.Tensor, head: torch.Tensor
