@@ -22,7 +22,7 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/ruff check tvtool tests bench
-	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -m "not slow" -n auto
 
 lint: $(STAMP)
 	$(BIN)/ruff check tvtool tests bench

@@ -15,6 +15,7 @@ from tvtool.store.store import Store
 from tvtool.vectors.stored import load_tensor_object
 
 
+@pytest.mark.slow
 def test_compose_recovers_accuracy_on_its_task(assets, clip, invoke):
     extract(assets, assets.ft_colors, "vec/colors")
     extract(assets, assets.ft_stripes, "vec/stripes")
@@ -80,7 +81,14 @@ def test_compose_recovers_accuracy_on_its_task(assets, clip, invoke):
     assert q.exit_code == 0 and len(q.stdout.strip()) == 64 and "loss" not in q.stderr
 
 
-@pytest.mark.parametrize("objective", ["entropy", "pseudo", "ufm"])
+@pytest.mark.parametrize(
+    "objective",
+    [
+        pytest.param("entropy", marks=pytest.mark.slow),
+        "pseudo",
+        pytest.param("ufm", marks=pytest.mark.slow),
+    ],
+)
 def test_unsupervised_objectives_reduce_their_loss(assets, clip, invoke, objective, tmp_path):
     extract(assets, assets.ft_colors, "c")
     extract(assets, assets.ft_stripes, "s")
@@ -146,6 +154,7 @@ def test_ufm_trusted_set_and_loss_match_hand_computation():
         assert float(got[i]) == pytest.approx(float(ref), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_negation_forgets_the_target_and_keeps_the_control(assets, clip, invoke):
     # the model to edit is the colour-fine-tuned one: it knows the target task
     extract(assets, assets.ft_colors, "c")
@@ -191,6 +200,7 @@ def test_negation_forgets_the_target_and_keeps_the_control(assets, clip, invoke)
     assert bad.exit_code == 1 and "--control" in bad.stderr
 
 
+@pytest.mark.slow
 def test_task_addition_sums_losses_over_data_sets(assets, clip, invoke, two_vectors):
     r = invoke(
         "compose",

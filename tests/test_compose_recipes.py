@@ -56,6 +56,7 @@ def test_few_shot_defaults_are_recorded_and_oversample(assets, clip, invoke):
     assert rep["steps"] == -(-n * s["oversampling"][0] // 4)
 
 
+@pytest.mark.slow
 def test_init_and_clamp_adamerging_style(assets, clip, invoke):
     extract(assets, assets.ft_colors, "c")
     base = [*model_args(assets), "--data", assets.colors, "--objective", "entropy", "--epochs", "1"]

@@ -145,6 +145,7 @@ def ev_templates():
     return list(DEFAULT_TEMPLATES)
 
 
+@pytest.mark.slow
 def test_grid_search_on_validation(env, invoke, vecs, tmp_path):
     r = invoke(*base_args(env, "one", "two"), vecs[0], vecs[1], "--grid", "0:1:0.5", "--json")
     assert r.exit_code == 0, r.stderr
@@ -192,6 +193,7 @@ def test_grid_search_on_validation(env, invoke, vecs, tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_disentanglement(env, vecs, invoke):
     from tvtool.datasets.images import ImageFolder
     from tvtool.models import evaluate as ev

@@ -63,6 +63,7 @@ def test_keep_top_and_budget():
         keep_budget(scores, covered, nbytes, 5)
 
 
+@pytest.mark.slow
 def test_select_grad_cli_feeds_compose(assets, clip, invoke, select_two):
     r = select_two(
         "--shots",
