@@ -206,7 +206,8 @@ def vit_bank(tmp_path_factory: pytest.TempPathFactory) -> dict:
 @pytest.mark.slow
 def test_vit_b_32_bank_end_to_end_through_the_cli(vit_bank, invoke, tmp_path):
     """extract -> inspect -> select -> compose --shots 4 -> merge -> eval on the real ViT-B-32
-    architecture in the public layout; heads from the pickles, then from the text tower."""
+    architecture in the public layout; heads from the pickles (select, eval) and from the text
+    tower (compose, eval)."""
     z = vit_bank
     model = ["--model", "ViT-B-32", "--base", z["zeroshot"], "--device", "cpu"]
     data = ["--data", z["colors"]]
@@ -221,9 +222,11 @@ def test_vit_b_32_bank_end_to_end_through_the_cli(vit_bank, invoke, tmp_path):
     sel = _json(invoke("select", *names, *model, *data, "--head", z["head:Colors"],
                        "--shots", "4", "--top", "2", "--name", "sel", "--json"))
     assert sel["kind"] == "selection" and len(sel["keep"]) > 0
-    rep = _json(invoke("compose", *model, "--selection", "sel", *data, "--head", z["head:Colors"],
-                       "--shots", "4", "--epochs", "1", "--min-steps", "1", "--batch-size",
-                       "12", "--name", "co", "--json"))  # one step of 12 images: CI-sized
+    # compose takes its head from the full CLIP's text tower (select above took the pickle);
+    # one step of 12 images: CI-sized
+    rep = _json(invoke("compose", *model, "--selection", "sel", *data, "--text-tower", z["full"],
+                       "--templates", z["templates"], "--shots", "4", "--epochs", "1",
+                       "--min-steps", "1", "--batch-size", "12", "--name", "co", "--json"))
     assert rep["data"][0]["train"] == 12 and any(abs(c) > 0 for row in rep["coefs"] for c in row)
     out = tmp_path / "merged.safetensors"
     r = invoke("merge", "--base", z["zeroshot"], "--coefs", "co", "--out", out)
