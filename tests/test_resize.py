@@ -103,8 +103,10 @@ def test_two_vectors_adding_rows_give_their_mean_and_every_method_runs(invoke, l
     _extract(invoke, tmp, "grow3a")
     _extract(invoke, tmp, "grow3b")
     out = tmp_path / "m.safetensors"
-    r = invoke("merge", "--base", tmp / "base", "grow3a:0.3", "grow3b:0.7", "--out", out, "-q")
+    r = invoke("merge", "--base", tmp / "base", "grow3a:0.3", "grow3b:0.7", "--out", out,
+               "--json")
     assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["resized"] == {EMB: [64, 67], HEAD: [64, 67]}
     got = load_file(out)
     want = _reference(sds, {"grow3a": 0.3, "grow3b": 0.7}, ["grow3a", "grow3b"], 67)
     assert set(got) == set(want)

@@ -56,6 +56,7 @@ class MergeReport(Report):
     index: str | None
     size: int
     skipped: list[str]
+    resized: dict[str, list[int]]  # vocabulary resizes: written key -> [base rows, rows]
     seconds: float | None = None
 
 
@@ -93,5 +94,6 @@ def merge_report(st: Any, plan: Any, seconds: float | None = None) -> MergeRepor
         index=str(plan.index) if plan.index else None,
         size=plan.total_size,
         skipped=plan.skipped,
+        resized={k: [g.base_rows, g.rows] for k, g in plan.grown.items()},
         **timing,
     )
