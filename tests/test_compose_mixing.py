@@ -63,13 +63,49 @@ def test_full_precision_equals_plain_formula(dtype, groups):
 
 @pytest.mark.parametrize("groups", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("path", ["cpu-chunked", "device-batched"])
+@pytest.mark.parametrize("path", ["cpu-chunked", "cpu-half-mv", "device-batched"])
 def test_half_precision_paths_close_to_plain_formula(monkeypatch, dtype, groups, path):
-    if path == "cpu-chunked":
-        monkeypatch.setattr(mixing, "CHUNK", 8)  # several chunks per row
+    monkeypatch.setattr(mixing, "CHUNK", 8)  # several upcast slices per row
+    if path == "cpu-chunked":  # backward by fp32 upcasts too (bf16, or few vectors)
+        monkeypatch.setattr(mixing, "HALF_MV", N_VEC + 1)
+    elif path == "cpu-half-mv":  # fp16: backward by torch's fp16 matrix-vector product
+        monkeypatch.setattr(mixing, "HALF_MV", 1)
     else:  # the CUDA code path, run on CPU tensors
         monkeypatch.setattr(mixing, "_cpu", lambda st: False)
     _check(dtype, groups, HALF)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_cpu_half_backward_is_accurate_and_survives_tiny_and_huge_gradients(monkeypatch, fused):
+    """The CPU fp16 backward (torch's fp16 product on a power-of-two-scaled gradient, or fp32
+    upcasts) against float64 for ordinary, tiny and huge gradients (both far outside fp16's
+    range)."""
+    monkeypatch.setattr(mixing, "HALF_MV", 1 if fused else N_VEC + 1)
+    tau, base, lam, ids, stack = _case(torch.float16, 1)
+    lam.requires_grad_(True)
+    out = mixing.compose_stack(lam, stack, base)
+    t64 = tau.double().reshape(L, N_VEC, -1)
+    for size in (1.0, 1e-12, 1e30):
+        up = size * torch.randn_like(out)
+        (g,) = torch.autograd.grad(out, lam, up, retain_graph=True)
+        expected = torch.einsum("lnm,lm->ln", t64, up.double().reshape(L, -1))
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g[..., 0].double(), expected, rtol=2e-3, atol=1e-3 * size)
+        assert g.abs().min() > 0
+
+
+def test_half_mv_matches_float64_on_a_long_row():
+    """One long row (many fp16 products accumulated): fp32 accumulation, relative error ~1e-3."""
+    gen = torch.Generator().manual_seed(1)
+    st = (1e-3 * torch.randn(5, 200_000, generator=gen)).half()
+    g = 1e-7 * torch.randn(200_000, generator=gen)
+    out = torch.empty(5)
+    mixing._half_mv(st, g, out)
+    ref = st.double() @ g.double()
+    assert (out.double() - ref).abs().max() <= 2e-3 * ref.abs().max()
+    big = torch.full((3, 1000), 60000.0).half()  # every fp16 product sum overflows
+    mixing._half_mv(big, torch.ones(1000), out[:3])
+    torch.testing.assert_close(out[:3], torch.full((3,), 6e7))  # recomputed in fp32
 
 
 @pytest.mark.parametrize("groups", [1, 3])

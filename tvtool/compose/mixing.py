@@ -17,8 +17,15 @@ elements (forward) and one scatter of its gradient (backward).
 
 Half-precision stacks on CUDA multiply in their dtype (half the memory traffic) and add to the
 fp32 base; the gradient is rescaled before its cast to half so that small gradients do not
-underflow. On the CPU, where half-precision products are slow, the stack is upcast to fp32 in
-small chunks inside the products instead. Base weights and vectors never receive gradients.
+underflow. On the CPU torch's fp16 matrix-vector product (fp32 accumulation) runs at memory
+speed but its other half products do not: the backward of an fp16 stack of `HALF_MV` or more
+vectors is that product on the gradient rescaled by a power of two (exact) and cast to fp16,
+one row pass per parameter (a non-finite result, an fp16 overflow, is recomputed in fp32); the
+forward, and bf16 or narrow stacks, upcast `CHUNK`-element slices of the stack into one reused
+fp32 scratch buffer (cache-sized; no fresh pages per step) and multiply from there. Per step
+each vector is read twice (theta, then dL/dLambda), the least possible: on the CPU the step
+is memory-bandwidth bound once the vectors outweigh the model's arithmetic (bench/compose.py).
+Base weights and vectors never receive gradients.
 """
 
 from __future__ import annotations
@@ -29,8 +36,53 @@ import torch
 
 from tvtool.models.bank import Stack
 
-CHUNK = 1 << 20  # elements of a half-precision CPU stack upcast to fp32 at a time
+CHUNK = 1 << 21  # elements of a half-precision CPU stack upcast to fp32 at a time (8 MB)
 HALF = (torch.float16, torch.bfloat16)
+HALF_MV = 4  # fp16 CPU stacks of this many vectors or more: backward by fp16 products
+_SCRATCH: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Reused memory for CPU upcasts (grown as needed, kept for the process): a fresh buffer
+    per product would fault in new pages every step."""
+    buf = _SCRATCH.get((dtype, device))
+    if buf is None or buf.numel() < numel:
+        buf = _SCRATCH[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def _upcast(st: torch.Tensor, a: int, step: int, dtype: torch.dtype) -> torch.Tensor:
+    """st[:, a : a + step] ([n, <= step]) copied into the scratch buffer in `dtype`."""
+    part = st[:, a : a + step]
+    return _scratch(part.numel(), dtype, st.device).view(part.shape).copy_(part)
+
+
+def _pow2_scale(g: torch.Tensor) -> torch.Tensor:
+    """A power of two s with max |g * s| in [0.5, 1) (1 for an all-zero g): scaling by it is
+    exact, and the scaled gradient neither overflows nor (mostly) underflows fp16."""
+    top = g.abs().amax()
+    _, e = torch.frexp(torch.where(top > 0, top, torch.ones_like(top)))
+    return torch.ldexp(torch.ones_like(top), -e)
+
+
+def _half_mv(st: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> None:
+    """out [n] (g's dtype) = st [n, M] (fp16, CPU) @ g [M]: torch's fp16 product with fp32
+    accumulation on the power-of-two-scaled gradient; recomputed in fp32 if it overflows."""
+    s = _pow2_scale(g)
+    r = torch.mv(st, (g * s).to(st.dtype))
+    if bool(torch.isfinite(r).all()):
+        out.copy_(r.to(g.dtype) / s)
+        return
+    out.zero_()
+    _upcast_mv(st, g, out)
+
+
+def _upcast_mv(st: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> None:
+    """out [n] += st [n, M] @ g [M] with st upcast to g's dtype slice by slice."""
+    n, M = st.shape
+    step = max(1, CHUNK // max(1, n))
+    for a in range(0, M, step):
+        out.addmv_(_upcast(st, a, step, g.dtype), g[a : a + step])
 
 
 @dataclass
@@ -72,7 +124,7 @@ def _w_times_stack(
     step = max(1, CHUNK // max(1, n))
     for b in range(B):
         for a in range(0, M, step):
-            out[b, :, a : a + step].addmm_(w[b], st[b, :, a : a + step].to(w.dtype))
+            out[b, :, a : a + step].addmm_(w[b], _upcast(st[b], a, step, w.dtype))
     return out
 
 
@@ -87,15 +139,20 @@ def _stack_times_grad(st: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         return torch.bmm(gs.transpose(1, 2), st.transpose(1, 2)).transpose(1, 2).to(g.dtype) * scale
     B, n, M = st.shape
     out = torch.zeros(B, n, 1, dtype=g.dtype, device=st.device)
-    if st.dtype == g.dtype:
-        for b in range(B):
-            torch.mv(st[b], g[b, :, 0], out=out[b, :, 0])
-        return out
-    step = max(1, CHUNK // max(1, n))
     for b in range(B):
-        for a in range(0, M, step):
-            out[b, :, 0].addmv_(st[b, :, a : a + step].to(g.dtype), g[b, a : a + step, 0])
+        _mv(st[b], g[b, :, 0], out[b, :, 0])
     return out
+
+
+def _mv(st: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> None:
+    """out [n] = st [n, M] @ g [M] on the CPU, in g's dtype, whatever st's dtype."""
+    if st.dtype == g.dtype:
+        torch.mv(st, g, out=out)
+    elif st.dtype == torch.float16 and st.shape[0] >= HALF_MV:
+        _half_mv(st, g, out)
+    else:
+        out.zero_()
+        _upcast_mv(st, g, out)
 
 
 def _rows_times_grads(
@@ -112,18 +169,12 @@ def _rows_times_grads(
         g = torch.stack([like.new_zeros(like.shape) if g is None else g for g in grads])
         return _stack_times_grad(st, g.reshape(L, M, 1)).view(L, n)
     out = torch.zeros(L, n, dtype=like.dtype, device=st.device)
-    step = max(1, CHUNK // max(1, n))
     for b, g in enumerate(grads):
         if g is None:
             continue
         if scratch is not None and not g.is_contiguous() and scratch.dtype == g.dtype:
             g = scratch.view(g.shape).copy_(g)
-        g = g.reshape(-1)
-        if st.dtype == g.dtype:
-            torch.mv(st[b], g, out=out[b])
-            continue
-        for a in range(0, M, step):
-            out[b].addmv_(st[b, :, a : a + step].to(g.dtype), g[a : a + step])
+        _mv(st[b], g.reshape(-1), out[b])
     return out
 
 
