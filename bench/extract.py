@@ -2,6 +2,9 @@
 (read both inputs, write one output, fsync), on a synthetic
 ViT-B/32-sized pair (about 88M float32 parameters, 351 MB per checkpoint).
 
+Modes run interleaved `--repeat` times and the fastest run of each counts; before every run the
+parent calls sync(), so that no mode pays for the writeback of the previous one's output (the
+naive save leaves 351 MB of dirty pages that the next run's fsync would otherwise wait behind).
 Every measurement runs in a fresh subprocess and reads its peak resident set size (VmHWM in
 /proc/self/status); "import only" is the interpreter with torch and tvtool imported, so the
 other rows' "over import" column is what the work itself costs.
@@ -14,6 +17,7 @@ Writes bench/results/extract.json.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -109,6 +113,7 @@ def main() -> None:
                 if mode.startswith("tvtool"):  # a fresh store: every run really writes
                     for sub in ("store", "store16", "store-warm"):
                         shutil.rmtree(work / sub, ignore_errors=True)
+                os.sync()  # no run pays for the writeback of the one before (naive's output)
                 runs[mode].append(measure(mode, base, ft, work))
         rows = []
         for mode, label in MODES:

@@ -458,3 +458,25 @@ def test_allow_resize_vocabulary(invoke, tmp_path: Path) -> None:
             "base_rows": 10, "finetuned_rows": 12, "added_rows": k + ".added_rows"}
     torch.testing.assert_close(tensors["model.norm.weight"],
                                ft["model.norm.weight"] - base["model.norm.weight"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fused_difference_matches_plain_torch_across_slices(monkeypatch, dtype) -> None:
+    from tvtool.vectors import extract
+
+    monkeypatch.setattr(extract, "FUSED", 100)  # 10 slices and a part
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(31, 33, generator=g), torch.randn(31, 33, generator=g).half()
+    d = torch.empty(31, 33)
+    o = None if dtype == torch.float32 else torch.empty(31, 33, dtype=dtype)
+    sq, err = extract._fused_diff(a, b, d, o)
+    want = a - b.float()
+    assert torch.equal(d, want)
+    stored = want if o is None else want.to(dtype).float()
+    if o is not None:
+        assert torch.equal(o, want.to(dtype))
+    assert sq == pytest.approx(float(stored.double().pow(2).sum()), rel=1e-6)
+    assert err == float((stored - want).abs().max())
+    sq, _ = extract._fused_diff(a, None, d, o)  # rows only one side has: copied
+    kept = a if o is None else a.to(dtype).float()
+    assert torch.equal(d, a) and sq == pytest.approx(float(kept.double().pow(2).sum()), rel=1e-6)

@@ -50,3 +50,16 @@ def test_an_error_on_the_thread_reaches_the_caller(tmp_path: Path) -> None:
             w.write(b"x" * 10)
         w.wait()
     w.close()
+
+
+def test_writes_larger_than_a_slice_hash_as_one_stream(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(prefetch, "SLICE", 1000)
+    data = bytes(range(256)) * 40  # 10 slices and a part
+    with open(tmp_path / "out", "wb") as f:
+        w = WriteBehind(f)
+        w.write(memoryview(data))
+        w.write(b"tail")
+        digest = w.hexdigest()
+        w.close()
+    assert (tmp_path / "out").read_bytes() == data + b"tail"
+    assert digest == hashlib.sha256(data + b"tail").hexdigest()

@@ -66,6 +66,14 @@ class ContentHasher:
             self._pending.append(fut)
             self._lines[name] = fut
 
+    def add_digest(
+        self, name: str, dtype: torch.dtype, shape: tuple[int, ...], digest: str
+    ) -> None:
+        """Record `name`'s content from a sha256 of its bytes taken by the caller (e.g. slice
+        by slice as it was read)."""
+        with self._lock:
+            self._lines.setdefault(name, _line(name, dtype, shape, digest))
+
     def hexdigest(self, names: list[str]) -> str:
         """The fingerprint over exactly `names` (each must have been added)."""
         h = hashlib.sha256()

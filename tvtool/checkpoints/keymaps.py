@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Container, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tvtool.checkpoints.readers import CheckpointReader, TensorMeta
+
+if TYPE_CHECKING:
+    import torch
 
 HF_TOWER = "vision_model."
 BARE_TOWER_PREFIXES = ("visual.", HF_TOWER)  # open_clip, HF
@@ -60,6 +63,9 @@ class KeyMappedReader(CheckpointReader):
 
     def get(self, key: str) -> Any:
         return self.inner.get(self._names[key])
+
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        self.inner.read_into(self._names[key], out)
 
     def fingerprint(self) -> str:
         return self.inner.fingerprint()

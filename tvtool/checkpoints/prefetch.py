@@ -19,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO
 
 WRITEBACK_EVERY = 32 << 20  # bytes between writeback hints
+SLICE = 1 << 19  # bytes written and hashed together
 
 
 def _sync_file_range():
@@ -65,9 +66,14 @@ class WriteBehind:
             self._fd = None
 
     def _do(self, data: memoryview | bytes) -> None:
-        self._f.write(data)
-        if self._hash is not None:
-            self._hash.update(data)
+        if self._hash is None:
+            self._f.write(data)
+            return
+        view = memoryview(data).cast("B")
+        for lo in range(0, len(view), SLICE):  # each slice hashed while it is in the cache
+            piece = view[lo: lo + SLICE]
+            self._f.write(piece)
+            self._hash.update(piece)
 
     def write(self, data: memoryview | bytes) -> int:
         n = memoryview(data).nbytes

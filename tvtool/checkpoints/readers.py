@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from tvtool.checkpoints.header import file_sha256, looks_like_safetensors, read_
 from tvtool.errors import TvtoolError, few, printable
 
 _PREFIXES = ("module.", "model.")
+READ_SLICE = 1 << 19  # bytes read and hashed together by `read_into` (fits in L2)
+_HASHER_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -86,12 +89,23 @@ class CheckpointReader:
         """The tensor `key`; hashed on the side for `fingerprint` (unless that is known)."""
         t = self._read(key)
         if self._fingerprint is None:
+            self._content_hasher().add(key, t, background=self.shared_reads)
+        return t
+
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        """Fill the contiguous `out` (of the key's shape and dtype) with tensor `key`, hashed
+        for `fingerprint` like `get`. Streamed commands reuse `out` (no allocation, no page
+        faults per tensor); safetensors readers read and hash it slice by slice on the calling
+        thread, so a worker thread per reader may call it (one call at a time per reader)."""
+        out.copy_(self.get(key))
+
+    def _content_hasher(self) -> Any:
+        with _HASHER_LOCK:
             if self._hasher is None:
                 from tvtool.checkpoints.fingerprint import ContentHasher
 
                 self._hasher = ContentHasher()
-            self._hasher.add(key, t, background=self.shared_reads)
-        return t
+            return self._hasher
 
     def fingerprint(self) -> str:
         """The content fingerprint (`tvtool.checkpoints.fingerprint`): sha256 over sorted
@@ -180,6 +194,22 @@ class SafetensorsReader(CheckpointReader):
     def _read(self, key: str) -> torch.Tensor:
         raw = self._names[key]
         return self._raw[raw].read(raw)
+
+    def read_into(self, key: str, out: torch.Tensor) -> None:
+        raw = self._names[key]
+        sf = self._raw[raw]
+        if (not out.is_contiguous() or tuple(out.shape) != sf.entries[raw].shape
+                or out.dtype != sf.dtype(raw)):
+            raise ValueError(f"read_into: `out` does not match tensor {key!r}")
+        data = out.view(-1).view(torch.uint8).numpy()
+        h = hashlib.sha256() if self._fingerprint is None else None
+        for lo in range(0, data.size, READ_SLICE):  # each slice hashed while in the cache
+            piece = data[lo: lo + READ_SLICE]
+            sf.read_into(raw, piece, lo)
+            if h is not None:
+                h.update(piece)
+        if h is not None:
+            self._content_hasher().add_digest(key, out.dtype, tuple(out.shape), h.hexdigest())
 
     def range_reader(self, key: str):
         """For a float32 tensor whose fingerprint is known (nothing to hash on the side): a

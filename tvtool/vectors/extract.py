@@ -20,6 +20,7 @@ import torch
 from tvtool.checkpoints.fingerprint import FingerprintCache
 from tvtool.checkpoints.keymaps import align_submodel
 from tvtool.checkpoints.pairing import pair_readers
+from tvtool.checkpoints.readahead import ReadAhead
 from tvtool.checkpoints.readers import CheckpointReader, open_checkpoint
 from tvtool.checkpoints.writer import TensorSpec
 from tvtool.errors import TvtoolError, few
@@ -217,10 +218,6 @@ def extract_vector(
         if on_start:
             on_start(len(specs))
         last = specs[-1].name
-        for r in (base, ft):
-            while r is not None:  # inputs are only read: hash them beside the arithmetic
-                r.shared_reads = True
-                r = getattr(r, "inner", None)
         rows = {k: min(int(v["base_rows"]), int(v["finetuned_rows"]))
                 for k, v in (resized or {}).items()}
         added = {str(v["added_rows"]): k for k, v in (resized or {}).items() if "added_rows" in v}
@@ -230,30 +227,38 @@ def extract_vector(
         # one behind our back while we fill the other (`ObjectWriter`, `WriteBehind`)
         size = max(_numel(s.shape) for s in specs)
         scratch = [torch.empty(size, dtype=torch.float32) for _ in range(2)]
+        low = None if dtype == torch.float32 else [torch.empty(size, dtype=dtype) for _ in "ab"]
         turn = [0]
+
+        reads = [s.name for s in specs if s.name not in added]  # in write order
+        held: list[torch.Tensor] = []  # a resized fine-tune tensor, for its added rows
 
         def produce(spec: TensorSpec) -> torch.Tensor:
             turn[0] ^= 1
-            d = scratch[turn[0]][: _numel(spec.shape)].view(spec.shape)
+            n = _numel(spec.shape)
+            d = scratch[turn[0]][:n].view(spec.shape)
+            o = None if low is None else low[turn[0]][:n].view(spec.shape)
             if spec.name in added:  # rows only the fine-tune has: stored whole
-                d.copy_(ft.get(added[spec.name])[rows[added[spec.name]]:])
+                sq, err = _fused_diff(held.pop()[rows[added[spec.name]]:], None, d, o)
+                ft_ahead.release()
             else:
-                a, b = ft.get(spec.name), base.get(spec.name)
+                a, b = ft_ahead.take(), base_ahead.take()
                 if spec.name in rows:  # the rows both vocabularies share
+                    held.extend([a] if spec.name + ADDED in added else [])
                     a, b = a[: rows[spec.name]], b[: rows[spec.name]]
-                torch.sub(a.to(torch.float32), b.to(torch.float32), out=d)
-            out = d if dtype == torch.float32 else d.to(dtype)
-            stored = d if dtype == torch.float32 else out.to(torch.float32)
-            sq = float(torch.linalg.vector_norm(stored)) ** 2 if stored.numel() else 0.0
+                sq, err = _fused_diff(a, b, d, o)
+                base_ahead.release()
+                if not held:
+                    ft_ahead.release()
+            out = d if o is None else o
             if not math.isfinite(sq):  # NaN/Inf, or squares past the fp32 range
+                stored = d if o is None else o.to(torch.float32)
                 sq = _slow_path(stored, d, spec.name, dtype, allow_nonfinite, acc)
-                stored = torch.nan_to_num(stored, nan=0.0, posinf=0.0, neginf=0.0)
-            if dtype != torch.float32 and stored.numel():
-                err = (stored - d).abs_()
-                if acc.nonfinite:  # entries that are not finite are counted, not rounding errors
-                    err = torch.nan_to_num(err, nan=0.0, posinf=0.0).masked_fill_(
-                        ~torch.isfinite(out), 0.0)
-                acc.max_round = max(acc.max_round, float(err.max()))
+                if o is not None:  # entries that are not finite are counted, not rounding errors
+                    stored = torch.nan_to_num(stored, nan=0.0, posinf=0.0, neginf=0.0)
+                    err = float(torch.nan_to_num((stored - d).abs_(), nan=0.0, posinf=0.0)
+                                .masked_fill_(~torch.isfinite(o), 0.0).max())
+            acc.max_round = max(acc.max_round, err)
             acc.sumsq += sq
             # the manifest is committed after the last tensor: keep its params current
             params.update(max_rounding_error=acc.max_round, nonfinite=acc.nonfinite,
@@ -267,9 +272,12 @@ def extract_vector(
                 on_tensor(spec.name)
             return out
 
-        manifest = write_tensor_object(
-            store, "vector", specs, produce, params=params, created=created
-        )
+        # both inputs are read (and hashed) ahead on worker threads, one per input, into
+        # reused buffers; the store writes and hashes the output on a third
+        with ReadAhead(ft, reads) as ft_ahead, ReadAhead(base, reads) as base_ahead:
+            manifest = write_tensor_object(
+                store, "vector", specs, produce, params=params, created=created
+            )
         for r in opened:
             cache.put(r)
     return stored_result(
@@ -313,6 +321,39 @@ def _pair(params: dict) -> dict[str, str]:
     b, f = params["base"], params["finetuned"]
     return {"base": b["path"], "base_format": b["format"], "finetuned": f["path"],
             "finetuned_format": f["format"], "finetuned_fingerprint": f["fingerprint"]}
+
+
+FUSED = 1 << 16  # elements differenced, rounded and summed together (in the cache)
+
+
+def _fused_diff(
+    a: torch.Tensor, b: torch.Tensor | None, d: torch.Tensor, o: torch.Tensor | None
+) -> tuple[float, float]:
+    """d = a - b in float32 (b None: d = a) and, with `o` (storage dtype), o = d rounded, slice
+    by slice so that every slice is subtracted, rounded and summed while in the cache; returns
+    (sum of squares of the stored values, largest |rounding error|). Not finite when any value
+    (or a square) is not: the caller's slow path tells which."""
+    fa, fd = a.reshape(-1), d.view(-1)
+    fb = b.reshape(-1) if b is not None else None
+    fo = o.view(-1) if o is not None else None
+    sq, err = 0.0, 0.0
+    back = torch.empty(min(FUSED, fd.numel()), dtype=torch.float32) if fo is not None else None
+    for lo in range(0, fd.numel(), FUSED):
+        x = fd[lo: lo + FUSED]
+        xa = fa[lo: lo + FUSED].to(torch.float32)
+        if fb is None:
+            x.copy_(xa)
+        else:
+            torch.sub(xa, fb[lo: lo + FUSED].to(torch.float32), out=x)
+        if fo is None:
+            sq += float(torch.linalg.vector_norm(x)) ** 2
+            continue
+        y = fo[lo: lo + FUSED]
+        y.copy_(x)
+        s = back[: x.numel()].copy_(y)  # type: ignore[index]
+        sq += float(torch.linalg.vector_norm(s)) ** 2
+        err = max(err, float(s.sub_(x).abs_().max()))
+    return sq, err
 
 
 def _slow_path(
