@@ -269,9 +269,11 @@ def test_shards_index_and_merge_object(world):
 
 
 @pytest.mark.parametrize("method,kw,checkpoint", [
-    ("ties", {}, False),  # sliced reads: hashed on a thread
-    ("ties", {"scope": "tensor"}, True),  # whole tensors: hashed by the readers as they read
+    ("ties", {}, False),  # sliced reads: hashed as streamed
+    ("ties", {}, True),
+    ("ties", {"scope": "tensor"}, True),  # whole tensors: hashed as streamed, rows in parallel
     ("sum", {}, True),
+    ("magnitude", {"density": 0.5}, True),  # not stacked: the checkpoint hashed on a thread
 ])
 def test_base_hashed_while_merging_gives_the_same_bytes(world, method, kw, checkpoint):
     tmp, store, base, taus = world

@@ -136,26 +136,36 @@ class FingerprintCache:
         except OSError:
             return None
 
-    def apply(self, reader) -> bool:
-        """Give `reader` its cached fingerprint (True) if the files are unchanged."""
+    def get(self, reader) -> str | None:
+        """The cached fingerprint of `reader`'s files if they are unchanged, else None."""
         entry = self._entry(reader)
-        if entry is None or getattr(reader, "_fingerprint", None) is not None:
-            return False
+        if entry is None:
+            return None
         try:
             fp = entry.read_text().strip()
         except OSError:
-            return False
+            return None
         if len(fp) != 64 or any(c not in "0123456789abcdef" for c in fp):
+            return None
+        return fp
+
+    def apply(self, reader) -> bool:
+        """Give `reader` its cached fingerprint (True) if the files are unchanged."""
+        if getattr(reader, "_fingerprint", None) is not None:
+            return False
+        fp = self.get(reader)
+        if fp is None:
             return False
         reader._fingerprint = fp
         return True
 
-    def put(self, reader) -> None:
+    def put(self, reader, fingerprint: str | None = None) -> None:
+        """Cache `fingerprint` (default: the one `reader` knows) for its files as they are."""
         import contextlib
         import os
         import uuid
 
-        fp = getattr(reader, "_fingerprint", None)
+        fp = fingerprint or getattr(reader, "_fingerprint", None)
         entry = self._entry(reader)
         if not fp or entry is None:
             return

@@ -20,6 +20,7 @@ from typing import IO
 
 WRITEBACK_EVERY = 32 << 20  # bytes between writeback hints
 SLICE = 1 << 19  # bytes written and hashed together
+WRITE_CHUNK = 4 << 20  # bytes per write call when not hashed
 
 
 def _sync_file_range():
@@ -66,10 +67,11 @@ class WriteBehind:
             self._fd = None
 
     def _do(self, data: memoryview | bytes) -> None:
-        if self._hash is None:
-            self._f.write(data)
-            return
         view = memoryview(data).cast("B")
+        if self._hash is None:
+            for lo in range(0, len(view), WRITE_CHUNK):  # big writes of cold memory: slower
+                self._f.write(view[lo: lo + WRITE_CHUNK])
+            return
         for lo in range(0, len(view), SLICE):  # each slice hashed while it is in the cache
             piece = view[lo: lo + SLICE]
             self._f.write(piece)

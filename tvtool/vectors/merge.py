@@ -16,13 +16,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tvtool.checkpoints.fingerprint import FingerprintCache
+from tvtool.checkpoints.prefetch import WriteBehind
 from tvtool.checkpoints.readers import open_checkpoint
 from tvtool.checkpoints.writer import atomic_output, build_header
 from tvtool.errors import TvtoolError
 from tvtool.store.store import Store
 from tvtool.vectors.merge_plan import MergePlan, PlannedTerm, plan_merge
 from tvtool.vectors.merge_rows import single_threaded
-from tvtool.vectors.merge_stream import MergeInputs, Progress, keep_freed_memory, write_bytes
+from tvtool.vectors.merge_stream import MergeInputs, Progress, keep_freed_memory, tensor_bytes
 from tvtool.vectors.recipe import index_document
 from tvtool.vectors.resize import pieces
 
@@ -43,11 +44,12 @@ def _noop(stage: str, done: int, total: int) -> None:
 
 
 def execute_merge(store: Store, plan: MergePlan, progress: Progress = _noop) -> MergeResult:
-    """Stream the merged checkpoint to disk, then record the recipe in the store. Fingerprints
-    the plan did not compute come from the readers, which hash what they read (whole-tensor
-    reads), or, for sliced reads, from a thread that hashes the inputs meanwhile; the headers,
-    written first with placeholders of the same length, are rewritten before the files are
-    renamed into place."""
+    """Stream the merged checkpoint to disk (written behind, `WriteBehind`), then record the
+    recipe in the store. Fingerprints the plan did not compute come from the cache (files
+    unchanged), else from the bytes the merge streams (`merge_digests`; torch-format inputs:
+    the readers hash what they read; a method that is not `stacked`: a thread hashes the
+    checkpoint terms meanwhile); the headers, written first with placeholders of the same
+    length, are rewritten before the files are renamed into place."""
     t0 = time.perf_counter()
     force = plan.request.force
     keep_freed_memory()
@@ -57,14 +59,16 @@ def execute_merge(store: Store, plan: MergePlan, progress: Progress = _noop) -> 
     with ExitStack() as stack:
         inputs = MergeInputs(stack, store, plan)
         stack.enter_context(single_threaded())  # parallel by explicit threads instead
-        readers = _cached_fingerprints(plan, inputs, cache)
+        base_fp = plan.fingerprint or cache.get(inputs.base)  # unchanged files: not rehashed
+        for t, v in zip(plan.terms, inputs.vecs, strict=True):
+            if t.checkpoint is not None and not t.fingerprint:
+                t.fingerprint = cache.get(v)
         hashing = None
-        if not plan.hashed and inputs.slices is not None:  # slices bypass the readers' hashing:
-            if plan.fingerprint is None and inputs.base._fingerprint is None:
-                inputs.base_digests = {}  # the base: hashed while it is read
-            if any(t.checkpoint is not None and not t.fingerprint for t in plan.terms):
-                pool = stack.enter_context(ThreadPoolExecutor(1))  # checkpoint terms: meanwhile
-                hashing = pool.submit(_hash_terms, plan)
+        if not plan.hashed:  # hashed from the bytes the merge streams (`merge_digests`)
+            left = inputs.stream_hashing(base_fp is None)
+            if left and inputs.slices is not None:  # slices bypass the readers' own hashing
+                pool = stack.enter_context(ThreadPoolExecutor(1))  # so: meanwhile, on a thread
+                hashing = pool.submit(_hash_terms, plan, left)
         if plan.method.global_density(plan.params) is not None:
             inputs.thresholds(progress)
         done = 0
@@ -72,32 +76,33 @@ def execute_merge(store: Store, plan: MergePlan, progress: Progress = _noop) -> 
         for path, specs in plan.files:
             f = stack.enter_context(atomic_output(path, force=force))
             written.append((f, specs, f.write(build_header(specs, plan.metadata))))
+            out = WriteBehind(f, hashed=False)  # pieces come from `inputs.ring` or are fresh
+            stack.callback(out.close)
             for spec in specs:
                 key = replace(spec, name=plan.key_of.get(spec.name, spec.name))
                 parts = pieces(inputs, plan.grown, key)  # a grown vocabulary: rows appended
-                size = sum(write_bytes(f, piece.to(spec.dtype)) for piece in parts)
+                size = sum(out.write(tensor_bytes(piece.to(spec.dtype))) for piece in parts)
                 if size != spec.nbytes:  # pragma: no cover - pieces cover the tensor exactly
                     raise TvtoolError(f"internal error: {spec.name} wrote {size} bytes")
                 done += 1
                 progress("merge", done, len(plan.specs))
+            out.wait()  # every byte written (a write's error raised here), before the header
         if not plan.hashed:  # the real headers once the fingerprints are known
             if hashing is not None:
                 hashing.result()
-            fp = plan.fingerprint or inputs.base_fingerprint()
-            if fp is not None:
-                inputs.base._fingerprint = fp  # kept for the cache
-            plan.finalize(fp or inputs.fingerprints())
+            inputs.streamed_fingerprints()
+            base_fp = base_fp or inputs.base_fingerprint()
+            plan.finalize(inputs.fingerprints(base_fp))
             for f, specs, header_size in written:
                 header = build_header(specs, plan.metadata)
                 if len(header) != header_size:  # pragma: no cover - digests have fixed lengths
                     raise TvtoolError("internal error: the final header changed size")
                 f.seek(0)
                 f.write(header)
+        cache.put(inputs.base, plan.fingerprint)
         for t, v in zip(plan.terms, inputs.vecs, strict=True):
-            if t.checkpoint is not None and t.fingerprint and v._fingerprint is None:
-                v._fingerprint = t.fingerprint  # hashed by another reader: cache it too
-        for r in readers:
-            cache.put(r)
+            if t.checkpoint is not None:
+                cache.put(v, t.fingerprint)
     if plan.index is not None:
         with atomic_output(plan.index, force=force) as f:
             f.write(index_document(plan.files, plan.metadata))
@@ -134,21 +139,9 @@ def execute_merge(store: Store, plan: MergePlan, progress: Progress = _noop) -> 
     )
 
 
-def _cached_fingerprints(plan: MergePlan, inputs: MergeInputs, cache: FingerprintCache) -> list:
-    """Take the base's and checkpoint terms' fingerprints from the cache where their files are
-    unchanged; returns the readers whose fingerprints are to be cached afterwards."""
-    readers = [inputs.base] + [v for v, c in zip(inputs.vecs, inputs.is_ckpt, strict=True) if c]
-    if plan.fingerprint is None:
-        cache.apply(inputs.base)
-    for t, v in zip(plan.terms, inputs.vecs, strict=True):
-        if t.checkpoint is not None and not t.fingerprint and cache.apply(v):
-            t.fingerprint = v.fingerprint()
-    return readers
-
-
-def _hash_terms(plan: MergePlan) -> None:
-    """sha256 of every checkpoint term not hashed yet (on a thread, while merging)."""
-    for t in plan.terms:
+def _hash_terms(plan: MergePlan, ids: list[int]) -> None:
+    """sha256 of the checkpoint terms `ids` (on a thread, while merging)."""
+    for t in (plan.terms[i] for i in ids):
         if t.checkpoint is not None and not t.fingerprint:
             with open_checkpoint(t.checkpoint) as r:
                 t.fingerprint = r.fingerprint()

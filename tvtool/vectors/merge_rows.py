@@ -16,6 +16,7 @@ Vectors are spread over `workers()` Python threads (numpy, torch and preadv rele
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -23,8 +24,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from tvtool.vectors.merge_digests import feed
 from tvtool.vectors.methods.base import TensorInfo
-from tvtool.vectors.methods.topk import SAMPLE, BandKth, KthLargest, topk_count
+from tvtool.vectors.methods.topk import SAMPLE, BandKth, KthLargest, topk_count, topk_rule
 
 if TYPE_CHECKING:
     from tvtool.vectors.merge_stream import MergeInputs, Progress, SliceReader
@@ -127,12 +129,24 @@ def _buffer(held: list, j: int, n: int, dtype: torch.dtype) -> torch.Tensor:
     return buf[:n]
 
 
+def _term_hashes(inp: MergeInputs, key: str, ids: list[int], raws, cdt) -> list:
+    """Per stacked row: the sha256 to feed with the term's raw bytes of `key` (a checkpoint
+    term hashed while streaming, its bytes read straight into the row), else None."""
+    out = []
+    for i in ids:
+        d, raw = inp.term_digests[i], raws[i] if i < len(raws) else None
+        out.append(d.new(key) if d is not None and raw is not None and raw.dtype(key) == cdt
+                   else None)
+    return out
+
+
 def stacked_pieces(
     inp: MergeInputs, key: str, ids: list[int], n: int, base_hash: hashlib._Hash | None
 ) -> Iterator[torch.Tensor]:
     """The output of a touched key, slice by slice, for a `stacked` method (see the module):
     slice j + 1 is read (and the base's bytes hashed) on the reader thread while slice j is
-    computed, into the other of two buffer sets."""
+    computed, into the other of two buffer sets. Checkpoint terms hashed while streaming
+    (`merge_digests`): the reader thread hashes the first half of them, this thread the rest."""
     cdt = inp.cdtype(key)
     meta = inp.base.meta(key)
     info = TensorInfo(key, tuple(meta.shape))
@@ -140,20 +154,25 @@ def stacked_pieces(
     weights = [inp.states[i].weight for i in ids]
     ckpt = any(inp.is_ckpt[i] for i in ids)
     direct = cdt == torch.float32 or not ckpt  # else: float32 differences, as `extract`
+    hs = _term_hashes(inp, key, ids, inp.vec_slices, cdt) if direct else [None] * len(ids)
+    hashed = [r for r, h in enumerate(hs) if h is not None]
+    mine = hashed[: (len(hashed) + 1) // 2] if inp.reader_pool is not None else hashed
+    later = [r for r in hashed if r not in mine]
     step = span(len(ids), inp.chunk)
     bounds = [(lo, min(n, lo + step)) for lo in range(0, n, step)]
 
     def load(j: int) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = bounds[j]
-        b = inp.slices.read_into(key, lo, hi, _buffer(inp.base_bufs, j, hi - lo, meta.dtype))
-        if base_hash is not None:
-            base_hash.update(memoryview(b.view(torch.uint8).numpy()))
+        b = inp.slices.read_into(key, lo, hi, inp.ring.slot(hi - lo, meta.dtype))
+        feed(base_hash, b)
         x = _buffer(inp.stack_bufs, j, len(ids) * (hi - lo), cdt).view(len(ids), hi - lo)
         for r, i in enumerate(ids):
             if direct:
                 inp.vec_slices[i].read_into(key, lo, hi, x[r])
             else:
                 x[r].copy_(inp.term_slice(i, key, lo, hi, inp.slices))
+        for r in mine:
+            feed(hs[r], x[r])
         return b, x
 
     pool = inp.reader_pool
@@ -164,6 +183,8 @@ def stacked_pieces(
         else:
             b, x = (ahead or pool.submit(load, j)).result()
             ahead = pool.submit(load, j + 1) if j + 1 < len(bounds) else None
+        for r in later:
+            feed(hs[r], x[r])
         if ckpt and direct:
             b32 = b if b.dtype == torch.float32 else b.to(torch.float32)
             for r, i in enumerate(ids):
@@ -171,3 +192,88 @@ def stacked_pieces(
                     x[r].sub_(b32)
         acc = b.to(cdt)
         yield inp.m.combine_rows(acc, x, rules, weights, inp.plan.scale, inp.p, info)
+
+
+_scratch = threading.local()
+
+
+def _abs32(row: torch.Tensor) -> torch.Tensor:
+    """|row| as float32, in this thread's reused scratch buffer."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < row.numel():
+        buf = _scratch.buf = torch.empty(row.numel(), dtype=torch.float32)
+    return torch.abs(row, out=buf[: row.numel()]) if row.dtype == torch.float32 else \
+        buf[: row.numel()].copy_(row).abs_()
+
+
+def whole_rows(
+    inp: MergeInputs,
+    key: str,
+    ids: list[int],
+    n: int,
+    base_hash: hashlib._Hash | None,
+    acc: torch.Tensor | None = None,
+    base32: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A `stacked` method on whole tensors (per-tensor top-k): the terms stacked [T, n] in one
+    reused buffer, each row read straight into it by positioned reads (hashed there when
+    streamed hashing is on), minus the base for a checkpoint, and its trim rule (the global
+    one, or this tensor's top-k), rows spread over `inp.pool`; then `combine_rows` over
+    cache-sized column slices (the two column halves in parallel unless a rule keeps only
+    some of its ties, which must be taken in index order). `acc`/`base32`: the base as read
+    by a torch-format reader (then every row comes from `_tau`)."""
+    cdt = inp.cdtype(key)
+    info = TensorInfo(key, tuple(inp.base.meta(key).shape))
+    if acc is None:
+        b = inp.rows_base.read_into(key, 0, n, inp.ring.slot(n, inp.base.meta(key).dtype))
+        feed(base_hash, b)
+        ckpt = any(inp.is_ckpt[i] for i in ids)
+        base32 = b if b.dtype == torch.float32 or not ckpt else b.to(torch.float32)
+        acc = b.to(cdt)
+    x = _buffer(inp.stack_bufs, 0, len(ids) * n, cdt).view(len(ids), n)
+    hs = _term_hashes(inp, key, ids, inp.rows_vecs, cdt)
+    density = inp.m.density(inp.p)
+    k = topk_count(n, density) if density is not None else 0
+    rules = [inp.states[i].topk for i in ids]
+
+    def row(r: int) -> None:
+        i = ids[r]
+        raw = inp.rows_vecs[i] if i < len(inp.rows_vecs) else None
+        if raw is not None and (raw.dtype(key) == cdt or not inp.is_ckpt[i]):
+            raw.read_into(key, 0, n, x[r])
+            feed(hs[r], x[r])
+            if inp.is_ckpt[i]:
+                x[r].sub_(base32)
+        else:
+            x[r].copy_(inp._tau(i, key, base32))
+        if density is not None:
+            rules[r] = topk_rule(_abs32(x[r]), k)
+
+    _run(inp, row, range(len(ids)))
+    if inp.m.global_density(inp.p) is None and density is None:
+        rules = None
+    weights = [inp.states[i].weight for i in ids]
+    step = span(len(ids), inp.chunk)
+    bounds = [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+
+    def columns(part: list[tuple[int, int]]) -> None:
+        for lo, hi in part:
+            inp.m.combine_rows(acc[lo:hi], x[:, lo:hi], rules, weights, inp.plan.scale, inp.p,
+                               info)
+
+    ordered = rules is not None and any(r is not None and r.ordered for r in rules)
+    half = (len(bounds) + 1) // 2
+    parts = [bounds] if ordered or inp.pool is None else [bounds[:half], bounds[half:]]
+    _run(inp, columns, parts)
+    return acc
+
+
+def _run(inp: MergeInputs, fn, items) -> None:
+    """fn over items, on `inp.pool` when there is one (errors raised here)."""
+    items = list(items)
+    if inp.pool is None or len(items) < 2:
+        for it in items:
+            fn(it)
+        return
+    for f in [inp.pool.submit(fn, it) for it in items]:
+        f.result()

@@ -17,18 +17,15 @@ reads one tensor at a time).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
-from typing import IO
 
 import torch
 
-from tvtool.checkpoints.fingerprint import content_fingerprint
 from tvtool.checkpoints.keymaps import align_vector
 from tvtool.checkpoints.readers import (
     CheckpointReader,
@@ -42,10 +39,11 @@ from tvtool.errors import TvtoolError
 from tvtool.store.store import Store
 from tvtool.vectors import stored
 from tvtool.vectors.blocks import CoefsLayout, coef_for_key
+from tvtool.vectors.merge_digests import StreamDigests, feed
 from tvtool.vectors.merge_plan import MergePlan
-from tvtool.vectors.merge_rows import band_thresholds, span, stacked_pieces, workers
+from tvtool.vectors.merge_rows import band_thresholds, stacked_pieces, whole_rows, workers
 from tvtool.vectors.methods.base import TensorInfo, TermState
-from tvtool.vectors.methods.topk import KthLargest, topk_count, topk_rule
+from tvtool.vectors.methods.topk import KthLargest, topk_count
 from tvtool.vectors.stored import open_tensor_object
 
 CHUNK = 1 << 18  # elements per slice: 1 MB of float32
@@ -69,13 +67,29 @@ def keep_freed_memory() -> None:
         pass
 
 
-def write_bytes(f: IO[bytes], t: torch.Tensor) -> int:
-    """Write a tensor's bytes 1 MB at a time (big single writes of cold tensors measured
-    several times slower here); returns the byte count."""
-    view = memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B")
-    for i in range(0, len(view), 1 << 20):
-        f.write(view[i : i + (1 << 20)])
-    return len(view)
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A tensor's bytes (row-major), as a flat memoryview that keeps the tensor alive."""
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
+class Ring:
+    """`RING` reused output buffers, handed out in turn: a piece written behind the caller's
+    back (`prefetch.WriteBehind`, depth 1) stays intact while the next two are filled."""
+
+    RING = 3
+
+    def __init__(self) -> None:
+        self._bufs: list[torch.Tensor | None] = [None] * self.RING
+        self._turn = 0
+
+    def slot(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """The next buffer's first n elements, as `dtype` (grown as needed)."""
+        self._turn = (self._turn + 1) % self.RING
+        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        buf = self._bufs[self._turn]
+        if buf is None or buf.numel() < nbytes:
+            buf = self._bufs[self._turn] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        return buf[:nbytes].view(dtype)
 
 
 class SliceReader:
@@ -105,6 +119,10 @@ class SliceReader:
 
     def __contains__(self, key: str) -> bool:
         return key in self._index
+
+    def dtype(self, key: str) -> torch.dtype:
+        i, raw = self._index[key]
+        return self._files[i].dtype(raw)
 
     def read(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Elements [start, stop) of tensor `key`, flattened row-major, as a 1-D tensor that
@@ -187,9 +205,20 @@ class MergeInputs:
             if any(r is None for r in self.vec_slices):  # a torch-format checkpoint term
                 self.slices.close()
                 self.slices = None
+        self.rows_base: SliceReader | None = None  # whole `stacked` tensors: positioned reads
+        self.rows_vecs: list[SliceReader | None] = []
+        if self.slices is None and self.m.stacked(self.p):
+            self.rows_base = SliceReader.of(self.base, stored=False)
+            if self.rows_base is not None:
+                stack.callback(self.rows_base.close)
+                for v, ckpt in zip(self.vecs, self.is_ckpt, strict=True):
+                    r = SliceReader.of(v, stored=not ckpt)
+                    self.rows_vecs.append(r)
+                    if r is not None:
+                        stack.callback(r.close)
         self.chunk = CHUNK
         self.stacked = self.m.stacked(self.p)
-        self.base_bufs: list[torch.Tensor | None] = [None, None]
+        self.ring = Ring()  # output slices (base dtype), written behind
         self.stack_bufs: list[torch.Tensor | None] = [None, None]
         self.workers = workers()
         self.reader_pool: ThreadPoolExecutor | None = None
@@ -197,15 +226,48 @@ class MergeInputs:
             self.reader_pool = stack.enter_context(
                 ThreadPoolExecutor(1, thread_name_prefix="tvtool-read")
             )
-        self.base_digests: dict[str, str] | None = None  # set: hash the base while reading it
+        self.pool: ThreadPoolExecutor | None = None  # whole `stacked` tensors: rows in parallel
+        if self.rows_base is not None and self.workers > 1:
+            self.pool = stack.enter_context(
+                ThreadPoolExecutor(self.workers, thread_name_prefix="tvtool-rows")
+            )
+        # set by `stream_hashing`: sha256 of what is streamed (`merge_digests`)
+        self.base_digests: StreamDigests | None = None
+        self.term_digests: list[StreamDigests | None] = [None] * len(plan.terms)
 
-    def fingerprints(self) -> str:
-        """Fill in the checkpoint terms' fingerprints and return the base's, from the open
-        readers (tensors they read were hashed as read; only the others are read now)."""
+    def stream_hashing(self, base: bool) -> list[int]:
+        """Hash the base (with `base`) and the checkpoint terms not yet fingerprinted from the
+        bytes this merge streams, where its path reads them raw; returns the terms left to
+        hash otherwise (their indices)."""
+        base_raw = self.slices if self.slices is not None else self.rows_base
+        if base and base_raw is not None:
+            self.base_digests = StreamDigests()
+        raws = self.vec_slices if self.slices is not None else self.rows_vecs
+        left = []
+        for i, t in enumerate(self.plan.terms):
+            if t.checkpoint is None or t.fingerprint:
+                continue
+            if self.stacked and i < len(raws) and raws[i] is not None:
+                self.term_digests[i] = StreamDigests()
+            else:
+                left.append(i)
+        return left
+
+    def streamed_fingerprints(self) -> None:
+        """Fill in the fingerprints of the terms hashed while streaming."""
+        raws = self.vec_slices if self.slices is not None else self.rows_vecs
+        for t, v, d, raw in zip(self.plan.terms, self.vecs, self.term_digests, raws, strict=False):
+            if d is not None:
+                t.fingerprint = d.fingerprint(v, raw)
+
+    def fingerprints(self, base: str | None) -> str:
+        """Fill in the checkpoint terms' fingerprints still missing and return the base's
+        (`base` when known), from the open readers (tensors they read were hashed as read;
+        only the others are read now)."""
         for t, v in zip(self.plan.terms, self.vecs, strict=True):
             if t.checkpoint is not None and not t.fingerprint:
                 t.fingerprint = v.fingerprint()
-        return self.plan.fingerprint or self.base.fingerprint()
+        return base or self.base.fingerprint()
 
     def base_slices(self) -> SliceReader | None:
         """A new slice reader of the base (one per thread; the caller closes it)."""
@@ -322,11 +384,24 @@ class MergeInputs:
             n *= s
         cdt = self.cdtype(key) if ids else None
         coefs = [self._coef(i, spec, cdt) for i in ids] if ids and self.coefs is not None else None
-        if self.slices is None:
+        if self.slices is None and self.rows_base is not None:
+            h = self.base_digests.new(key) if self.base_digests is not None else None
+            if ids and coefs is None and not self.m.weighted_sum(self.p):
+                yield whole_rows(self, key, ids, n, h)
+                return
+            raw_dtype = self.base.meta(key).dtype
+            tensor = self.rows_base.read_into(key, 0, n, self.ring.slot(n, raw_dtype))
+            feed(h, tensor)
+            if not ids:
+                yield tensor  # copied as read (bit for bit unless --dtype casts it)
+                return
+            tensor = tensor.view(spec.shape)
+        elif self.slices is None:
             tensor = self.base.get(key)
             if not ids:
                 yield tensor  # copied as read (bit for bit unless --dtype casts it)
                 return
+        if self.slices is None:
             ckpt = any(self.is_ckpt[i] for i in ids)
             base32 = tensor.to(torch.float32, copy=True).reshape(-1) if ckpt else None
             owned = isinstance(self.base, SafetensorsReader)  # its reads are fresh tensors
@@ -336,25 +411,22 @@ class MergeInputs:
                 else tensor.to(cdt, copy=True).reshape(-1)
             )
             if self.stacked and coefs is None and not self.m.weighted_sum(self.p):
-                yield self._whole_rows(ids, acc, base32, info, n)  # (a sum: one term at a time)
+                yield whole_rows(self, key, ids, n, None, acc, base32)  # torch-format inputs
                 return
             yield self._combine(
                 ids, acc, lambda i: self._tau(i, key, base32), lambda i: self._mask(i, key),
                 coefs, info, 0, n,
             )
             return
-        h = None
-        if self.base_digests is not None:
-            h = hashlib.sha256()
-            self.base_digests[key] = h  # type: ignore[assignment] - hexdigest() at the end
+        h = self.base_digests.new(key) if self.base_digests is not None else None
         if ids and self.stacked and coefs is None:
             yield from stacked_pieces(self, key, ids, n, h)
             return
+        dtype = self.base.meta(key).dtype
         for lo in range(0, n, self.chunk):
             hi = min(n, lo + self.chunk)
-            acc = self.slices.read(key, lo, hi)
-            if h is not None:
-                h.update(memoryview(acc.view(torch.uint8).numpy()))
+            acc = self.slices.read_into(key, lo, hi, self.ring.slot(hi - lo, dtype))
+            feed(h, acc)
             if not ids:
                 yield acc
                 continue
@@ -371,44 +443,10 @@ class MergeInputs:
 
             yield self._combine(ids, acc, part, mask_of, coefs, info, lo, hi)
 
-    def _whole_rows(
-        self, ids: list[int], acc: torch.Tensor, base32, info: TensorInfo, n: int
-    ) -> torch.Tensor:
-        """A `stacked` method on whole tensors: the terms stacked [T, n], each row's trim rule
-        (the global one, or this tensor's top-k), then `combine_rows` over cache-sized column
-        slices."""
-        x = torch.empty(len(ids), n, dtype=acc.dtype)
-        for r, i in enumerate(ids):
-            x[r] = self._tau(i, info.key, base32)
-        density = self.m.density(self.p)
-        if self.m.global_density(self.p) is not None:
-            rules = [self.states[i].topk for i in ids]
-        elif density is None:
-            rules = None
-        else:
-            k = topk_count(n, density)
-            rules = [topk_rule(row.abs().to(torch.float32), k) for row in x]
-        weights = [self.states[i].weight for i in ids]
-        step = span(len(ids), self.chunk)
-        for lo in range(0, n, step):
-            hi = min(n, lo + step)
-            self.m.combine_rows(
-                acc[lo:hi], x[:, lo:hi], rules, weights, self.plan.scale, self.p, info
-            )
-        return acc
-
     def base_fingerprint(self) -> str | None:
         """The base's content fingerprint from the digests taken while reading it (None when
         it was not hashed so)."""
         if self.base_digests is None:
             return None
-        keys = self.base.keys()
-        if set(self.base_digests) != set(keys):  # pragma: no cover - every key is written
-            return None
-        return content_fingerprint(
-            {
-                k: (self.base.meta(k).dtype, tuple(self.base.meta(k).shape),
-                    self.base_digests[k].hexdigest())
-                for k in keys
-            }
-        )
+        raw = self.slices if self.slices is not None else self.rows_base
+        return self.base_digests.fingerprint(self.base, raw)

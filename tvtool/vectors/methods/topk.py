@@ -61,7 +61,7 @@ def topk_rule(a: torch.Tensor, k: int) -> GlobalTopK:
         v = torch.kthvalue(flat, n - k + 1).values
         above, equal = int((flat > v).sum()), int((flat == v).sum())
         return GlobalTopK(value=float(v), ties=k - above, equal=equal)
-    step = max(1, min(16, n // TENSOR_SAMPLE))  # a sixteenth, or TENSOR_SAMPLE of a smaller one
+    step = max(1, n // TENSOR_SAMPLE)  # TENSOR_SAMPLE to 2x: the band is as narrow in ranks
     band = BandKth(k, n, flat[step // 2 :: step].contiguous(), exact=step == 1)
     for lo in range(0, n, 1 << 20):
         band.add(flat[lo : lo + (1 << 20)])
@@ -82,7 +82,7 @@ def topk_mask(a: torch.Tensor, k: int) -> torch.Tensor:
 
 _KTHVALUE_MAX = 1 << 17  # below this size kthvalue is faster (measured on CPU)
 SAMPLE = 1 << 20  # magnitudes sampled to place BandKth's band (a vector)
-TENSOR_SAMPLE = 1 << 16  # (one tensor: at least this many, or a sixteenth of it)
+TENSOR_SAMPLE = 1 << 16  # (one tensor: this many to twice as many)
 
 
 @dataclass
