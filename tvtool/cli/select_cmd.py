@@ -9,6 +9,7 @@ import typer
 from tvtool.cli.learn_options import BatchOpt, learn_fields, learn_options
 from tvtool.cli.model_options import model_options
 from tvtool.cli.options import VectorsArg, output_options, with_options
+from tvtool.compose.registry import SCORES
 
 if TYPE_CHECKING:
     from tvtool.compose.reports import MasksReport, SelectionReport, SelectReport
@@ -17,9 +18,7 @@ ScoreOpt = Annotated[
     str,
     typer.Option(
         "--score",
-        help="grad: |dL/dLambda| per (vector, block); fisher: sum over batches of "
-        "(dL/dLambda)^2 (disagreeing batches do not cancel); importance: |tau * grad| per "
-        "element (masks); norm: data-free |tau|.",
+        help="; ".join(f"{s.name}: {s.summary}" for s in SCORES.values()) + ".",
     ),
 ]
 TopOpt = Annotated[
@@ -126,7 +125,10 @@ def select_command(
     """Score which task VECTORS matter in which blocks for the --data, and keep the best.
 
     grad (default): s[t, block] = |dL/dLambda| at Lambda = 0 -> a `selection` for
-    `compose --selection` (--top N per block, or --budget-mb M). importance: |tau * dL/dtheta|
+    `compose --selection` (--top N per block, or --budget-mb M). fisher: sum over batches of
+    (dL/dLambda)^2; fisher-unit: that / ||tau_block||^2, the Fisher along each vector's unit
+    direction (a learned coefficient absorbs tau's scale, so size alone does not win a block).
+    importance: |tau * dL/dtheta|
     per element -> one `mask` per vector for `merge --method mask` (--density d). norm: data-free
     |tau| (selection with --top/--budget-mb, masks with --density; no model needed).
     """

@@ -96,6 +96,8 @@ SCORES: dict[str, Score] = {
         Score("grad", "|dL/dLambda| per (vector, block) at Lambda = 0", True, True, False),
         Score("fisher", "sum over batches of (dL/dLambda)^2 (disagreeing batches add up)", True,
               True, False),
+        Score("fisher-unit", "fisher / ||tau_block||^2: the Fisher along tau's unit direction "
+              "(scale-free)", True, True, False),
         Score("importance", "|tau * dL/dtheta| per element", True, False, True, True),
         Score("norm", "data-free |tau| (pairs by block norm, masks by magnitude)", False, True,
               True),

@@ -8,6 +8,9 @@ streamed from the store one tensor at a time (none is put on the device):
               (the chain rule through theta_k = theta_0,k + Lambda[t, b] tau_t,k);
 * fisher:     s[t, b] = sum_j (dL_j/dLambda[t, b])^2 over batches j (the empirical Fisher
               diagonal of the coefficients): batches that disagree in sign do not cancel;
+* fisher-unit: s[t, b] = fisher / ||tau_t,b||^2 = sum_j <G_j,b, tau_t,b / ||tau_t,b||>^2, the
+              empirical Fisher along the unit direction of tau_t,b: scale-free, so a large vector
+              does not win every block by its size alone (Lambda absorbs any scale);
 * importance: I_t = |tau_t ⊙ G| element-wise (first-order Taylor estimate of the loss change
               when tau_t's element is dropped), top `density` of each vector kept as a mask;
 * norm:       data-free, s[t, b] = ||tau_t,b||_2 for selections, |tau_t| for masks.
@@ -138,6 +141,22 @@ def fisher_scores(
     for grads, m, _ in batch_gradients(clip, plan, objective, datasets, batch_size, on_batch):
         out += pair_dots(store, plan, blocks, {p: g / m for p, g in grads.items()}).pow(2)
     return out
+
+
+def fisher_unit_scores(fisher: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """[T, B] fisher[t, b] / ||tau_t,b||^2 (0 where tau_t,b = 0): the expected squared
+    directional derivative of the batch loss along the unit vector u = tau_t,b / ||tau_t,b||,
+    sum_j <dL_j/dtheta_b, u>^2.
+
+    Why: theta_b = theta_0,b + Lambda[t, b] tau_t,b, so dL_j/dLambda = <G_j,b, tau_t,b> grows
+    with ||tau_t,b|| and `fisher` grows with its square. A learned coefficient absorbs any scale
+    (c tau with Lambda / c is the same model), so the size of tau says nothing about whether its
+    direction helps; `fisher` alone keeps the largest vectors in most blocks. Per unit norm, the
+    score is the loss's sensitivity to the direction: with curvature c I along it, the loss
+    decrease of the best step on Lambda[t, b] alone is <G, u>^2 / (2 c), the same for every
+    vector's scale (one batch; summed over batches, the Fisher form)."""
+    sq = norms.pow(2)
+    return torch.where(sq > 0, fisher / sq.clamp_min(1e-300), torch.zeros_like(fisher))
 
 
 def _vector_tensors(store: Store, plan: BankPlan, t: int):

@@ -25,6 +25,7 @@ from tvtool.compose.select import (
     base_gradient,
     element_masks,
     fisher_scores,
+    fisher_unit_scores,
     grad_scores,
     keep_budget,
     keep_top,
@@ -90,12 +91,15 @@ def run_select(
             )
             sets.append((t.folder, t.train_idx, t.labels, t.head))
             data_info.append(DataInfo(name=t.name, **t.info))
-        if opts.score == "fisher":  # scored per batch once the blocks are known
+        if opts.score in ("fisher", "fisher-unit"):  # scored per batch once blocks are known
 
             def fisher(blocks):
-                return fisher_scores(
+                s = fisher_scores(
                     store, plan, blocks, clip, objective, sets, opts.batch_size, on_batch
                 )
+                if opts.score == "fisher-unit":
+                    s = fisher_unit_scores(s, norm_scores(store, plan, blocks))
+                return s
         else:
             grads = base_gradient(clip, plan, objective, sets, opts.batch_size, on_batch)
     common: dict[str, Any] = {
