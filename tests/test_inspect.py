@@ -249,7 +249,8 @@ def test_subprocess_json(three, run_tvtool) -> None:
     assert doc["vectors"][0]["blocks"][0].keys() >= {"name", "numel", "l2"}
 
 
-def test_chunked_pass_matches_float64(monkeypatch) -> None:
+@pytest.mark.parametrize("pair_block", [1 << 20, 5])  # pairwise counts in one block, by rows
+def test_chunked_pass_matches_float64(monkeypatch, pair_block: int) -> None:
     """Many ragged column chunks (some with zeros, some without), half-precision rows, a key
     one vector lacks: norms, zeros, max |x|, cosines and sign agreement against float64."""
     from tvtool.vectors import gram
@@ -257,6 +258,7 @@ def test_chunked_pass_matches_float64(monkeypatch) -> None:
 
     monkeypatch.setattr(gram, "CHUNK", 7)  # products of 7 columns in slices of 16
     monkeypatch.setattr(gram, "SLICE", 16)
+    monkeypatch.setattr(gram, "PAIR_BLOCK", pair_block)
 
     vs = [vec(1, sparse=0.4), vec(2, drop="c.weight"), vec(3)]
     vs[2] = {k: v.half() for k, v in vs[2].items()}

@@ -15,8 +15,9 @@ the cost of a float64 product.
 Sign agreement: exact integer counts from packed sign bits s and nonzero bits nz:
     opposite(a, b) = popcount((s_a XOR s_b) AND nz_a AND nz_b)
     both(a, b) = popcount(nz_a AND nz_b),  agree = both - 2 * opposite  (#same - #opposite)
-(nz only enters when a key has zeros). One bit per element: ~8x cheaper than a product of
-float signs. Nonzero counts are popcounts of nz (numpy's float count holds the GIL).
+(nz only enters where a slice has zeros), counted slice by slice while the bits are in the
+cache. One bit per element: ~8x cheaper than a product of float signs. Nonzero counts are
+popcounts of nz (numpy's float count holds the GIL).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from tvtool.errors import TvtoolError
 CHUNK = 1 << 14  # columns per float32 product (8 rows x 16384 x 4 bytes = 512 KB)
 SLICE = 1 << 16  # columns read and reduced together (rounded to whole bytes of bits)
 WORKERS = 2  # threads reading and reducing keys (one per core)
+PAD = 16  # floats after each row of a slice buffer: rows 2**k floats apart share cache sets
 
 
 @dataclass
@@ -99,16 +101,18 @@ def _whole(t: torch.Tensor) -> Fill:
 
 class _Sums:
     """Running sums of one key's rows, fed slice by slice ([r, w] float32 column slices or any
-    tiles laid out alike for every row). Each slice's bits are packed on their own (padding
-    bits 0 in sign and nonzero bits alike, so they count nowhere)."""
+    tiles laid out alike for every row). Each slice's sign and nonzero bits are packed and
+    counted pairwise at once, while they are in the cache (padding bits are 0 in both, so they
+    count nowhere); nothing per element outlives its slice."""
 
     def __init__(self, r: int, width: int, signs: bool):
         self.gram = torch.zeros(r, r, dtype=torch.float64)
         self.part = torch.empty(r, r, dtype=torch.float32)
         self.n, self.signs = 0, signs
         if signs:
-            self.sign_bits: list[np.ndarray] = []
-            self.nz_bits: list[np.ndarray] = []
+            self.opposite = np.zeros((r, r), dtype=np.int64)
+            self.both = np.zeros((r, r), dtype=np.int64)
+            self.nonzero = np.zeros(r, dtype=np.int64)
             self.max_abs = np.zeros(r, dtype=np.float32)
             self.scratch = np.empty((r, width), dtype=bool)
 
@@ -127,28 +131,26 @@ class _Sums:
         if self.scratch.shape[1] < w:
             self.scratch = np.empty((xn.shape[0], w), dtype=bool)
         scratch = self.scratch[:, :w]
-        self.sign_bits.append(np.packbits(np.signbit(xn, out=scratch), axis=1))
-        self.nz_bits.append(np.packbits(np.not_equal(xn, 0, out=scratch), axis=1))
+        sign = _words(np.packbits(np.signbit(xn, out=scratch), axis=1))
+        nz = _words(np.packbits(np.not_equal(xn, 0, out=scratch), axis=1))
+        nonzero = np.bitwise_count(nz).sum(axis=1, dtype=np.int64)
+        self.nonzero += nonzero
+        if int(nonzero.min()) == w:  # no zeros: every pair is nonzero everywhere
+            self.both += w
+            self.opposite += _popcounts(sign, None)
+        else:
+            self.both += _popcounts(nz, None, both=True)
+            self.opposite += _popcounts(sign, nz)
 
     def finish(self) -> tuple[KeySums, list[float], list[int]]:
         """(the sums, max |x| per row, nonzero count per row)."""
-        g, n, r = self.gram, self.n, self.gram.shape[0]
+        g, r = self.gram, self.gram.shape[0]
         if not self.signs:
             return KeySums(g, None, None, None), [0.0] * r, [0] * r
-        if not self.nz_bits:  # no entries at all
-            z = torch.zeros_like(g)
-            return KeySums(g, z, z.clone(), torch.zeros(r, dtype=torch.float64)), [0.0] * r, [0] * r
-        sign_bits, nz_bits = (np.concatenate(b, axis=1) for b in (self.sign_bits, self.nz_bits))
-        nonzero = np.bitwise_count(nz_bits).sum(axis=1, dtype=np.int64)
-        if int(nonzero.min()) == n:  # no zeros: every pair is nonzero everywhere
-            both = torch.full_like(g, float(n))
-            opposite = _popcounts(sign_bits, None)
-        else:
-            both = torch.from_numpy(_both(nz_bits)).to(torch.float64)
-            opposite = _popcounts(sign_bits, nz_bits)
-        agree = both - 2 * torch.from_numpy(opposite).to(torch.float64)
-        sums = KeySums(g, agree, both, torch.from_numpy(nonzero).to(torch.float64))
-        return sums, [float(m) for m in self.max_abs], [int(c) for c in nonzero]
+        both = torch.from_numpy(self.both).to(torch.float64)
+        agree = both - 2 * torch.from_numpy(self.opposite).to(torch.float64)
+        sums = KeySums(g, agree, both, torch.from_numpy(self.nonzero).to(torch.float64))
+        return sums, [float(m) for m in self.max_abs], [int(c) for c in self.nonzero]
 
 
 def tile_sums(
@@ -175,7 +177,7 @@ def _work(
         fills.append(f if f is not None else _whole(get(i, key)))
     whole = np.empty((r, n), dtype=np.float32) if keep_rows else None
     if whole is None and (getattr(local, "buf", None) is None or local.buf.shape[0] < r):
-        local.buf = np.empty((r, step), dtype=np.float32)
+        local.buf = np.empty((r, step + PAD), dtype=np.float32)
     buf = whole if whole is not None else local.buf
     sums = _Sums(r, min(step, n), signs)
     for lo in range(0, n, step):
@@ -224,32 +226,25 @@ def stream_keys(
             del current
 
 
-def _popcounts(bits: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """[r, r] int64: popcount(bits_a XOR bits_b (AND mask_a AND mask_b)); diagonal 0."""
-    r = bits.shape[0]
-    if bits.shape[1] % 8 == 0:  # whole words: 64 bits at a time
-        bits = bits.view(np.uint64)
-        mask = mask.view(np.uint64) if mask is not None else None
-    out = np.zeros((r, r), dtype=np.int64)
-    for a in range(r - 1):
-        d = np.bitwise_xor(bits[a], bits[a + 1:])
+def _words(bits: np.ndarray) -> np.ndarray:
+    """Packed bits [r, bytes] as 64-bit words where they divide evenly (8x fewer elements)."""
+    return bits.view(np.uint64) if bits.shape[1] % 8 == 0 else bits
+
+
+PAIR_BLOCK = 1 << 20  # words of the [rows, r, words] temporaries in `_popcounts`
+
+
+def _popcounts(bits: np.ndarray, mask: np.ndarray | None, both: bool = False) -> np.ndarray:
+    """[r, r] int64: popcount(bits_a XOR bits_b (AND mask_a AND mask_b)), diagonal 0; with
+    `both`, popcount(bits_a AND bits_b) instead. Rows against all rows at once, in blocks."""
+    r, words = bits.shape
+    out = np.empty((r, r), dtype=np.int64)
+    step = max(1, PAIR_BLOCK // max(1, r * words))
+    for a in range(0, r, step):
+        lo = bits[a: a + step, None, :]
+        d = np.bitwise_and(lo, bits[None]) if both else np.bitwise_xor(lo, bits[None])
         if mask is not None:
-            d &= mask[a]
-            d &= mask[a + 1:]
-        c = np.bitwise_count(d).sum(axis=1, dtype=np.int64)
-        out[a, a + 1:] = c
-        out[a + 1:, a] = c
-    return out
-
-
-def _both(mask: np.ndarray) -> np.ndarray:
-    """[r, r] int64: popcount(mask_a AND mask_b)."""
-    r = mask.shape[0]
-    if mask.shape[1] % 8 == 0:
-        mask = mask.view(np.uint64)
-    out = np.zeros((r, r), dtype=np.int64)
-    for a in range(r):
-        c = np.bitwise_count(np.bitwise_and(mask[a], mask[a:])).sum(axis=1, dtype=np.int64)
-        out[a, a:] = c
-        out[a:, a] = c
+            d &= mask[a: a + step, None, :]
+            d &= mask[None]
+        out[a: a + step] = np.bitwise_count(d).sum(axis=2, dtype=np.int64)
     return out
