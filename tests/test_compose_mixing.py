@@ -85,12 +85,16 @@ def test_cpu_half_backward_is_accurate_and_survives_tiny_and_huge_gradients(monk
     lam.requires_grad_(True)
     out = mixing.compose_stack(lam, stack, base)
     t64 = tau.double().reshape(L, N_VEC, -1)
+    gen = torch.Generator().manual_seed(2)
     for size in (1.0, 1e-12, 1e30):
-        up = size * torch.randn_like(out)
+        up = size * torch.randn(out.shape, generator=gen)
         (g,) = torch.autograd.grad(out, lam, up, retain_graph=True)
         expected = torch.einsum("lnm,lm->ln", t64, up.double().reshape(L, -1))
         assert torch.isfinite(g).all()
-        torch.testing.assert_close(g[..., 0].double(), expected, rtol=2e-3, atol=1e-3 * size)
+        # fp16 products: an error of about 1e-3 of the largest sum (fp16 rounding of the scaled
+        # gradient and of each row's result)
+        top = float(expected.abs().max())
+        torch.testing.assert_close(g[..., 0].double(), expected, rtol=2e-3, atol=3e-3 * top)
         assert g.abs().min() > 0
 
 
