@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "extract.json")
     ap.add_argument("--repeat", type=int, default=3, help="interleaved runs; the minimum counts")
     args = ap.parse_args()
+    load0 = os.getloadavg()[0]  # other work on the machine, recorded with the result
 
     from synthetic import make_finetuned, make_vit_b32_like, n_params, vit_b32_shapes
 
@@ -139,6 +140,7 @@ def main() -> None:
         "largest_tensor_mb": largest * 4 / 1e6,
         "rows": rows,
         "ratios": ratios,
+        "load_avg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],  # start, end
     }
     print(f"synthetic ViT-B/32-like pair: {params / 1e6:.1f}M params in {len(shapes)} tensors, "
           f"{params * 4 / 1e6:.0f} MB per checkpoint, largest tensor {largest * 4 / 1e6:.1f} MB")

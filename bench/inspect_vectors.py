@@ -15,6 +15,7 @@ Writes bench/results/inspect.json. Needs about vectors x 351 MB of disk at scale
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -112,6 +113,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved runs of every mode")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "inspect.json")
     args = ap.parse_args()
+    load0 = os.getloadavg()[0]  # other work on the machine, recorded with the result
 
     from synthetic import n_params, vit_b32_shapes
 
@@ -144,6 +146,7 @@ def main() -> None:
         "vector_mb": params * 4 / 1e6,
         "largest_tensor_mb": largest * 4 / 1e6,
         "repeats": args.repeats,
+        "load_avg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],  # start, end
         "rows": rows,
         "target": {"tvtool_x_read_max": 2.0},
     }
