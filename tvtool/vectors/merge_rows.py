@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -176,6 +177,11 @@ def stacked_pieces(
         return b, x
 
     pool = inp.reader_pool
+    if pool is not None and base_hash is None and not hashed and (direct or not ckpt) and all(
+        inp.vec_slices[i].dtype(key) == cdt for i in ids
+    ) and not any(r is not None and r.ordered for r in rules):
+        yield from _parallel_slices(inp, key, ids, bounds, rules, weights, cdt, info)
+        return
     ahead: Future | None = None
     for j in range(len(bounds)):
         if pool is None:
@@ -192,6 +198,36 @@ def stacked_pieces(
                     x[r].sub_(b32)
         acc = b.to(cdt)
         yield inp.m.combine_rows(acc, x, rules, weights, inp.plan.scale, inp.p, info)
+
+
+def _parallel_slices(inp: MergeInputs, key: str, ids: list[int], bounds, rules, weights,
+                     cdt: torch.dtype, info: TensorInfo) -> Iterator[torch.Tensor]:
+    """`stacked_pieces` when nothing is hashed, every read goes straight into its buffer and no
+    rule takes ties in order: each slice read *and* merged on one of `reader_pool`'s threads,
+    two slices in flight (both cores compute; the output slots are taken here, in order)."""
+    meta = inp.base.meta(key)
+    ckpt = [r for r, i in enumerate(ids) if inp.is_ckpt[i]]
+
+    def work(j: int, out: torch.Tensor) -> torch.Tensor:
+        lo, hi = bounds[j]
+        b = inp.slices.read_into(key, lo, hi, out)
+        x = _buffer(inp.stack_bufs, j, len(ids) * (hi - lo), cdt).view(len(ids), hi - lo)
+        for r, i in enumerate(ids):
+            inp.vec_slices[i].read_into(key, lo, hi, x[r])
+        if ckpt:
+            b32 = b if b.dtype == torch.float32 else b.to(torch.float32)
+            for r in ckpt:
+                x[r].sub_(b32)
+        return inp.m.combine_rows(b.to(cdt), x, rules, weights, inp.plan.scale, inp.p, info)
+
+    flight: deque[Future] = deque()
+    for j in range(len(bounds)):
+        lo, hi = bounds[j]
+        flight.append(inp.reader_pool.submit(work, j, inp.ring.slot(hi - lo, meta.dtype)))
+        if len(flight) == 2:
+            yield flight.popleft().result()
+    while flight:
+        yield flight.popleft().result()
 
 
 _scratch = threading.local()

@@ -74,9 +74,10 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 class Ring:
     """`RING` reused output buffers, handed out in turn: a piece written behind the caller's
-    back (`prefetch.WriteBehind`, depth 1) stays intact while the next two are filled."""
+    back (`prefetch.WriteBehind`, depth 1) stays intact while the next three are filled (the
+    one yielded and two in flight, `merge_rows.stacked_pieces`). Taken on one thread only."""
 
-    RING = 3
+    RING = 4
 
     def __init__(self) -> None:
         self._bufs: list[torch.Tensor | None] = [None] * self.RING
@@ -224,7 +225,7 @@ class MergeInputs:
         self.reader_pool: ThreadPoolExecutor | None = None
         if self.slices is not None and self.stacked and self.workers > 1:
             self.reader_pool = stack.enter_context(
-                ThreadPoolExecutor(1, thread_name_prefix="tvtool-read")
+                ThreadPoolExecutor(self.workers, thread_name_prefix="tvtool-read")
             )
         self.pool: ThreadPoolExecutor | None = None  # whole `stacked` tensors: rows in parallel
         if self.rows_base is not None and self.workers > 1:
