@@ -21,9 +21,10 @@ from tvtool.checkpoints.readers import open_checkpoint
 from tvtool.checkpoints.writer import atomic_output, build_header
 from tvtool.errors import TvtoolError
 from tvtool.store.store import Store
+from tvtool.vectors.merge_buffers import keep_freed_memory, tensor_bytes
 from tvtool.vectors.merge_plan import MergePlan, PlannedTerm, plan_merge
 from tvtool.vectors.merge_rows import single_threaded
-from tvtool.vectors.merge_stream import MergeInputs, Progress, keep_freed_memory, tensor_bytes
+from tvtool.vectors.merge_stream import MergeInputs, Progress
 from tvtool.vectors.recipe import index_document
 from tvtool.vectors.resize import pieces
 

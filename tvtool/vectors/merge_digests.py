@@ -19,7 +19,7 @@ from tvtool.checkpoints.fingerprint import content_fingerprint
 
 if TYPE_CHECKING:
     from tvtool.checkpoints.readers import CheckpointReader
-    from tvtool.vectors.merge_stream import SliceReader
+    from tvtool.vectors.slice_reader import SliceReader
 
 STEP = 1 << 22  # elements per positioned read of a tensor nobody streamed
 

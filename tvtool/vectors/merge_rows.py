@@ -30,7 +30,8 @@ from tvtool.vectors.methods.base import TensorInfo
 from tvtool.vectors.methods.topk import SAMPLE, BandKth, KthLargest, topk_count, topk_rule
 
 if TYPE_CHECKING:
-    from tvtool.vectors.merge_stream import MergeInputs, Progress, SliceReader
+    from tvtool.vectors.merge_stream import MergeInputs, Progress
+    from tvtool.vectors.slice_reader import SliceReader
 
 PAGE = 1024  # consecutive entries per sampled page
 

@@ -11,160 +11,34 @@ checkpoint term, read in the same pass. Two granularities, identical results:
   per-tensor top-k, norms) and torch-format inputs load each key's tensors whole.
 
 Peak memory is one tensor times the number of vectors either way (the global top-k pre-pass
-reads one tensor at a time).
+reads one tensor at a time). Slices are read by `slice_reader.SliceReader`, output buffers come
+from `merge_buffers.Ring`; the stacked methods' paths are in `merge_rows`.
 """
 
 from __future__ import annotations
 
-import ctypes
-import os
-import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from pathlib import Path
 
 import torch
 
 from tvtool.checkpoints.keymaps import align_vector
-from tvtool.checkpoints.readers import (
-    CheckpointReader,
-    SafetensorsReader,
-    normalise_keys,
-    open_checkpoint,
-)
-from tvtool.checkpoints.safetensors_file import SafetensorsFile
+from tvtool.checkpoints.readers import CheckpointReader, SafetensorsReader, open_checkpoint
 from tvtool.checkpoints.writer import TensorSpec
-from tvtool.errors import TvtoolError
 from tvtool.store.store import Store
 from tvtool.vectors import stored
 from tvtool.vectors.blocks import CoefsLayout, coef_for_key
+from tvtool.vectors.merge_buffers import Ring
 from tvtool.vectors.merge_digests import StreamDigests, feed
 from tvtool.vectors.merge_plan import MergePlan
 from tvtool.vectors.merge_rows import band_thresholds, stacked_pieces, whole_rows, workers
 from tvtool.vectors.methods.base import TensorInfo, TermState
 from tvtool.vectors.methods.topk import KthLargest, topk_count
+from tvtool.vectors.slice_reader import CHUNK, SliceReader
 from tvtool.vectors.stored import open_tensor_object
 
-CHUNK = 1 << 18  # elements per slice: 1 MB of float32
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
-
-
-def keep_freed_memory() -> None:
-    """Ask glibc to keep freed tensor-sized blocks instead of handing them back to the kernel.
-
-    A merge allocates a few tensor-sized buffers per key and frees them at once; by default
-    glibc serves them with mmap and trims the heap on free, so every buffer is page-faulted in
-    again (measured: 2-3x the wall time of a TIES merge). Peak memory is unchanged: what is kept
-    is reused for the next key. Process-wide and harmless elsewhere; a no-op without glibc."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks below 32 MB come from the heap
-        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: do not trim the heap on free
-    except (OSError, AttributeError):
-        pass
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """A tensor's bytes (row-major), as a flat memoryview that keeps the tensor alive."""
-    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B")
-
-
-class Ring:
-    """`RING` reused output buffers, handed out in turn: a piece written behind the caller's
-    back (`prefetch.WriteBehind`, depth 1) stays intact while the next three are filled (the
-    one yielded and two in flight, `merge_rows.stacked_pieces`). Taken on one thread only."""
-
-    RING = 4
-
-    def __init__(self) -> None:
-        self._bufs: list[torch.Tensor | None] = [None] * self.RING
-        self._turn = 0
-
-    def slot(self, n: int, dtype: torch.dtype) -> torch.Tensor:
-        """The next buffer's first n elements, as `dtype` (grown as needed)."""
-        self._turn = (self._turn + 1) % self.RING
-        nbytes = n * torch.empty((), dtype=dtype).element_size()
-        buf = self._bufs[self._turn]
-        if buf is None or buf.numel() < nbytes:
-            buf = self._bufs[self._turn] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
-        return buf[:nbytes].view(dtype)
-
-
-class SliceReader:
-    """Positioned reads of flat slices of the tensors of a safetensors checkpoint."""
-
-    def __init__(self, files: list[Path], names: dict[str, str] | None = None):
-        self._files = [SafetensorsFile(f) for f in files]
-        self._fds = [os.open(sf.path, os.O_RDONLY) for sf in self._files]
-        where = {raw: i for i, sf in enumerate(self._files) for raw in sf.entries}
-        raw_names = names if names is not None else {r: r for r in where}
-        self._index = {k: (where[r], r) for k, r in raw_names.items()}
-        self._buf = torch.empty(CHUNK * 4, dtype=torch.uint8)
-        self._view = memoryview(self._buf.numpy()).cast("B")
-
-    @classmethod
-    def of(cls, reader: CheckpointReader, stored: bool) -> SliceReader | None:
-        """For a safetensors reader (a store object: `stored`, names kept as written)."""
-        if not isinstance(reader, SafetensorsReader):
-            return None
-        out = cls(list(reader.files))
-        if not stored:
-            out._index = {k: out._index[r] for k, r in normalise_keys(sorted(out._index)).items()}
-        if set(out._index) != set(reader.keys()):  # pragma: no cover - same naming rules
-            out.close()
-            return None
-        return out
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._index
-
-    def dtype(self, key: str) -> torch.dtype:
-        i, raw = self._index[key]
-        return self._files[i].dtype(raw)
-
-    def read(self, key: str, start: int, stop: int) -> torch.Tensor:
-        """Elements [start, stop) of tensor `key`, flattened row-major, as a 1-D tensor that
-        lives in this reader's buffer: valid until its next `read` (at most `CHUNK` elements)."""
-        i, raw = self._index[key]
-        dtype = self._files[i].dtype(raw)
-        nbytes = (stop - start) * torch.empty((), dtype=dtype).element_size()
-        if nbytes > self._buf.numel():
-            self._buf = torch.empty(nbytes, dtype=torch.uint8)
-            self._view = memoryview(self._buf.numpy()).cast("B")
-        self._pread(key, start, self._view[:nbytes])
-        return self._buf[:nbytes].view(dtype)
-
-    def read_into(self, key: str, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-        """`read` into `out` (a contiguous 1-D tensor of stop - start elements): the bytes go
-        straight there when the dtypes agree, else through this reader's buffer."""
-        i, raw = self._index[key]
-        if self._files[i].dtype(raw) != out.dtype or not out.is_contiguous():
-            return out.copy_(self.read(key, start, stop))
-        if out.numel():
-            self._pread(key, start, memoryview(out.view(torch.uint8).numpy()).cast("B"))
-        return out
-
-    def _pread(self, key: str, start: int, view: memoryview) -> None:
-        i, raw = self._index[key]
-        sf = self._files[i]
-        item = torch.empty((), dtype=sf.dtype(raw)).element_size()
-        offset = sf.entries[raw].begin + start * item
-        done, nbytes = 0, len(view)
-        while done < nbytes:
-            got = os.preadv(self._fds[i], [view[done:]], offset + done)
-            if got <= 0:
-                raise TvtoolError(f"{sf.path}: unexpected end of file reading tensor {key!r}")
-            done += got
-
-    def close(self) -> None:
-        for fd in self._fds:
-            os.close(fd)
-        for sf in self._files:
-            sf.close()
-        self._fds, self._files = [], []
 
 
 class MergeInputs:
