@@ -249,8 +249,8 @@ def test_subprocess_json(three, run_tvtool) -> None:
     assert doc["vectors"][0]["blocks"][0].keys() >= {"name", "numel", "l2"}
 
 
-@pytest.mark.parametrize("pair_block", [1 << 20, 5])  # pairwise counts in one block, by rows
-def test_chunked_pass_matches_float64(monkeypatch, pair_block: int) -> None:
+@pytest.mark.parametrize("pair_bits", [1 << 14, 1, 3])  # sign bits batched, or counted each slice
+def test_chunked_pass_matches_float64(monkeypatch, pair_bits: int) -> None:
     """Many ragged column chunks (some with zeros, some without), half-precision rows, a key
     one vector lacks: norms, zeros, max |x|, cosines and sign agreement against float64."""
     from tvtool.vectors import gram
@@ -258,7 +258,7 @@ def test_chunked_pass_matches_float64(monkeypatch, pair_block: int) -> None:
 
     monkeypatch.setattr(gram, "CHUNK", 7)  # products of 7 columns in slices of 16
     monkeypatch.setattr(gram, "SLICE", 16)
-    monkeypatch.setattr(gram, "PAIR_BLOCK", pair_block)
+    monkeypatch.setattr(gram, "PAIR_BITS", pair_bits)
 
     vs = [vec(1, sparse=0.4), vec(2, drop="c.weight"), vec(3)]
     vs[2] = {k: v.half() for k, v in vs[2].items()}
@@ -278,3 +278,48 @@ def test_chunked_pass_matches_float64(monkeypatch, pair_block: int) -> None:
             both = (x != 0) & (y != 0)
             same = float((torch.sign(x[both]) == torch.sign(y[both])).double().mean())
             assert report.sign_agreement.matrix[i][j] == pytest.approx(same)
+
+
+def test_exact_counts_at_full_slice_size() -> None:
+    """Stored vectors (positioned slice reads, default slice sizes) over several slices per
+    key, zero-free slices and sparse ones, a -0.0 and a vector lacking a key: counts (sign
+    agreement, zeros) and max |x| exactly equal to plain torch's, cosines to 1e-6."""
+    from tvtool.vectors import gram
+    from tvtool.vectors.stats import inspect_store
+
+    g = torch.Generator().manual_seed(7)
+    shapes = {"big.weight": (3 * gram.SLICE + 123,), "mid.weight": (97, 1031), "tiny": (5,)}
+    shared = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    vs = [{k: 0.5 * shared[k] + torch.randn(s, generator=g) for k, s in shapes.items()}
+          for _ in range(5)]
+    vs[1]["big.weight"][gram.SLICE: gram.SLICE + 5000] = 0.0  # zeros in one slice only
+    vs[2]["mid.weight"][torch.rand(97, 1031, generator=g) < 0.7] = 0.0  # TIES-like sparsity
+    vs[3]["big.weight"][17] = -0.0
+    del vs[4]["mid.weight"]
+    store = Store()
+    names = []
+    for i, v in enumerate(vs):
+        store.set_ref(f"x/{i}", save_tensor_object(store, "vector", v).digest)
+        names.append(f"x/{i}")
+    report = inspect_store(store, names)
+
+    def whole(v):
+        return torch.cat([v[k].reshape(-1) if k in v else torch.zeros(s).reshape(-1)
+                          for k, s in shapes.items()]).double()
+
+    flats = [whole(v) for v in vs]
+    for i, (stats, v) in enumerate(zip(report.vectors, vs, strict=True)):
+        held = torch.cat([t.reshape(-1) for t in v.values()])
+        assert stats.max_abs == float(held.abs().max())
+        assert stats.frac_zero == int((held == 0).sum()) / held.numel()
+        for b in stats.blocks:
+            t = v[b.name].reshape(-1)
+            assert b.max_abs == float(t.abs().max())
+            assert b.frac_zero == int((t == 0).sum()) / t.numel()
+        for j, y in enumerate(flats):
+            x = flats[i]
+            cos = float(F.cosine_similarity(x, y, dim=0))
+            assert report.cosine.matrix[i][j] == pytest.approx(cos, abs=1e-6)
+            both = (x != 0) & (y != 0)
+            same = int((torch.sign(x[both]) == torch.sign(y[both])).sum())
+            assert report.sign_agreement.matrix[i][j] == same / int(both.sum())

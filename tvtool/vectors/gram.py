@@ -15,9 +15,11 @@ the cost of a float64 product.
 Sign agreement: exact integer counts from packed sign bits s and nonzero bits nz:
     opposite(a, b) = popcount((s_a XOR s_b) AND nz_a AND nz_b)
     both(a, b) = popcount(nz_a AND nz_b),  agree = both - 2 * opposite  (#same - #opposite)
-(nz only enters where a slice has zeros), counted slice by slice while the bits are in the
-cache. One bit per element: ~8x cheaper than a product of float signs. Nonzero counts are
-popcounts of nz (numpy's float count holds the GIL).
+One bit per element: ~8x cheaper than a product of float signs (measured: sign tensors and
+their Gram product cost 2x the bits). A slice is first tested for zeros (one compare); the sign
+bits of zero-free slices (nz all ones: both = width) wait in a small per-key buffer and are
+counted pairwise, each pair once, when it fills; a slice with zeros is counted at once with
+its nonzero bits.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch
 
 from tvtool.errors import TvtoolError
 
-CHUNK = 1 << 14  # columns per float32 product (8 rows x 16384 x 4 bytes = 512 KB)
+CHUNK = 1 << 12  # columns per float32 product (summed in float64)
 SLICE = 1 << 16  # columns read and reduced together (rounded to whole bytes of bits)
 WORKERS = 2  # threads reading and reducing keys (one per core)
 PAD = 16  # floats after each row of a slice buffer: rows 2**k floats apart share cache sets
@@ -101,13 +103,17 @@ def _whole(t: torch.Tensor) -> Fill:
 
 class _Sums:
     """Running sums of one key's rows, fed slice by slice ([r, w] float32 column slices or any
-    tiles laid out alike for every row). Each slice's sign and nonzero bits are packed and
-    counted pairwise at once, while they are in the cache (padding bits are 0 in both, so they
-    count nowhere); nothing per element outlives its slice."""
+    tiles laid out alike for every row).
+
+    Per slice, while it is in the cache: its Gram product (`_gram`), max |x| (row min and max),
+    one zero test, and its sign bits packed into `bits`, a small per-key bit buffer whose
+    pairwise counts are taken when it fills (`PAIR_BITS` bytes per row) or at the end: the
+    sign bits are 32x smaller than the slice, so batching them costs no memory traffic and
+    saves the per-slice calls. A slice with zeros is counted at once with its nonzero mask
+    (padding bits are 0 in both rows, so they count nowhere)."""
 
     def __init__(self, r: int, width: int, signs: bool):
-        self.gram = torch.zeros(r, r, dtype=torch.float64)
-        self.part = torch.empty(r, r, dtype=torch.float32)
+        self.gram = np.zeros((r, r), dtype=np.float64)
         self.n, self.signs = 0, signs
         if signs:
             self.opposite = np.zeros((r, r), dtype=np.int64)
@@ -115,42 +121,75 @@ class _Sums:
             self.nonzero = np.zeros(r, dtype=np.int64)
             self.max_abs = np.zeros(r, dtype=np.float32)
             self.scratch = np.empty((r, width), dtype=bool)
+            self.bits = np.zeros((r, -(-PAIR_BITS // 8) * 8), dtype=np.uint8)
+            self.fill = 0  # bytes of `bits` in use
+            self.dense = 0  # columns whose sign bits wait in `bits`
 
     def add(self, xs: torch.Tensor, xn: np.ndarray | None = None) -> None:
         """Add one slice (`xs`; `xn`: a numpy view of it, if at hand)."""
-        for c in range(0, xs.shape[1], CHUNK):
-            p = xs[:, c: c + CHUNK]
-            torch.mm(p, p.T, out=self.part)
-            self.gram += self.part
-        w = xs.shape[1]
+        xn = xs.numpy() if xn is None else xn
+        _gram(xn, self.gram)
+        w = xn.shape[1]
         self.n += w
         if not self.signs or not w:
             return
-        xn = xs.numpy() if xn is None else xn
         np.maximum(self.max_abs, np.maximum(-xn.min(axis=1), xn.max(axis=1)), out=self.max_abs)
         if self.scratch.shape[1] < w:
             self.scratch = np.empty((xn.shape[0], w), dtype=bool)
         scratch = self.scratch[:, :w]
+        if not np.equal(xn, 0, out=scratch).any():  # no zeros: only the sign bits matter
+            sign = np.packbits(np.signbit(xn, out=scratch), axis=1)
+            nb = sign.shape[1]
+            if self.fill + nb > self.bits.shape[1]:
+                self._pairs()
+            if nb > self.bits.shape[1]:
+                self.bits = np.zeros((xn.shape[0], -(-nb // 8) * 8), dtype=np.uint8)
+            self.bits[:, self.fill: self.fill + nb] = sign
+            self.fill += nb
+            self.dense += w
+            self.nonzero += w
+            return
+        nz = _words(np.packbits(np.logical_not(scratch, out=scratch), axis=1))
         sign = _words(np.packbits(np.signbit(xn, out=scratch), axis=1))
-        nz = _words(np.packbits(np.not_equal(xn, 0, out=scratch), axis=1))
-        nonzero = np.bitwise_count(nz).sum(axis=1, dtype=np.int64)
-        self.nonzero += nonzero
-        if int(nonzero.min()) == w:  # no zeros: every pair is nonzero everywhere
-            self.both += w
-            self.opposite += _popcounts(sign, None)
-        else:
-            self.both += _popcounts(nz, None, both=True)
-            self.opposite += _popcounts(sign, nz)
+        self.nonzero += np.bitwise_count(nz).sum(axis=1, dtype=np.int64)
+        self.both += _popcounts(nz, None, both=True)
+        self.opposite += _popcounts(sign, nz)
+
+    def _pairs(self) -> None:
+        """Count the sign bits waiting in `bits` (rows without zeros there) pairwise."""
+        if not self.dense:
+            return
+        words = -(-self.fill // 8)
+        self.bits[:, self.fill: words * 8] = 0  # the bytes up to a whole word count nowhere
+        self.opposite += _popcounts(self.bits[:, : words * 8].view(np.uint64), None)
+        self.both += self.dense
+        self.fill = self.dense = 0
 
     def finish(self) -> tuple[KeySums, list[float], list[int]]:
         """(the sums, max |x| per row, nonzero count per row)."""
-        g, r = self.gram, self.gram.shape[0]
+        g, r = torch.from_numpy(self.gram), self.gram.shape[0]
         if not self.signs:
             return KeySums(g, None, None, None), [0.0] * r, [0] * r
+        self._pairs()
         both = torch.from_numpy(self.both).to(torch.float64)
         agree = both - 2 * torch.from_numpy(self.opposite).to(torch.float64)
         sums = KeySums(g, agree, both, torch.from_numpy(self.nonzero).to(torch.float64))
         return sums, [float(m) for m in self.max_abs], [int(c) for c in self.nonzero]
+
+
+def _gram(xn: np.ndarray, out: np.ndarray) -> None:
+    """out += xn @ xn.T for a float32 [r, w] slice: the float32 products of its `CHUNK`-column
+    pieces in one batched call (torch's BLAS: numpy's OpenBLAS serialises the two workers),
+    summed in float64."""
+    xs = torch.from_numpy(xn)
+    r, w = xs.shape
+    nc = w // CHUNK
+    if nc:
+        pieces = xs[:, : nc * CHUNK].view(r, nc, CHUNK).transpose(0, 1)  # [nc, r, CHUNK]
+        out += torch.bmm(pieces, pieces.transpose(1, 2)).sum(0, dtype=torch.float64).numpy()
+    if nc * CHUNK < w:
+        p = xs[:, nc * CHUNK:]
+        out += (p @ p.T).numpy()
 
 
 def tile_sums(
@@ -231,20 +270,21 @@ def _words(bits: np.ndarray) -> np.ndarray:
     return bits.view(np.uint64) if bits.shape[1] % 8 == 0 else bits
 
 
-PAIR_BLOCK = 1 << 20  # words of the [rows, r, words] temporaries in `_popcounts`
+PAIR_BITS = 1 << 14  # bytes of sign bits per row batched before they are counted pairwise
 
 
 def _popcounts(bits: np.ndarray, mask: np.ndarray | None, both: bool = False) -> np.ndarray:
     """[r, r] int64: popcount(bits_a XOR bits_b (AND mask_a AND mask_b)), diagonal 0; with
-    `both`, popcount(bits_a AND bits_b) instead. Rows against all rows at once, in blocks."""
-    r, words = bits.shape
-    out = np.empty((r, r), dtype=np.int64)
-    step = max(1, PAIR_BLOCK // max(1, r * words))
-    for a in range(0, r, step):
-        lo = bits[a: a + step, None, :]
-        d = np.bitwise_and(lo, bits[None]) if both else np.bitwise_xor(lo, bits[None])
+    `both`, popcount(bits_a AND bits_b) instead. Each row against the rows after it (the
+    matrix is symmetric), so each pair is counted once."""
+    r = bits.shape[0]
+    out = np.zeros((r, r), dtype=np.int64)
+    for a in range(r if both else r - 1):
+        lo = a if both else a + 1
+        d = np.bitwise_and(bits[a], bits[lo:]) if both else np.bitwise_xor(bits[a], bits[lo:])
         if mask is not None:
-            d &= mask[a: a + step, None, :]
-            d &= mask[None]
-        out[a: a + step] = np.bitwise_count(d).sum(axis=2, dtype=np.int64)
-    return out
+            d &= mask[a]
+            d &= mask[lo:]
+        out[a, lo:] = np.bitwise_count(d).sum(axis=1, dtype=np.int64)
+    upper = np.triu(out, 1)
+    return out + upper.T
