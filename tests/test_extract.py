@@ -480,3 +480,30 @@ def test_fused_difference_matches_plain_torch_across_slices(monkeypatch, dtype) 
     sq, _ = extract._fused_diff(a, None, d, o)  # rows only one side has: copied
     kept = a if o is None else a.to(dtype).float()
     assert torch.equal(d, a) and sq == pytest.approx(float(kept.double().pow(2).sum()), rel=1e-6)
+
+
+def test_object_writer_hashes_behind_in_order(tmp_path: Path) -> None:
+    """Small writes (hashed inline) and large ones (hashed on their own thread) interleaved,
+    the caller refilling its two buffers in turn as the contract allows: the digest is the
+    sha256 of the blob's bytes, and the blob holds exactly what was written."""
+    import hashlib
+
+    from tvtool.store import writer
+
+    store = Store(tmp_path / "s")
+    store.init()
+    bufs = [bytearray(writer.HASH_BEHIND * 3 + 5) for _ in range(2)]
+    expected = hashlib.sha256()
+    with store.writer() as w:
+        for i in range(9):
+            if i % 3 == 0:
+                piece: bytes | memoryview = f"header {i}".encode()
+            else:
+                buf = bufs[i % 2]
+                buf[:] = bytes([i]) * len(buf)
+                piece = memoryview(buf)
+            expected.update(piece)
+            w.write(piece)
+        m = w.commit({"kind": "vector", "format": "safetensors"})
+    assert m.digest == expected.hexdigest()
+    assert hashlib.sha256(store.blob_path(m.digest).read_bytes()).hexdigest() == m.digest

@@ -273,7 +273,7 @@ def extract_vector(
             return out
 
         # both inputs are read (and hashed) ahead on worker threads, one per input, into
-        # reused buffers; the store writes and hashes the output on a third
+        # reused buffers; the store writes the output on a third and hashes it on a fourth
         with ReadAhead(ft, reads) as ft_ahead, ReadAhead(base, reads) as base_ahead:
             manifest = write_tensor_object(
                 store, "vector", specs, produce, params=params, created=created
