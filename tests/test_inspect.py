@@ -249,8 +249,8 @@ def test_subprocess_json(three, run_tvtool) -> None:
     assert doc["vectors"][0]["blocks"][0].keys() >= {"name", "numel", "l2"}
 
 
-@pytest.mark.parametrize("pair_bits", [1 << 14, 1, 3])  # sign bits batched, or counted each slice
-def test_chunked_pass_matches_float64(monkeypatch, pair_bits: int) -> None:
+@pytest.mark.parametrize(("pair_bits", "pair_block"), [(1 << 15, 1 << 20), (1, 5), (3, 1 << 20)])
+def test_chunked_pass_matches_float64(monkeypatch, pair_bits: int, pair_block: int) -> None:
     """Many ragged column chunks (some with zeros, some without), half-precision rows, a key
     one vector lacks: norms, zeros, max |x|, cosines and sign agreement against float64."""
     from tvtool.vectors import gram
@@ -258,7 +258,8 @@ def test_chunked_pass_matches_float64(monkeypatch, pair_bits: int) -> None:
 
     monkeypatch.setattr(gram, "CHUNK", 7)  # products of 7 columns in slices of 16
     monkeypatch.setattr(gram, "SLICE", 16)
-    monkeypatch.setattr(gram, "PAIR_BITS", pair_bits)
+    monkeypatch.setattr(gram, "PAIR_BITS", pair_bits)  # sign bits batched, or counted each slice
+    monkeypatch.setattr(gram, "PAIR_BLOCK", pair_block)  # pairwise counts at once, or by rows
 
     vs = [vec(1, sparse=0.4), vec(2, drop="c.weight"), vec(3)]
     vs[2] = {k: v.half() for k, v in vs[2].items()}

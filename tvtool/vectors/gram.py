@@ -20,7 +20,7 @@ Sign agreement: exact integer counts from packed sign bits s and nonzero bits nz
 One bit per element: ~8x cheaper than a product of float signs (measured: sign tensors and
 their Gram product cost 2x the bits). A slice is first tested for zeros (one compare); the sign
 bits of zero-free slices (nz all ones: both = width) wait in a small per-key buffer and are
-counted pairwise, each pair once, when it fills; a slice with zeros is counted at once with
+counted pairwise when it fills; a slice with zeros is counted at once with
 its nonzero bits.
 """
 
@@ -272,21 +272,22 @@ def _words(bits: np.ndarray) -> np.ndarray:
     return bits.view(np.uint64) if bits.shape[1] % 8 == 0 else bits
 
 
-PAIR_BITS = 1 << 14  # bytes of sign bits per row batched before they are counted pairwise
+PAIR_BITS = 1 << 15  # bytes of sign bits per row batched before they are counted pairwise
+PAIR_BLOCK = 1 << 20  # words of the [rows, r, words] temporaries in `_popcounts`
 
 
 def _popcounts(bits: np.ndarray, mask: np.ndarray | None, both: bool = False) -> np.ndarray:
     """[r, r] int64: popcount(bits_a XOR bits_b (AND mask_a AND mask_b)), diagonal 0; with
-    `both`, popcount(bits_a AND bits_b) instead. Each row against the rows after it (the
-    matrix is symmetric), so each pair is counted once."""
-    r = bits.shape[0]
-    out = np.zeros((r, r), dtype=np.int64)
-    for a in range(r if both else r - 1):
-        lo = a if both else a + 1
-        d = np.bitwise_and(bits[a], bits[lo:]) if both else np.bitwise_xor(bits[a], bits[lo:])
+    `both`, popcount(bits_a AND bits_b) instead. Rows against all rows at once, in blocks: a
+    few large calls rather than one per pair (each call hands the GIL over)."""
+    r, words = bits.shape
+    out = np.empty((r, r), dtype=np.int64)
+    step = max(1, PAIR_BLOCK // max(1, r * words))
+    for a in range(0, r, step):
+        lo = bits[a: a + step, None, :]
+        d = np.bitwise_and(lo, bits[None]) if both else np.bitwise_xor(lo, bits[None])
         if mask is not None:
-            d &= mask[a]
-            d &= mask[lo:]
-        out[a, lo:] = np.bitwise_count(d).sum(axis=1, dtype=np.int64)
-    upper = np.triu(out, 1)
-    return out + upper.T
+            d &= mask[a: a + step, None, :]
+            d &= mask[None]
+        out[a: a + step] = np.bitwise_count(d).sum(axis=2, dtype=np.int64)
+    return out
