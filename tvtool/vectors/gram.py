@@ -108,11 +108,11 @@ class _Sums:
     tiles laid out alike for every row).
 
     Per slice, while it is in the cache: its Gram product (`_gram`), max |x| (row min and max),
-    one zero test, and its sign bits packed into `bits`, a small per-key bit buffer whose
-    pairwise counts are taken when it fills (`PAIR_BITS` bytes per row) or at the end: the
-    sign bits are 32x smaller than the slice, so batching them costs no memory traffic and
-    saves the per-slice calls. A slice with zeros is counted at once with its nonzero mask
-    (padding bits are 0 in both rows, so they count nowhere)."""
+    one zero test, and its sign bits packed and kept in `bits`, whose pairwise counts are
+    taken when they add up to `PAIR_BITS` bytes per row, or at the end: the sign bits are 32x
+    smaller than the slice, so batching them costs no memory traffic and saves calls. A slice
+    with zeros is counted at once with its nonzero mask (padding bits are 0 in both rows, so
+    they count nowhere)."""
 
     def __init__(self, r: int, width: int, signs: bool):
         self.gram = np.zeros((r, r), dtype=np.float64)
@@ -123,8 +123,8 @@ class _Sums:
             self.nonzero = np.zeros(r, dtype=np.int64)
             self.max_abs = np.zeros(r, dtype=np.float32)
             self.scratch = np.empty((r, width), dtype=bool)
-            self.bits = np.zeros((r, -(-PAIR_BITS // 8) * 8), dtype=np.uint8)
-            self.fill = 0  # bytes of `bits` in use
+            self.bits: list[np.ndarray] = []  # packed sign bits of zero-free slices
+            self.fill = 0  # bytes per row in `bits`
             self.dense = 0  # columns whose sign bits wait in `bits`
 
     def add(self, xs: torch.Tensor, xn: np.ndarray | None = None) -> None:
@@ -141,14 +141,11 @@ class _Sums:
         scratch = self.scratch[:, :w]
         if not np.equal(xn, 0, out=scratch).any():  # no zeros: only the sign bits matter
             sign = np.packbits(np.signbit(xn, out=scratch), axis=1)
-            nb = sign.shape[1]
-            if self.fill + nb > self.bits.shape[1]:
-                self._pairs()
-            if nb > self.bits.shape[1]:
-                self.bits = np.zeros((xn.shape[0], -(-nb // 8) * 8), dtype=np.uint8)
-            self.bits[:, self.fill: self.fill + nb] = sign
-            self.fill += nb
+            self.bits.append(sign)
+            self.fill += sign.shape[1]
             self.dense += w
+            if self.fill >= PAIR_BITS:
+                self._pairs()
             self.nonzero += w
             return
         nz = _words(np.packbits(np.logical_not(scratch, out=scratch), axis=1))
@@ -161,11 +158,13 @@ class _Sums:
         """Count the sign bits waiting in `bits` (rows without zeros there) pairwise."""
         if not self.dense:
             return
-        words = -(-self.fill // 8)
-        self.bits[:, self.fill: words * 8] = 0  # the bytes up to a whole word count nowhere
-        self.opposite += _popcounts(self.bits[:, : words * 8].view(np.uint64), None)
+        pad = -self.fill % 8  # zero bytes up to a whole word count nowhere
+        if pad:
+            self.bits.append(np.zeros((self.bits[0].shape[0], pad), dtype=np.uint8))
+        bits = self.bits[0] if len(self.bits) == 1 else np.concatenate(self.bits, axis=1)
+        self.opposite += _popcounts(bits.view(np.uint64), None)
         self.both += self.dense
-        self.fill = self.dense = 0
+        self.bits, self.fill, self.dense = [], 0, 0
 
     def finish(self) -> tuple[KeySums, list[float], list[int]]:
         """(the sums, max |x| per row, nonzero count per row)."""
