@@ -507,3 +507,26 @@ def test_object_writer_hashes_behind_in_order(tmp_path: Path) -> None:
         m = w.commit({"kind": "vector", "format": "safetensors"})
     assert m.digest == expected.hexdigest()
     assert hashlib.sha256(store.blob_path(m.digest).read_bytes()).hexdigest() == m.digest
+
+
+def test_fingerprint_cache_skips_a_file_rewritten_while_it_was_read(pair, tmp_path) -> None:
+    """The cache entry is keyed by the files as they were before they were read: a rewrite
+    between the read and `put` leaves no entry (the hash may mix both contents)."""
+    from tvtool.checkpoints.fingerprint import FingerprintCache
+    from tvtool.checkpoints.readers import open_checkpoint
+
+    bp, _, _ = pair
+    cache = FingerprintCache(tmp_path / "fp")
+    with open_checkpoint(bp) as r:
+        assert not cache.apply(r)  # a miss, but the files' identity is noted
+        r.fingerprint()
+        changed = safetensors.torch.load_file(bp)
+        changed["visual.ln_post.bias"] += 1.0
+        safetensors.torch.save_file(changed, bp)
+        cache.put(r)
+    with open_checkpoint(bp) as r:
+        assert cache.get(r) is None
+        r.fingerprint()
+        cache.put(r)  # unchanged since `get`: cached
+    with open_checkpoint(bp) as r:
+        assert cache.get(r) == content_fingerprint(changed)

@@ -13,6 +13,7 @@ a full streamed pass costs no second read, and only the tensors nobody read are 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -123,7 +124,9 @@ def _stat_key(files: list) -> str:
 class FingerprintCache:
     """Content fingerprints of checkpoint files, keyed by their stat identity (`_stat_key`),
     one small file per entry under `folder`: a base extracted against many fine-tunes is
-    hashed once. An entry is only trusted while every file is unchanged."""
+    hashed once. An entry is only trusted while every file is unchanged, and only written when
+    the files are as they were when `get` (or `apply`) first looked, before they were read: a
+    file rewritten while it was being hashed gets no entry (its hash may mix both contents)."""
 
     def __init__(self, folder) -> None:
         from pathlib import Path
@@ -137,10 +140,14 @@ class FingerprintCache:
             return None
 
     def get(self, reader) -> str | None:
-        """The cached fingerprint of `reader`'s files if they are unchanged, else None."""
+        """The cached fingerprint of `reader`'s files if they are unchanged, else None. Call it
+        before reading the files: it remembers their stat identity for `put`."""
         entry = self._entry(reader)
         if entry is None:
             return None
+        if getattr(reader, "_stat_seen", None) is None:
+            with contextlib.suppress(AttributeError):
+                reader._stat_seen = entry.name
         try:
             fp = entry.read_text().strip()
         except OSError:
@@ -160,14 +167,17 @@ class FingerprintCache:
         return True
 
     def put(self, reader, fingerprint: str | None = None) -> None:
-        """Cache `fingerprint` (default: the one `reader` knows) for its files as they are."""
-        import contextlib
+        """Cache `fingerprint` (default: the one `reader` knows) for its files as they are,
+        unless they changed since `get` looked at them."""
         import os
         import uuid
 
         fp = fingerprint or getattr(reader, "_fingerprint", None)
         entry = self._entry(reader)
         if not fp or entry is None:
+            return
+        seen = getattr(reader, "_stat_seen", None)
+        if seen is not None and seen != entry.name:  # rewritten while it was read
             return
         with contextlib.suppress(OSError):
             self.folder.mkdir(parents=True, exist_ok=True)
