@@ -4,9 +4,10 @@ the caller's back on one worker thread.
 `WriteBehind` takes each piece, writes it to the file and adds it to the hash on its thread
 (both release the GIL), so the caller reads and computes the next piece meanwhile. On Linux the
 writeback of every written range is started at once (`sync_file_range(SYNC_FILE_RANGE_WRITE)`,
-which does not wait), so the disk works while the command computes and the final fsync finds
-little left to do. Ordering, sizes and the digest are those of plain sequential writes; an
-error on the thread is raised by the next `write` or by `wait`.
+on a thread of its own, as it waits while the disk's queue is full), so the disk works while
+the command computes and the final fsync finds little left to do. Ordering, sizes and the
+digest are those of plain sequential writes; an error on the thread is raised by the next
+`write` or by `wait`.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class WriteBehind:
         self._depth = depth
         self._pending: deque[Future[None]] = deque()
         self._pool: ThreadPoolExecutor | None = None
+        self._hints: ThreadPoolExecutor | None = None  # writeback hints, off the write thread
         self._lock = threading.Lock()
         self.size = 0
         self._hinted = 0  # bytes whose writeback was started
@@ -93,8 +95,12 @@ class WriteBehind:
         self.size += n
         if _SYNC_RANGE is not None and self._fd is not None and \
                 self.size - self._hinted >= WRITEBACK_EVERY:
+            # on a thread of its own: a hint may wait for a congested disk queue, and neither
+            # the writes nor the caller should wait with it (the fsync at the end waits anyway)
             start, self._hinted = self._hinted, self.size  # the thread writes in order
-            self._pending.append(self._pool.submit(self._hint, start, self.size - start))
+            if self._hints is None:
+                self._hints = ThreadPoolExecutor(1, thread_name_prefix="tvtool-writeback")
+            self._hints.submit(self._hint_after, self._pending[-1], start, self.size - start)
         while len(self._pending) > self._depth:
             self._pending.popleft().result()
         return n
@@ -102,6 +108,12 @@ class WriteBehind:
     def _hint(self, start: int, nbytes: int) -> None:
         with contextlib.suppress(Exception):
             self._f.flush()
+            _SYNC_RANGE(self._fd, start, nbytes, _SYNC_FILE_RANGE_WRITE)  # type: ignore[misc]
+
+    def _hint_after(self, written: Future[None], start: int, nbytes: int) -> None:
+        """Start the writeback of bytes start.. once the write that ends them is done."""
+        with contextlib.suppress(Exception):  # the write's own error reaches the caller
+            written.result()
             _SYNC_RANGE(self._fd, start, nbytes, _SYNC_FILE_RANGE_WRITE)  # type: ignore[misc]
 
     def wait(self) -> None:
@@ -122,3 +134,6 @@ class WriteBehind:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+        if self._hints is not None:
+            self._hints.shutdown(wait=True)
+            self._hints = None
