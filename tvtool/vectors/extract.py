@@ -323,7 +323,7 @@ def _pair(params: dict) -> dict[str, str]:
             "finetuned_format": f["format"], "finetuned_fingerprint": f["fingerprint"]}
 
 
-FUSED = 1 << 16  # elements differenced, rounded and summed together (in the cache)
+FUSED = 1 << 18  # elements differenced, rounded and summed together (1 MB: in the cache, few calls)
 
 
 def _fused_diff(
