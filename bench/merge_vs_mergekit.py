@@ -20,6 +20,7 @@ message. Outputs are compared tensor by tensor (max |difference|): task arithmet
 TIES follow the same rules in both tools (see the README's table of differences).
 
     .venv/bin/python bench/merge_vs_mergekit.py [--small] [--repeat 4] [--dir /tmp/somewhere]
+        [--no-mergekit]
 
 Prints a table and writes bench/results/merge_vs_mergekit.json (-small.json with --small).
 """
@@ -165,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dir", type=Path, default=None)
+    ap.add_argument("--no-mergekit", action="store_true",
+                    help="tvtool and the floor only (the mergekit rows are left out)")
     ap.add_argument("--mergekit-venv", type=Path,
                     default=Path(tempfile.gettempdir()) / "tvtool-mergekit-venv")
     args = ap.parse_args(argv)
@@ -189,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     inputs = [p for f in folders for p in sorted(f.glob("*.safetensors"))]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT),
            "TVTOOL_HOME": str(work / "store")}
-    mk, why = mergekit_python(args.mergekit_venv)
+    mk, why = (None, "skipped (--no-mergekit)") if args.no_mergekit else mergekit_python(
+        args.mergekit_venv)
     if mk is None:
         print(f"skipping mergekit: {why}", file=sys.stderr)
     tv = [sys.executable, "-m", "tvtool", "merge", "--base", base, "-q", "--force"]

@@ -420,3 +420,44 @@ def test_scale_rule_and_sizes():
     for bad in ("", "5XB", "0"):
         with pytest.raises(TvtoolError):
             parse_size(bad)
+
+
+@pytest.mark.parametrize("levels", [0, 7, 300])
+@pytest.mark.parametrize("density", [0.01, 0.3, 0.5, 0.97])
+def test_partition_rule_and_ties_cut_equal_the_stable_sort(levels, density):
+    g = torch.Generator().manual_seed(int(density * 100) + levels)
+    x = torch.randn(150_000, generator=g)  # past _KTHVALUE_MAX: the partition path
+    if levels:  # many equal magnitudes at the threshold
+        x = (x * levels).round() / levels
+    x[::11] = -0.0
+    k = topk_count(x.numel(), density)
+    a = x.abs()
+    rule = topk.partition_rule(a.clone(), k)
+    assert rule == topk.topk_rule(a, k)  # (which takes it for this size)
+    want = ref_topk(a, k)
+    if rule.ordered:  # some ties kept, the first ones: >= value before the cut, > after
+        cut = topk.ties_cut(x, rule)
+        keep = torch.cat([a[:cut] >= rule.value, a[cut:] > rule.value])
+    else:
+        keep = a >= rule.bound()
+    assert torch.equal(keep, want)
+    assert levels == 0 or rule.ordered or density == 0.97
+
+
+def test_shrink_rows_with_slice_rules_is_trim_rows_bit_for_bit():
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randint(-3, 4, (4, 1000), generator=g).float()) * 0.5
+    x[:, ::7] = -0.0
+    x[2, 5] = float("inf")
+    ks = [0, 170, 500, 1000]
+    rules = [topk.topk_rule(r.abs(), k) for r, k in zip(x, ks, strict=True)]
+    cuts = [topk.ties_cut(r, ru) if ru.ordered else None for r, ru in zip(x, rules, strict=True)]
+    assert any(c is not None for c in cuts)
+    ref = x.clone()
+    trim_rows(ref, [topk.topk_rule(r.abs(), k) for r, k in zip(x, ks, strict=True)])
+    got = x.clone()
+    for lo in range(0, 1000, 96):  # in slices, as whole_rows does
+        hi = min(1000, lo + 96)
+        sliced = [topk.slice_rule(ru, c, lo, hi) for ru, c in zip(rules, cuts, strict=True)]
+        topk.shrink_rows(got[:, lo:hi], sliced, torch.empty(4, hi - lo))
+    assert torch.equal(got.view(torch.int32), ref.view(torch.int32))  # zero signs too

@@ -27,7 +27,15 @@ import torch
 
 from tvtool.vectors.merge_digests import feed
 from tvtool.vectors.methods.base import TensorInfo
-from tvtool.vectors.methods.topk import SAMPLE, BandKth, KthLargest, topk_count, topk_rule
+from tvtool.vectors.methods.topk import (
+    SAMPLE,
+    BandKth,
+    KthLargest,
+    slice_rule,
+    ties_cut,
+    topk_count,
+    topk_rule,
+)
 
 if TYPE_CHECKING:
     from tvtool.vectors.merge_stream import MergeInputs, Progress
@@ -232,15 +240,15 @@ def _parallel_slices(inp: MergeInputs, key: str, ids: list[int], bounds, rules, 
 
 
 _scratch = threading.local()
+ROW_PIECE = 1 << 17  # elements read, subtracted and taken |.| of at a time (cache-sized)
 
 
-def _abs32(row: torch.Tensor) -> torch.Tensor:
-    """|row| as float32, in this thread's reused scratch buffer."""
+def _abs_buffer(n: int) -> torch.Tensor:
+    """This thread's reused float32 buffer of n elements (the magnitudes of one row)."""
     buf = getattr(_scratch, "buf", None)
-    if buf is None or buf.numel() < row.numel():
-        buf = _scratch.buf = torch.empty(row.numel(), dtype=torch.float32)
-    return torch.abs(row, out=buf[: row.numel()]) if row.dtype == torch.float32 else \
-        buf[: row.numel()].copy_(row).abs_()
+    if buf is None or buf.numel() < n:
+        buf = _scratch.buf = torch.empty(n, dtype=torch.float32)
+    return buf[:n]
 
 
 def whole_rows(
@@ -253,12 +261,15 @@ def whole_rows(
     base32: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A `stacked` method on whole tensors (per-tensor top-k): the terms stacked [T, n] in one
-    reused buffer, each row read straight into it by positioned reads (hashed there when
-    streamed hashing is on), minus the base for a checkpoint, and its trim rule (the global
-    one, or this tensor's top-k), rows spread over `inp.pool`; then `combine_rows` over
-    cache-sized column slices (the two column halves in parallel unless a rule keeps only
-    some of its ties, which must be taken in index order). `acc`/`base32`: the base as read
-    by a torch-format reader (then every row comes from `_tau`)."""
+    reused buffer, each row read straight into it by positioned reads in cache-sized pieces
+    (each hashed there when streamed hashing is on, minus the base for a checkpoint, and its
+    magnitude taken while hot), then its trim rule (the global one, or this tensor's top-k by
+    an in-place selection of the magnitudes, `topk.partition_rule`; where only some ties at the
+    threshold are kept, the index where they stop, `topk.ties_cut`), rows spread over
+    `inp.pool`; then `combine_rows` over cache-sized column slices, the two column halves in
+    parallel (each slice gets its rows' rules for its columns, `topk.slice_rule`; global rules
+    that keep only some ties take them in index order: one thread). `acc`/`base32`: the base
+    as read by a torch-format reader (then every row comes from `_tau`)."""
     cdt = inp.cdtype(key)
     info = TensorInfo(key, tuple(inp.base.meta(key).shape))
     if acc is None:
@@ -272,19 +283,31 @@ def whole_rows(
     density = inp.m.density(inp.p)
     k = topk_count(n, density) if density is not None else 0
     rules = [inp.states[i].topk for i in ids]
+    cuts: list[int | None] = [None] * len(ids)
 
     def row(r: int) -> None:
         i = ids[r]
         raw = inp.rows_vecs[i] if i < len(inp.rows_vecs) else None
+        mags = density is not None and cdt == torch.float32
+        a = _abs_buffer(n) if mags else None
         if raw is not None and (raw.dtype(key) == cdt or not inp.is_ckpt[i]):
-            raw.read_into(key, 0, n, x[r])
-            feed(hs[r], x[r])
-            if inp.is_ckpt[i]:
-                x[r].sub_(base32)
+            for lo in range(0, n, ROW_PIECE):
+                hi = min(n, lo + ROW_PIECE)
+                piece = x[r, lo:hi]
+                raw.read_into(key, lo, hi, piece)
+                feed(hs[r], piece)
+                if inp.is_ckpt[i]:
+                    piece.sub_(base32[lo:hi])
+                if mags:
+                    torch.abs(piece, out=a[lo:hi])
         else:
             x[r].copy_(inp._tau(i, key, base32))
+            if mags:
+                torch.abs(x[r], out=a)
         if density is not None:
-            rules[r] = topk_rule(_abs32(x[r]), k)
+            rule = rules[r] = topk_rule(a if mags else _abs32(x[r]), k, scratch=True)
+            if rule.ordered and cdt == torch.float32:
+                cuts[r] = ties_cut(x[r], rule)
 
     _run(inp, row, range(len(ids)))
     if inp.m.global_density(inp.p) is None and density is None:
@@ -292,17 +315,28 @@ def whole_rows(
     weights = [inp.states[i].weight for i in ids]
     step = span(len(ids), inp.chunk)
     bounds = [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+    cut = any(c is not None for c in cuts)
 
     def columns(part: list[tuple[int, int]]) -> None:
         for lo, hi in part:
-            inp.m.combine_rows(acc[lo:hi], x[:, lo:hi], rules, weights, inp.plan.scale, inp.p,
+            sliced = rules
+            if cut:
+                sliced = [slice_rule(ru, c, lo, hi) for ru, c in zip(rules, cuts, strict=True)]
+            inp.m.combine_rows(acc[lo:hi], x[:, lo:hi], sliced, weights, inp.plan.scale, inp.p,
                                info)
 
-    ordered = rules is not None and any(r is not None and r.ordered for r in rules)
+    ordered = rules is not None and any(
+        r is not None and r.ordered and c is None for r, c in zip(rules, cuts, strict=True))
     half = (len(bounds) + 1) // 2
     parts = [bounds] if ordered or inp.pool is None else [bounds[:half], bounds[half:]]
     _run(inp, columns, parts)
     return acc
+
+
+def _abs32(row: torch.Tensor) -> torch.Tensor:
+    """|row| as float32, in this thread's reused scratch buffer."""
+    buf = _abs_buffer(row.numel())
+    return torch.abs(row, out=buf) if row.dtype == torch.float32 else buf.copy_(row).abs_()
 
 
 def _run(inp: MergeInputs, fn, items) -> None:

@@ -63,7 +63,7 @@ def merge_rows(
     Computed on the stack with few passes: p_t = s x_t agrees iff p_t > 0, and
     sum_t x_t [agree] = s * sum_t max(p_t, 0) (exact: the signs are +-1).
     """
-    s = x.sum(0).sign_().add_(0.5).sign_()  # -1, or +1 where the sum is >= 0
+    s = x.sum(0).sign_().add_(0.5).sign_()
     x.mul_(s)
     agree = None
     if normalize:
@@ -75,4 +75,9 @@ def merge_rows(
     if any(w != 1.0 for w in absw):
         agree.mul_(torch.tensor(absw, dtype=x.dtype).reshape(-1, 1))
     denom = agree.sum(0)
+    tiny = torch.finfo(x.dtype).smallest_normal
+    if all(w == 0.0 or w >= tiny for w in absw):
+        # 0 / 0 -> 0 in one pass: where no term agrees the total is a zero (of either sign),
+        # and that zero over `tiny` is the same zero; every other denominator is >= tiny
+        return total.div_(denom.clamp_(min=tiny))
     return total.div_(denom.add_(denom.eq(0).to(denom.dtype)))  # 0 / 0 -> 0

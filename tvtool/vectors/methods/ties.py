@@ -6,6 +6,7 @@ theta = theta_0 + scale * elect_and_merge(x) (see `ops.elect_and_merge` for the 
 
 from __future__ import annotations
 
+import threading
 from typing import Literal
 
 from pydantic import Field
@@ -41,16 +42,37 @@ def ties_combine(base, xs, weights, scale: float, normalize: bool):
 
 def ties_rows(x, rules, weights: list[float], normalize: bool):
     """The merged delta of one slice of the stacked task vectors x ([T, c], overwritten):
-    trim every row by its rule, weight it, elect and merge (`topk.trim_rows`, `ops.merge_rows`)."""
+    trim every row by its rule, weight it, elect and merge (`topk.shrink_rows`, or
+    `topk.trim_rows` for float64 stacks and rules that take ties in order; `ops.merge_rows`).
+    `rules` items are `GlobalTopK` or `CutRule` (None: no trim)."""
     import torch
 
     from tvtool.vectors.methods.ops import merge_rows
-    from tvtool.vectors.methods.topk import trim_rows
+    from tvtool.vectors.methods.topk import shrink_rows, trim_rows
 
-    scratch = trim_rows(x, rules)
+    scratch = _scratch(x.shape, x.dtype)
+    if rules is not None:
+        if x.dtype == torch.float32 and not any(r.ordered for r in rules):
+            shrink_rows(x, rules, scratch)
+        else:
+            scratch = trim_rows(x, rules)
     if any(w != 1.0 for w in weights):
         x.mul_(torch.tensor(weights, dtype=x.dtype).reshape(-1, 1))
     return merge_rows(x, [abs(w) for w in weights], normalize, scratch)
+
+
+_local = threading.local()
+
+
+def _scratch(shape, dtype):
+    """A contiguous tensor of `shape` and `dtype` from this thread's reused buffer."""
+    import torch
+
+    n = shape[0] * shape[1]
+    buf = getattr(_local, "buf", None)
+    if buf is None or buf.numel() < n or buf.dtype != dtype:
+        buf = _local.buf = torch.empty(n, dtype=dtype)
+    return buf[:n].view(shape)
 
 
 class Ties(Method):
