@@ -273,8 +273,12 @@ def whole_rows(
     cdt = inp.cdtype(key)
     info = TensorInfo(key, tuple(inp.base.meta(key).shape))
     if acc is None:
-        b = inp.rows_base.read_into(key, 0, n, inp.ring.slot(n, inp.base.meta(key).dtype))
-        feed(base_hash, b)
+        b = inp.ring.slot(n, inp.base.meta(key).dtype)
+        if base_hash is None:  # the two halves read in parallel
+            _run(inp, lambda h: inp.rows_base.read_into(key, h[0], h[1], b[h[0]:h[1]]),
+                 [(0, n // 2), (n // 2, n)] if n >= 2 * ROW_PIECE else [(0, n)])
+        else:
+            feed(base_hash, inp.rows_base.read_into(key, 0, n, b))
         ckpt = any(inp.is_ckpt[i] for i in ids)
         base32 = b if b.dtype == torch.float32 or not ckpt else b.to(torch.float32)
         acc = b.to(cdt)

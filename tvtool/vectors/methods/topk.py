@@ -80,7 +80,7 @@ def partition_rule(a: torch.Tensor, k: int) -> GlobalTopK:
     bits.partition(j)
     v = bits[j]
     upper = int(np.count_nonzero(bits[j + 1 :] == v))  # the others above j are larger
-    lower = int(np.count_nonzero(bits[:j] == v))
+    lower = int(np.count_nonzero(bits[:j] == v)) if j and bits[:j].max() == v else 0
     value = float(np.array([v], dtype=np.int32).view(np.float32)[0])
     return GlobalTopK(value=value, ties=1 + upper, equal=lower + 1 + upper)
 
