@@ -96,6 +96,7 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "extract.json")
     ap.add_argument("--repeat", type=int, default=3, help="interleaved runs; the minimum counts")
+    ap.add_argument("--note", default=None, help="recorded with the result (e.g. the conditions)")
     args = ap.parse_args()
     load0 = os.getloadavg()[0]  # other work on the machine, recorded with the result
 
@@ -142,6 +143,8 @@ def main() -> None:
         "ratios": ratios,
         "load_avg_1min": [round(load0, 2), round(os.getloadavg()[0], 2)],  # start, end
     }
+    if args.note:
+        info["note"] = args.note
     print(f"synthetic ViT-B/32-like pair: {params / 1e6:.1f}M params in {len(shapes)} tensors, "
           f"{params * 4 / 1e6:.0f} MB per checkpoint, largest tensor {largest * 4 / 1e6:.1f} MB")
     print(f"tvtool / naive {ratios['tvtool_over_naive']:.2f} (target <= 1.3), "

@@ -112,6 +112,7 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp dir)")
     ap.add_argument("--repeats", type=int, default=3, help="interleaved runs of every mode")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "inspect.json")
+    ap.add_argument("--note", default=None, help="recorded with the result (e.g. the conditions)")
     args = ap.parse_args()
     load0 = os.getloadavg()[0]  # other work on the machine, recorded with the result
 
@@ -150,6 +151,8 @@ def main() -> None:
         "rows": rows,
         "target": {"tvtool_x_read_max": 2.0},
     }
+    if args.note:
+        info["note"] = args.note
     print(f"{args.vectors} vectors of {params / 1e6:.1f}M params ({params * 4 / 1e6:.0f} MB each), "
           f"largest tensor {largest * 4 / 1e6:.1f} MB")
     print_rows_and_save(rows, info, args.out)

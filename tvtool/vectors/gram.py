@@ -2,7 +2,7 @@
 their pairwise sums (Gram matrix, sign agreement), for `inspect` and `select --score norm`.
 
 Two worker threads (one per core) take alternate keys. A worker walks its key in column
-slices (`SLICE` columns for 8 rows, fewer for more rows: about 4 MB, so that both workers'
+slices (`SLICE` columns for 8 rows, fewer for more rows: about 2 MB, so that both workers'
 slices stay in the L3 cache; larger slices mean fewer calls, each a hand-over of the GIL): it
 reads that slice of every holder's tensor into one small reused [rows, columns] buffer
 (positioned reads of just those bytes, `range_reader`; readers without them give the whole
@@ -39,7 +39,7 @@ import torch
 from tvtool.errors import TvtoolError
 
 CHUNK = 1 << 12  # columns per float32 product (summed in float64)
-SLICE = 1 << 17  # columns read and reduced together for 8 rows (x 8/rows: a ~4 MB buffer)
+SLICE = 1 << 16  # columns read and reduced together for 8 rows (x 8/rows: a ~2 MB buffer)
 WORKERS = 2  # threads reading and reducing keys (one per core)
 PAD = 16  # floats after each row of a slice buffer: rows 2**k floats apart share cache sets
 
