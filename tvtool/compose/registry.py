@@ -98,6 +98,9 @@ SCORES: dict[str, Score] = {
               True, False),
         Score("fisher-unit", "fisher / ||tau_block||^2: the Fisher along tau's unit direction "
               "(scale-free)", True, True, False),
+        Score("gain", "per block, the best subset of --top vectors by the loss decrease of a "
+              "quadratic (empirical-Fisher) model, g_S^T F_SS^-1 g_S / 2 (scale-free)", True,
+              True, False),
         Score("importance", "|tau * dL/dtheta| per element", True, False, True, True),
         Score("norm", "data-free |tau| (pairs by block norm, masks by magnitude)", False, True,
               True),

@@ -26,8 +26,10 @@ from tvtool.compose.select import (
     element_masks,
     fisher_scores,
     fisher_unit_scores,
+    gain_moments,
     grad_scores,
     keep_budget,
+    keep_gain,
     keep_top,
     norm_scores,
     pair_bytes,
@@ -69,7 +71,7 @@ def run_select(
         )
     else:
         plan = plan_from_vectors(store, opts.vectors)
-    grads, data_info, fisher = None, [], None
+    grads, data_info, scorer = None, [], None
     if needs_data:
         objective = get_objective(opts.objective.name)
         specs = data_specs(list(opts.data), classnames=opts.classnames, heads=opts.heads)
@@ -91,15 +93,20 @@ def run_select(
             )
             sets.append((t.folder, t.train_idx, t.labels, t.head))
             data_info.append(DataInfo(name=t.name, **t.info))
-        if opts.score in ("fisher", "fisher-unit"):  # scored per batch once blocks are known
+        if opts.score in ("fisher", "fisher-unit", "gain"):  # per batch once blocks are known
 
-            def fisher(blocks):
-                s = fisher_scores(
-                    store, plan, blocks, clip, objective, sets, opts.batch_size, on_batch
-                )
+            def scorer(blocks, covered):
+                """(scores [T, B], kept pairs or None: the top scores)."""
+                args = (store, plan, blocks, clip, objective, sets, opts.batch_size, on_batch)
+                if opts.score == "gain":
+                    g, F = gain_moments(*args)
+                    # --budget-mb: pairs ranked by the gain of each vector alone
+                    scores, keep = keep_gain(g, F, covered, opts.top or 1)
+                    return scores, keep if opts.top is not None else None
+                s = fisher_scores(*args)
                 if opts.score == "fisher-unit":
                     s = fisher_unit_scores(s, norm_scores(store, plan, blocks))
-                return s
+                return s, None
         else:
             grads = base_gradient(clip, plan, objective, sets, opts.batch_size, on_batch)
     common: dict[str, Any] = {
@@ -114,7 +121,7 @@ def run_select(
     if kind == "mask":
         return MasksReport(kind="mask", **common, **_masks(store, plan, opts, grads, common, warn))
     return SelectionReport(
-        kind="selection", **common, **_selection(store, plan, opts, grads, common, fisher)
+        kind="selection", **common, **_selection(store, plan, opts, grads, common, scorer)
     )
 
 
@@ -124,23 +131,24 @@ def _selection(
     opts: SelectRequest,
     grads,
     common: dict[str, Any],
-    fisher: Callable | None = None,
+    scorer: Callable | None = None,
 ) -> dict[str, Any]:
     try:
         blocks = make_blocks(plan.shapes(), opts.granularity)  # type: ignore[arg-type]
     except ValueError as e:
         raise TvtoolError(str(e)) from None
-    if fisher is not None:
-        scores = fisher(blocks)
+    nbytes = pair_bytes(plan, blocks, ELEMENT_SIZE[opts.vector_dtype])
+    covered = nbytes > 0
+    keep = None
+    if scorer is not None:
+        scores, keep = scorer(blocks, covered)
     elif grads is not None:
         scores = grad_scores(store, plan, blocks, grads)
     else:
         scores = norm_scores(store, plan, blocks)
-    nbytes = pair_bytes(plan, blocks, ELEMENT_SIZE[opts.vector_dtype])
-    covered = nbytes > 0
-    if opts.top is not None:
+    if keep is None and opts.top is not None:
         keep = keep_top(scores, covered, opts.top)
-    else:
+    elif keep is None:
         keep = keep_budget(scores, covered, nbytes, int(opts.budget_mb * 1e6))  # type: ignore[operator]
     kept_bytes = sum(int(nbytes[p]) for p in keep)
     doc = SelectionDoc(
