@@ -146,8 +146,11 @@ def notes(r: dict[str, Any]) -> list[str]:
         out.append(
             f"addition: theta_0 + {add['scale']:g} x sum of {len(r['tasks'])} task "
             "vectors (scale chosen on validation by mean normalised accuracy); learned "
-            f"add.: block-wise coefficients from {16} shots of every task domain"
+            f"add.: block-wise coefficients from {add.get('shots', SHOTS)} shots of every task "
+            "domain"
         )
+        if add.get("partitions", 1) > 1:
+            out[-1] += f" ({add['partitions']} random partitions per tensor)"
         norm = r.get("summary", {}).get("normalised", {})
         if _ok(norm.get("learned_addition")) and _ok(norm.get("addition")):
             out[-1] += (
@@ -175,8 +178,8 @@ def notes(r: dict[str, Any]) -> list[str]:
         )
         out.append(
             f"top-{r.get('selection_top')}: only the top-{r.get('selection_top')} vectors "
-            f"per block (select --top --score {r.get('selection_score')}) learned and held on "
-            "the device: "
+            f"per block (select --top --score {r.get('selection_score')}{_granularity(r)}) "
+            "learned and held on the device: "
             f"{100 * sel['memory_fraction']:.0f}% of the vector memory{mb}, "
             f"{sel['mean_accuracy_loss']:.1f} points lost on average"
         )
@@ -204,22 +207,39 @@ def notes(r: dict[str, Any]) -> list[str]:
     return out
 
 
+def _granularity(r: dict[str, Any]) -> str:
+    g = r.get("selection_granularity")
+    return f" --granularity {g}" if g and g != "tensor" else ""
+
+
 def kept_line(r: dict[str, Any]) -> str | None:
-    """Which vectors `select --top N` kept for each held-out domain (blocks kept / blocks)."""
+    """Which vectors `select --top N` kept for each held-out domain (blocks kept / blocks; with
+    one block, whole vectors: their names)."""
     parts = []
+    blocks = next(
+        (r["domains"][d]["blocks"] for d in r["targets"] if r["domains"][d].get("kept")), None
+    )
     for d in r["targets"]:
         v = r["domains"].get(d, {})
         if not v.get("kept"):
             continue
         counts = sorted(v["kept"].items(), key=lambda kv: (-kv[1], kv[0]))
-        each = ", ".join(f"{name.rsplit('/', 1)[-1]} {n}" for name, n in counts)
+        if blocks == 1:
+            each = ", ".join(name.rsplit("/", 1)[-1] for name, n in counts if n)
+        else:
+            each = ", ".join(f"{name.rsplit('/', 1)[-1]} {n}" for name, n in counts)
         parts.append(f"{d}: {each}")
     if not parts:
         return None
-    blocks = next(r["domains"][d]["blocks"] for d in r["targets"] if r["domains"][d].get("kept"))
+    score = f"select --score {r.get('selection_score')}{_granularity(r)}"
+    if blocks == 1:
+        return (
+            f"top-{r.get('selection_top')} kept ({score}: one block per whole vector, so the "
+            "same vectors in every tensor): " + "; ".join(parts)
+        )
     return (
-        f"top-{r.get('selection_top')} kept (select --score {r.get('selection_score')}; of the "
-        f"{blocks} blocks, how many kept each vector): " + "; ".join(parts)
+        f"top-{r.get('selection_top')} kept ({score}; of the {blocks} blocks, how many kept "
+        "each vector): " + "; ".join(parts)
     )
 
 
