@@ -15,6 +15,13 @@ median plain, so a machine shared with other work slows both alike. `--clock cpu
 the thread's CPU time instead of the wall clock (meaningful with `--threads 1`: a loaded
 machine then hardly moves the numbers).
 
+Floors, timed in the same process between the steps: each step must read every vector twice
+(for theta, then for dL/dLambda), so `floor_ratio` = (plain + the time to read the vectors'
+bytes twice, as fp32 words by torch.mv) / plain is the least ratio a compose step can have on
+that machine; `mv_floor_ratio` does the same with two torch.mv passes in the vectors' own dtype
+(on a CPU without native half arithmetic torch's fp16/bf16 kernels convert element by element
+and run below memory speed: that is where fp16 stacks meet their floor in practice).
+
 Memory: on CUDA the peak of torch.cuda.max_memory_allocated over the steps minus what was
 allocated before the vectors (model + batch); on CPU the peak resident set (VmHWM) minus the
 resident set at that same point. "extra" = step memory of compose - plain - the vectors' bytes:
@@ -61,6 +68,16 @@ def _rss(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def child(cfg: dict) -> dict:
@@ -169,6 +186,8 @@ def child(cfg: dict) -> dict:
     else:
         peak_now = _rss("VmHWM") - before
     plain_times: list[float] = []
+    floor_times: list[float] = []
+    mv_times: list[float] = []
     if cfg["mode"] == "compose":  # plain steps of the same model, alternating with compose's
         frozen = list(params.values())
 
@@ -183,22 +202,50 @@ def child(cfg: dict) -> dict:
                 p.requires_grad_(False)
                 p.grad = None
 
+        views = []  # each stack as rows of fp32 words (its bytes) and as rows of its dtype
+        for s in stacks:
+            flat = s.tensor.reshape(-1)
+            flat = flat[: flat.numel() - flat.numel() % (4 // flat.element_size())]
+            words = flat.view(torch.float32)
+            rows = s.tensor.shape[0] * s.tensor.shape[1]
+            words = words.view(rows, -1) if words.numel() % rows == 0 else words.view(1, -1)
+            mat = s.tensor.reshape(rows, -1)
+            views.append((words, words.new_ones(words.shape[1]), mat, mat.new_ones(mat.shape[1])))
+
+        def read_twice():  # the floor: every vector byte read twice, at streaming speed
+            for words, ones, _, _ in views:
+                torch.mv(words, ones)
+                torch.mv(words, ones)
+
+        def mv_twice():  # two passes of torch's matrix-vector product in the vectors' dtype
+            for _, _, mat, ones in views:
+                torch.mv(mat, ones)
+                torch.mv(mat, ones)
+
         plain_step()
+        read_twice()
+        mv_twice()
         times = []
         for _ in range(cfg["steps"]):
             plain_times.append(timed(plain_step))
             times.append(timed(step))
+            floor_times.append(timed(read_twice))
+            mv_times.append(timed(mv_twice))
     peak = peak_now
     if device.type == "cuda":
         dev_name = torch.cuda.get_device_name(device)
     else:
-        dev_name = platform.processor() or platform.machine()
+        dev_name = _cpu_name()
     times.sort()
     plain_times.sort()
+    floor_times.sort()
+    mv_times.sort()
     return {
         "step_s": times[len(times) // 2],
         "step_min_s": times[0],
         "plain_step_s": plain_times[len(plain_times) // 2] if plain_times else None,
+        "floor_s": floor_times[len(floor_times) // 2] if floor_times else None,
+        "mv_floor_s": mv_times[len(mv_times) // 2] if mv_times else None,
         "peak_bytes": peak,
         "vector_bytes": vector_bytes,
         "device": str(device),
@@ -278,7 +325,11 @@ def main() -> None:
             r = run_child({**base, "mode": "compose", "vectors": n, "dtype": dtype})
             rows.append({"mode": "compose", "vectors": n, "dtype": dtype, **r})
     for r in rows:
-        r["step_ratio"] = r["step_s"] / (r.get("plain_step_s") or plain["step_s"])
+        ref = r.get("plain_step_s") or plain["step_s"]
+        r["step_ratio"] = r["step_s"] / ref
+        for k in ("floor", "mv_floor"):  # the ratio a step at that floor would have
+            if r.get(f"{k}_s") is not None:
+                r[f"{k}_ratio"] = (ref + r[f"{k}_s"]) / ref
         r["extra_bytes"] = r["peak_bytes"] - plain["peak_bytes"] - r["vector_bytes"]
 
     print(
@@ -286,18 +337,22 @@ def main() -> None:
         f"model {args.model_config or args.model} "
         f"image tower {plain['params'] / 1e6:.1f}M params; batch {base['batch_size']}; "
         f"partitions {args.partitions}; threads {args.threads or torch.get_num_threads()}; "
-        f"clock {args.clock}; 'x plain': median step / median plain step of the same process"
+        f"clock {args.clock}; 'x plain': median step / median plain step of the same process; "
+        "'floor': (plain + reading the vectors' bytes twice) / plain, 'mv fl': the same with "
+        "two torch.mv passes in the vectors' dtype, both timed in that process between steps"
     )
     head = (
-        f"{'mode':<8} {'T':>3} {'dtype':<8} {'step ms':>9} {'x plain':>8} {'vectors MB':>11} "
+        f"{'mode':<8} {'T':>3} {'dtype':<8} {'step ms':>9} {'x plain':>8} {'floor':>6} "
+        f"{'mv fl':>6} {'vectors MB':>11} "
         f"{'peak MB':>9} {'extra MB':>9}"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
+        fl = [f"{r[k]:.2f}" if k in r else "-" for k in ("floor_ratio", "mv_floor_ratio")]
         print(
             f"{r['mode']:<8} {r['vectors']:>3} {r['dtype']:<8} {1e3 * r['step_s']:>9.1f} "
-            f"{r['step_ratio']:>8.2f} {r['vector_bytes'] / 1e6:>11.1f} "
+            f"{r['step_ratio']:>8.2f} {fl[0]:>6} {fl[1]:>6} {r['vector_bytes'] / 1e6:>11.1f} "
             f"{r['peak_bytes'] / 1e6:>9.1f} "
             f"{r['extra_bytes'] / 1e6:>9.1f}"
         )

@@ -75,6 +75,8 @@ def _compose_rows(name: str, doc: dict) -> list[list[str]]:
             what = f"compose step, {r['vectors']} vectors {r['dtype']}"
             extra = f"{r['extra_bytes'] / 1e6:.0f} MB beyond plain + vectors"
             ratio = f"{r['step_ratio']:.2f}x plain"
+            if isinstance(r.get("floor_ratio"), (int, float)):  # least possible, same run
+                ratio += f" (floor {r['floor_ratio']:.2f}x, dtype mv {r['mv_floor_ratio']:.2f}x)"
         rows.append([name, what, f"{1e3 * r['step_s']:.1f} ms", extra, ratio])
     return rows
 

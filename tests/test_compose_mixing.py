@@ -173,3 +173,38 @@ def test_parts_into_reused_buffers_match_plain_autograd():
     mixing.compose_parts(lam, stack, base, out, scratch)
     with pytest.raises(RuntimeError):
         old.sum().backward()
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 8, 12, 35 * N_VEC, 10**6])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_half_chunks_of_any_size_match_plain_autograd(monkeypatch, dtype, chunk):
+    """The CPU half-precision forward upcasts [n, CHUNK // n] slices into one reused fp32
+    buffer and adds the base in the same product: slices that do not divide a row (35
+    elements), of one column (CHUNK < n), or wider than the row; into a reused theta buffer
+    and into fresh memory; the fp16 fp32-fallback backward (overflow) included."""
+    monkeypatch.setattr(mixing, "CHUNK", chunk)
+    monkeypatch.setattr(mixing, "HALF_MV", N_VEC + 1)  # backward by the chunked upcasts too
+    tau, base, lam, ids, stack = _case(dtype, 1)
+    lam_a, lam_b = lam[..., 0].clone().requires_grad_(True), lam.clone().requires_grad_(True)
+    out = torch.full_like(base, float("nan"))  # stale contents must not leak into theta
+    parts = mixing.compose_parts(lam_a[..., None], stack, base, out, base.new_empty(35))
+    ref = _plain(tau, base, lam_b, ids)
+    torch.testing.assert_close(torch.stack(parts), ref, **EXACT)
+    up = torch.randn_like(ref)
+    (ga,) = torch.autograd.grad(parts, lam_a, list(up.unbind(0)))
+    (gb,) = torch.autograd.grad(ref, lam_b, up)
+    torch.testing.assert_close(ga, gb[..., 0], **EXACT)
+    fresh = mixing._w_times_stack(lam[..., 0].unsqueeze(1), tau.reshape(L, N_VEC, -1), None)
+    torch.testing.assert_close(fresh.view(ref.shape), ref - base, **EXACT)
+    if dtype == torch.float16:  # every fp16 product overflows: recomputed by upcasts, exactly
+        monkeypatch.setattr(mixing, "HALF_MV", 1)
+        big = torch.full_like(tau, 60000.0)
+        stack = Stack(["a", "b", "c"], ["a", "b", "c"], SHAPE, list(range(N_VEC)), big.clone())
+        pos = up.abs()  # sums of 35 products of 60000 and up to 1: beyond fp16's 65504
+        (ga,) = torch.autograd.grad(
+            mixing.compose_parts(lam_a[..., None], stack, base), lam_a, list(pos.unbind(0))
+        )
+        expected = torch.einsum(
+            "lnm,lm->ln", big.double().reshape(L, N_VEC, -1), pos.double().reshape(L, -1)
+        )
+        torch.testing.assert_close(ga.double(), expected, rtol=1e-5, atol=1e-2)

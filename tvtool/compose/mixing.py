@@ -21,8 +21,10 @@ underflow. On the CPU torch's fp16 matrix-vector product (fp32 accumulation) run
 speed but its other half products do not: the backward of an fp16 stack of `HALF_MV` or more
 vectors is that product on the gradient rescaled by a power of two (exact) and cast to fp16,
 one row pass per parameter (a non-finite result, an fp16 overflow, is recomputed in fp32); the
-forward, and bf16 or narrow stacks, upcast `CHUNK`-element slices of the stack into one reused
-fp32 scratch buffer (cache-sized; no fresh pages per step) and multiply from there. Per step
+forward, and bf16 or narrow stacks, upcast `CHUNK`-element slices of the stack ([n, CHUNK // n])
+into one reused fp32 scratch buffer that stays in the last-level cache (no fresh pages per step,
+no trip of the fp32 copy through main memory) and multiply from there, the forward adding the
+base in the same product (theta_slice = base_slice + w @ slice: no separate pass over theta). Per step
 each vector is read twice (theta, then dL/dLambda), the least possible: on the CPU the step
 is memory-bandwidth bound once the vectors outweigh the model's arithmetic (bench/compose.py).
 Base weights and vectors never receive gradients.
@@ -36,7 +38,7 @@ import torch
 
 from tvtool.models.bank import Stack
 
-CHUNK = 1 << 21  # elements of a half-precision CPU stack upcast to fp32 at a time (8 MB)
+CHUNK = 3 << 18  # elements of a half-precision CPU stack upcast to fp32 at a time (3 MB: L3)
 HALF = (torch.float16, torch.bfloat16)
 HALF_MV = 4  # fp16 CPU stacks of this many vectors or more: backward by fp16 products
 _SCRATCH: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
@@ -113,18 +115,19 @@ def _w_times_stack(
         r = d.to(w.dtype) if base is None else base + d
         return r if out is None else out.copy_(r)
     B, n, M = st.shape
-    if out is None and base is None:
-        out = torch.zeros(B, 1, M, dtype=w.dtype, device=st.device)
-    elif out is None:
-        out = base.clone()
-    elif base is None:
-        out.zero_()
-    else:
-        out.copy_(base)
+    if out is None:
+        out = torch.empty(B, 1, M, dtype=w.dtype, device=st.device)
     step = max(1, CHUNK // max(1, n))
+    buf = _scratch(n * min(step, M), w.dtype, st.device)
     for b in range(B):
+        s, o, wb = st[b], out[b], w[b]
         for a in range(0, M, step):
-            out[b, :, a : a + step].addmm_(w[b], _upcast(st[b], a, step, w.dtype))
+            e = min(a + step, M)
+            u = buf[: n * (e - a)].view(n, e - a).copy_(s[:, a:e])  # cache-resident fp32
+            if base is None:
+                torch.mm(wb, u, out=o[:, a:e])
+            else:  # base added in the same product: no separate pass over theta
+                torch.addmm(base[b, :, a:e], wb, u, out=o[:, a:e])
     return out
 
 
