@@ -71,9 +71,10 @@ def _half_mv(st: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> None:
     """out [n] (g's dtype) = st [n, M] (fp16, CPU) @ g [M]: torch's fp16 product with fp32
     accumulation on the power-of-two-scaled gradient; recomputed in fp32 if it overflows."""
     s = _pow2_scale(g)
-    r = torch.mv(st, (g * s).to(st.dtype))
+    gs = torch.mul(g, s, out=_scratch(g.numel(), st.dtype, st.device))  # one pass, reused memory
+    r = torch.mv(st, gs)
     if bool(torch.isfinite(r).all()):
-        out.copy_(r.to(g.dtype) / s)
+        torch.div(r.to(g.dtype), s, out=out)
         return
     out.zero_()
     _upcast_mv(st, g, out)
