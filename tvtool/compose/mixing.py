@@ -24,8 +24,8 @@ one row pass per parameter (a non-finite result, an fp16 overflow, is recomputed
 forward, and bf16 or narrow stacks, upcast `CHUNK`-element slices of the stack ([n, CHUNK // n])
 into one reused fp32 scratch buffer that stays in the last-level cache (no fresh pages per step,
 no trip of the fp32 copy through main memory) and multiply from there, the forward adding the
-base in the same product (theta_slice = base_slice + w @ slice: no separate pass over theta). Per step
-each vector is read twice (theta, then dL/dLambda), the least possible: on the CPU the step
+base in the same product (theta_slice = base_slice + w @ slice: no separate pass over theta).
+Per step each vector is read twice (theta, then dL/dLambda), the least possible: on the CPU the step
 is memory-bandwidth bound once the vectors outweigh the model's arithmetic (bench/compose.py).
 Base weights and vectors never receive gradients.
 """
