@@ -19,8 +19,8 @@ Half-precision stacks on CUDA multiply in their dtype (half the memory traffic) 
 fp32 base; the gradient is rescaled before its cast to half so that small gradients do not
 underflow. On the CPU torch's fp16 matrix-vector product (fp32 accumulation) is its fastest half
 product (about as many elements a second as fp32 from memory on AVX2 without native half
-arithmetic: half the byte rate; the others are slower still): the backward of an fp16 stack of `HALF_MV` or more
-vectors is that product on the gradient rescaled by a power of two (exact) and cast to fp16,
+arithmetic: half the byte rate; the others are slower still): the backward of an fp16 stack of
+`HALF_MV` or more vectors is that product on the gradient rescaled by a power of two (exact) and cast to fp16,
 one row pass per parameter (a non-finite result, an fp16 overflow, is recomputed in fp32); the
 forward, and bf16 or narrow stacks, upcast `CHUNK`-element slices of the stack ([n, CHUNK // n])
 into one reused fp32 scratch buffer that stays in the last-level cache (no fresh pages per step,
