@@ -20,14 +20,15 @@ fp32 base; the gradient is rescaled before its cast to half so that small gradie
 underflow. On the CPU torch's fp16 matrix-vector product (fp32 accumulation) is its fastest half
 product (about as many elements a second as fp32 from memory on AVX2 without native half
 arithmetic: half the byte rate; the others are slower still): the backward of an fp16 stack of
-`HALF_MV` or more vectors is that product on the gradient rescaled by a power of two (exact) and cast to fp16,
-one row pass per parameter (a non-finite result, an fp16 overflow, is recomputed in fp32); the
-forward, and bf16 or narrow stacks, upcast `CHUNK`-element slices of the stack ([n, CHUNK // n])
-into one reused fp32 scratch buffer that stays in the last-level cache (no fresh pages per step,
-no trip of the fp32 copy through main memory) and multiply from there, the forward adding the
-base in the same product (theta_slice = base_slice + w @ slice: no separate pass over theta).
-Per step each vector is read twice (theta, then dL/dLambda), the least possible: on the CPU the step
-is memory-bandwidth bound once the vectors outweigh the model's arithmetic (bench/compose.py).
+`HALF_MV` or more vectors is that product on the gradient rescaled by a power of two (exact) and
+cast to fp16, one row pass per parameter (a non-finite result, an fp16 overflow, is recomputed
+in fp32); the forward, and bf16 or narrow stacks, upcast `CHUNK`-element slices of the stack
+([n, CHUNK // n]) into one reused fp32 scratch buffer that stays in the last-level cache (no
+fresh pages per step, no trip of the fp32 copy through main memory) and multiply from there, the
+forward adding the base in the same product (theta_slice = base_slice + w @ slice: no separate
+pass over theta). Per step each vector is read twice (theta, then dL/dLambda), the least
+possible: on the CPU the step is memory-bandwidth bound once the vectors outweigh the model's
+arithmetic (bench/compose.py).
 Base weights and vectors never receive gradients.
 """
 
