@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from tvtool.compose.objectives import get_objective
-from tvtool.compose.select import gain_moments, keep_gain
+from tvtool.compose.select_gain import gain_moments, keep_gain
 from tvtool.datasets import images as mdata
 from tvtool.models.functional import encode_images, visual_params
 from tvtool.vectors.blocks import make_blocks

@@ -26,14 +26,13 @@ from tvtool.compose.select import (
     element_masks,
     fisher_scores,
     fisher_unit_scores,
-    gain_moments,
     grad_scores,
     keep_budget,
-    keep_gain,
     keep_top,
     norm_scores,
     pair_bytes,
 )
+from tvtool.compose.select_gain import gain_moments, keep_gain
 from tvtool.errors import TvtoolError
 from tvtool.models.bank import BankPlan, plan_bank, plan_from_vectors
 from tvtool.store.store import Store, check_ref_name
