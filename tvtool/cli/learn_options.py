@@ -53,22 +53,33 @@ VecDtypeOpt = Annotated[
     str,
     typer.Option(
         "--vector-dtype",
-        help="Dtype of the vectors on the device (auto: fp16 on CUDA, fp32 on CPU), "
-        "fp32, fp16 or bf16; select's --budget-mb counts bytes in it.",
+        help="Dtype of the vectors on the device: auto (fp16 on CUDA, fp32 on CPU), fp32, "
+        "fp16 or bf16.",
+    ),
+]
+BudgetDtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--vector-dtype",
+        help="Dtype --budget-mb counts the vectors' bytes in (the one compose will hold them in "
+        "on the device): fp32, fp16 or bf16.",
     ),
 ]
 
 
 def learn_options(vector_dtype: str) -> list[inspect.Parameter]:
     """--objective, --shots, --threshold, --granularity, --seed and --vector-dtype (default
-    `vector_dtype`), as compose and select take them."""
+    `vector_dtype`: "auto" is compose's device dtype, a fixed one select's budget dtype), as
+    compose and select take them."""
     return [
         option("objective", ObjectiveOpt, "ce"),
         option("shots", ShotsOpt),
         option("threshold", ThresholdOpt, 0.99),
         option("granularity", GranularityOpt, "tensor"),
         option("seed", SeedOpt, 0),
-        option("vector_dtype", VecDtypeOpt, vector_dtype),
+        option(
+            "vector_dtype", VecDtypeOpt if vector_dtype == "auto" else BudgetDtypeOpt, vector_dtype
+        ),
     ]
 
 

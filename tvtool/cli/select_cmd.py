@@ -128,7 +128,8 @@ def select_command(
     `compose --selection` (--top N per block, or --budget-mb M). fisher: sum over batches of
     (dL/dLambda)^2; fisher-unit: that / ||tau_block||^2, the Fisher along each vector's unit
     direction (a learned coefficient absorbs tau's scale, so size alone does not win a block).
-    importance: |tau * dL/dtheta|
+    gain: per block, the --top N vectors whose coefficients a quadratic (empirical-Fisher) model
+    of the loss says help most together. importance: |tau * dL/dtheta|
     per element -> one `mask` per vector for `merge --method mask` (--density d). norm: data-free
     |tau| (selection with --top/--budget-mb, masks with --density; no model needed).
     """
