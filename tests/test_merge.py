@@ -138,6 +138,30 @@ def test_ties_global_scope_matches_ties_on_concatenated_vectors(world):
         assert torch.allclose(out[k], base[k] + 0.8 * merged[k], atol=1e-6), k
 
 
+@pytest.mark.parametrize("chunk", [7, 1 << 20])
+def test_ties_global_with_ties_at_the_threshold_in_several_tensors(tmp_path, monkeypatch, chunk):
+    """Quantised vectors: the threshold value occurs in several tensors and only some of its
+    entries are kept: the first ones in key order, then row-major (a stable sort of the
+    concatenation), with many slices per tensor or one."""
+    from tvtool.vectors import merge_stream
+
+    monkeypatch.setattr(merge_stream, "CHUNK", chunk)
+    base = {k: _rand(s, i) for i, (k, s) in enumerate(SHAPES.items())}
+    save_safetensors(tmp_path / "base.safetensors", base)
+    store, taus = Store(), []
+    for t in range(3):
+        tau = {k: (_rand(s, 10 * t + i) * 2).round() / 20
+               for i, (k, s) in enumerate(SHAPES.items())}
+        store.set_ref(f"q{t}", save_tensor_object(store, "vector", tau).digest)
+        taus.append(tau)
+    out, _, _ = run(store, tmp_path, ["q0", "q1", "q2:0.5"], method="ties", density=0.3)
+    xs = [_ref_trim(_flat(taus[0]), 0.3), _ref_trim(_flat(taus[1]), 0.3),
+          0.5 * _ref_trim(_flat(taus[2]), 0.3)]
+    merged = _unflat(_ref_ties(xs, [1.0, 1.0, 0.5]))
+    for k in SHAPES:
+        assert torch.allclose(out[k], base[k] + merged[k], atol=1e-6), k
+
+
 def test_ties_tensor_scope_trims_each_tensor_and_differs_from_global(world):
     tmp, store, base, taus = world
     out, _, _ = run(store, tmp, ["t0", "t1"], method="ties", scope="tensor", density=0.25)

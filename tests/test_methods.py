@@ -130,6 +130,32 @@ def test_band_threshold_from_a_sample_equals_the_sort(levels, density):
     assert torch.equal(got, ref_topk(a, k))
 
 
+@pytest.mark.parametrize("density", [0.01, 0.3, 0.97])
+def test_band_threshold_knows_where_its_kept_ties_end(density):
+    """With positions, the rule says where the ties it keeps stop (`cut`), so the tensors of a
+    vector can be trimmed in any order, slice by slice, and still keep the first ties."""
+    g = torch.Generator().manual_seed(int(density * 100))
+    a = (torch.randn(300_000, generator=g).abs() * 20).round() / 20  # many ties at the threshold
+    n, k = a.numel(), topk_count(a.numel(), density)
+    band = BandKth(k, n, a[5::11].contiguous())
+    for off in range(0, n, 30_000):
+        band.add(a[off: off + 30_000], off)
+    rule = band.result()
+    assert rule is not None and rule.ordered and rule.cut is not None
+    ref = a * ref_topk(a, k)
+    edges = [0, 1000, 77_777, 150_001, 299_999, n]  # "tensors" of the vector, trimmed last first
+    got = torch.empty_like(a)
+    for lo_t, hi_t in reversed(list(zip(edges, edges[1:], strict=False))):
+        tensor_rule, cut = rule.at(lo_t, hi_t - lo_t)
+        for lo in range(lo_t, hi_t, 4099):
+            hi = min(hi_t, lo + 4099)
+            x = a[lo:hi].clone().reshape(1, -1)
+            sliced = topk.slice_rule(tensor_rule, cut, lo - lo_t, hi - lo_t)
+            topk.shrink_rows(x, [sliced], torch.empty_like(x))
+            got[lo:hi] = x[0]
+    assert torch.equal(got, ref)
+
+
 def test_band_threshold_misled_by_its_sample_says_so():
     a = torch.rand(20_000, generator=torch.Generator().manual_seed(1))
     band = BandKth(1000, a.numel(), torch.rand(5000) * 0.01)  # a sample of another stream

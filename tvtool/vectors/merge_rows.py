@@ -98,10 +98,16 @@ def _threshold(inp: MergeInputs, i: int, density: float, progress: Progress) -> 
     try:
         sample, exact = _sample(inp, i, base)
         band = BandKth(k, t.numel, sample, exact)
+        offsets, pos = inp.states[i].offsets, 0
+        for key in t.keys:
+            offsets[key] = pos
+            pos += inp.base.meta(key).numel
         if band.needs_passes:
             for j, key in enumerate(t.keys):
+                pos = offsets[key]
                 for x in inp.term_slices(i, key, base):
-                    band.add(x.abs_().to(torch.float32))
+                    band.add(x.abs_().to(torch.float32), pos)
+                    pos += x.numel()
                 progress(f"top-k {i + 1}/{len(inp.states)}", j + 1, len(t.keys))
         rule = band.result()
         if rule is None:  # the sample misled: exact histogram passes
@@ -160,7 +166,7 @@ def stacked_pieces(
     cdt = inp.cdtype(key)
     meta = inp.base.meta(key)
     info = TensorInfo(key, tuple(meta.shape))
-    rules = [inp.states[i].topk for i in ids]
+    rules, cuts = _resolved(inp, key, ids, meta.numel)
     weights = [inp.states[i].weight for i in ids]
     ckpt = any(inp.is_ckpt[i] for i in ids)
     direct = cdt == torch.float32 or not ckpt  # else: float32 differences, as `extract`
@@ -188,8 +194,9 @@ def stacked_pieces(
     pool = inp.reader_pool
     if pool is not None and base_hash is None and not hashed and (direct or not ckpt) and all(
         inp.vec_slices[i].dtype(key) == cdt for i in ids
-    ) and not any(r is not None and r.ordered for r in rules):
-        yield from _parallel_slices(inp, key, ids, bounds, rules, weights, cdt, info)
+    ) and not any(r is not None and r.ordered and c is None for r, c in zip(rules, cuts,
+                                                                            strict=True)):
+        yield from _parallel_slices(inp, key, ids, bounds, rules, cuts, weights, cdt, info)
         return
     ahead: Future | None = None
     for j in range(len(bounds)):
@@ -206,13 +213,35 @@ def stacked_pieces(
                 if inp.is_ckpt[i]:
                     x[r].sub_(b32)
         acc = b.to(cdt)
-        yield inp.m.combine_rows(acc, x, rules, weights, inp.plan.scale, inp.p, info)
+        sliced = _sliced(rules, cuts, *bounds[j])
+        yield inp.m.combine_rows(acc, x, sliced, weights, inp.plan.scale, inp.p, info)
 
 
-def _parallel_slices(inp: MergeInputs, key: str, ids: list[int], bounds, rules, weights,
+def _resolved(inp: MergeInputs, key: str, ids: list[int], n: int) -> tuple[list, list]:
+    """The terms' global rules for `key` (n entries) and where in it their kept ties stop
+    (`GlobalTopK.at`; None everywhere without global rules)."""
+    rules, cuts = [], []
+    for i in ids:
+        st = inp.states[i]
+        rule, cut = st.topk.at(st.offsets[key], n) if st.topk and key in st.offsets else (
+            st.topk, None)
+        rules.append(rule)
+        cuts.append(cut)
+    return rules, cuts
+
+
+def _sliced(rules: list, cuts: list, lo: int, hi: int) -> list:
+    """`rules` for the columns [lo, hi) of their key (`topk.slice_rule` where ties stop)."""
+    if all(c is None for c in cuts):
+        return rules
+    return [slice_rule(r, c, lo, hi) for r, c in zip(rules, cuts, strict=True)]
+
+
+def _parallel_slices(inp: MergeInputs, key: str, ids: list[int], bounds, rules, cuts, weights,
                      cdt: torch.dtype, info: TensorInfo) -> Iterator[torch.Tensor]:
     """`stacked_pieces` when nothing is hashed, every read goes straight into its buffer and no
-    rule takes ties in order: each slice read *and* merged on one of `reader_pool`'s threads,
+    rule takes ties in order without knowing where they stop (`GlobalTopK.cut`): each slice
+    read *and* merged on one of `reader_pool`'s threads,
     two slices in flight (both cores compute; the output slots are taken here, in order)."""
     meta = inp.base.meta(key)
     ckpt = [r for r, i in enumerate(ids) if inp.is_ckpt[i]]
@@ -227,7 +256,8 @@ def _parallel_slices(inp: MergeInputs, key: str, ids: list[int], bounds, rules, 
             b32 = b if b.dtype == torch.float32 else b.to(torch.float32)
             for r in ckpt:
                 x[r].sub_(b32)
-        return inp.m.combine_rows(b.to(cdt), x, rules, weights, inp.plan.scale, inp.p, info)
+        return inp.m.combine_rows(b.to(cdt), x, _sliced(rules, cuts, lo, hi), weights,
+                                  inp.plan.scale, inp.p, info)
 
     flight: deque[Future] = deque()
     for j in range(len(bounds)):
@@ -286,8 +316,7 @@ def whole_rows(
     hs = _term_hashes(inp, key, ids, inp.rows_vecs, cdt)
     density = inp.m.density(inp.p)
     k = topk_count(n, density) if density is not None else 0
-    rules = [inp.states[i].topk for i in ids]
-    cuts: list[int | None] = [None] * len(ids)
+    rules, cuts = _resolved(inp, key, ids, n)
 
     def row(r: int) -> None:
         i = ids[r]

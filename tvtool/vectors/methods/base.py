@@ -16,7 +16,7 @@ must be elementwise: the executor may hand them consecutive slices of a tensor.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -41,6 +41,8 @@ class TermState:
     vector: str  # the term's identity (vector digest or checkpoint sha256): seeds its draws
     weight: float
     topk: GlobalTopK | None = None  # set by the global top-k pre-pass
+    offsets: dict[str, int] = field(default_factory=dict)  # with `topk`: each key's first
+    # position in the vector, keys in trim order (`GlobalTopK.at`)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,9 @@ magnitude at the threshold, earlier ones win: tensors in key order (sorted names
 row-major index. The global threshold is found exactly with bounded memory by `BandKth` (one
 streamed pass: a band around a sample's estimate, counted and collected) or, when the band
 misses, by `KthLargest` (two streamed passes of histograms over the float32 bit patterns).
+`BandKth` also keeps the positions of the entries it collects, so its rule knows where the ties
+it keeps end (`GlobalTopK.cut`): every tensor, and every slice of it, then has a rule of its own
+(`GlobalTopK.at`, `slice_rule`) and can be trimmed in any order, in parallel.
 A tensor's own threshold comes from one in-place selection of its magnitudes' bit patterns
 (`partition_rule`); where only some of its ties are kept, `ties_cut` finds the index where
 they stop, so that its column slices can be trimmed independently (`slice_rule`).
@@ -149,6 +152,8 @@ class GlobalTopK:
     ties: int = 0
     keep_none: bool = False
     equal: int | None = None  # entries equal to `value` in the whole vector (None: unknown)
+    cut: int | None = None  # for an `ordered` rule, if known: the vector position (keys in
+    # order, then row-major) just past the last tie kept (`at` resolves it per tensor)
 
     def weights(self, a: torch.Tensor) -> torch.Tensor:
         """1.0 where the entry of `a` (float32 magnitudes) is kept, else 0.0."""
@@ -164,6 +169,19 @@ class GlobalTopK:
 
     def mask(self, a: torch.Tensor) -> torch.Tensor:
         return self.weights(a) > 0
+
+    def at(self, offset: int, n: int) -> tuple[GlobalTopK, int | None]:
+        """The rule of the tensor at vector positions [offset, offset + n), and where in it the
+        kept ties stop (for `slice_rule`; None: nowhere), when `cut` is known: a rule that no
+        longer depends on the order the tensors are trimmed in, so its slices can be trimmed
+        in parallel. An `ordered` rule without `cut` is returned as it is."""
+        if not self.ordered or self.cut is None:
+            return self, None
+        if offset + n <= self.cut:
+            return GlobalTopK(value=self.value, ties=self.equal, equal=self.equal), None
+        if offset >= self.cut:
+            return GlobalTopK(value=self.value, ties=0, equal=self.equal), None
+        return self, self.cut - offset
 
     @property
     def ordered(self) -> bool:
@@ -277,6 +295,7 @@ class BandKth:
         self.lo = bits(r_lo, 0)
         self.above = 0  # entries with bits > hi
         self.parts: list[np.ndarray] = []  # bits - lo of the entries inside the band
+        self.where: list[np.ndarray] = []  # their positions, when `add` is given offsets
         self.inside = 0
         self.failed = False
 
@@ -284,19 +303,25 @@ class BandKth:
     def needs_passes(self) -> bool:
         return 0 < self.k < self.n
 
-    def add(self, a: torch.Tensor) -> None:
-        """Count and collect one piece of the stream (float32 magnitudes, any shape)."""
+    def add(self, a: torch.Tensor, offset: int | None = None) -> None:
+        """Count and collect one piece of the stream (float32 magnitudes, any shape). With
+        `offset` (the piece's first position in the stream) on every call, the positions of
+        the collected entries are kept too, so that `result` can say where the kept ties end."""
         if self.failed:
             return
         u = a.detach().reshape(-1).contiguous().view(torch.int32).numpy().view(np.uint32)
         self.above += int(np.count_nonzero(u > self.hi))
         d = u - np.uint32(self.lo)  # wraps below lo: one unsigned comparison finds the band
-        band = d[d <= np.uint32(self.hi - self.lo)]
+        inside = d <= np.uint32(self.hi - self.lo)
+        idx = np.flatnonzero(inside) if offset is not None else None
+        band = d[idx] if idx is not None else d[inside]
         self.inside += band.size
         if self.inside > self.n // 4 + 4096:  # a useless band: hand over to the two passes
-            self.failed, self.parts = True, []
+            self.failed, self.parts, self.where = True, [], []
         elif band.size:
             self.parts.append(band)
+            if idx is not None:
+                self.where.append(idx + offset)
 
     def result(self) -> GlobalTopK | None:
         if self.k <= 0:
@@ -311,7 +336,11 @@ class BandKth:
         above = self.above + int((band > d).sum())
         equal = int((band == d).sum())
         value = torch.tensor([self.lo + int(d)], dtype=torch.int32).view(torch.float32)
-        return GlobalTopK(value=float(value[0]), ties=self.k - above, equal=equal)
+        rule = GlobalTopK(value=float(value[0]), ties=self.k - above, equal=equal)
+        if rule.ordered and len(self.where) == len(self.parts):  # positions in stream order
+            ties = np.concatenate(self.where)[band.numpy() == int(d)]
+            rule.cut = int(ties[rule.ties - 1]) + 1
+        return rule
 
 
 def trim_rows(x: torch.Tensor, rules: list[GlobalTopK]) -> torch.Tensor:
