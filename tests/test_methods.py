@@ -141,7 +141,12 @@ def test_band_threshold_knows_where_its_kept_ties_end(density):
     for off in range(0, n, 30_000):
         band.add(a[off: off + 30_000], off)
     rule = band.result()
-    assert rule is not None and rule.ordered and rule.cut is not None
+    assert rule is not None and rule.ordered
+    offset, ties = band.tie_piece(rule)  # the piece holding the last tie kept, as merge does
+    piece = a[offset: offset + 30_000]
+    rule.cut = offset + topk.ties_cut(piece, topk.GlobalTopK(value=rule.value, ties=ties))
+    assert int((a[: rule.cut] == rule.value).sum()) == rule.ties == ties + int(
+        (a[:offset] == rule.value).sum())
     ref = a * ref_topk(a, k)
     edges = [0, 1000, 77_777, 150_001, 299_999, n]  # "tensors" of the vector, trimmed last first
     got = torch.empty_like(a)

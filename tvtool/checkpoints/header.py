@@ -21,8 +21,8 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +68,9 @@ class Header:
     file_size: int
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # Unicode category Cc, all 65 of them
+
+
 def check_name(name: object, what: str = "tensor name") -> str:
     """A name that is safe to store, print and compare; else why not (raises ValueError)."""
     if not isinstance(name, str):
@@ -81,7 +84,7 @@ def check_name(name: object, what: str = "tensor name") -> str:
         name.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError(f"{what} {printable(name)} holds a lone surrogate") from None
-    if any(unicodedata.category(c) == "Cc" for c in name):
+    if _CONTROL.search(name):
         raise ValueError(f"{what} {printable(name)} holds control characters")
     return name
 

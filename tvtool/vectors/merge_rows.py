@@ -30,6 +30,7 @@ from tvtool.vectors.methods.base import TensorInfo
 from tvtool.vectors.methods.topk import (
     SAMPLE,
     BandKth,
+    GlobalTopK,
     KthLargest,
     slice_rule,
     ties_cut,
@@ -110,6 +111,9 @@ def _threshold(inp: MergeInputs, i: int, density: float, progress: Progress) -> 
                     pos += x.numel()
                 progress(f"top-k {i + 1}/{len(inp.states)}", j + 1, len(t.keys))
         rule = band.result()
+        piece = band.tie_piece(rule) if rule is not None else None
+        if piece is not None:  # where the kept ties at the threshold end (`GlobalTopK.at`)
+            rule.cut = _tie_cut(inp, i, rule, *piece, base)
         if rule is None:  # the sample misled: exact histogram passes
             kth = KthLargest(k, t.numel)
             for add in (kth.add_pass1, kth.add_pass2):
@@ -123,6 +127,18 @@ def _threshold(inp: MergeInputs, i: int, density: float, progress: Progress) -> 
     finally:
         if base is not None:
             base.close()
+
+
+def _tie_cut(inp: MergeInputs, i: int, rule, offset: int, ties: int, base) -> int:
+    """The vector position just past the `ties`-th entry equal to the rule's value in term i's
+    slice that starts at vector position `offset` (read again: one slice)."""
+    t, offsets = inp.plan.terms[i], inp.states[i].offsets
+    key = max((k for k in t.keys if offsets[k] <= offset), key=offsets.__getitem__)
+    lo = offset - offsets[key]
+    for j, x in enumerate(inp.term_slices(i, key, base)):
+        if j * inp.chunk == lo:
+            return offset + ties_cut(x, GlobalTopK(value=rule.value, ties=ties))
+    raise AssertionError(f"no slice of {key!r} starts at {lo}")  # pragma: no cover
 
 
 def band_thresholds(inp: MergeInputs, density: float, progress: Progress) -> None:

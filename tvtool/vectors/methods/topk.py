@@ -285,17 +285,19 @@ class BandKth:
             half = 12.0 * math.sqrt(m * q * (1.0 - q)) + 0.001 * m + 16.0
             r_hi, r_lo = math.ceil(q * m - half), math.floor(q * m + half)  # ranks from the top
 
+        ranks = [r for r in (r_hi, r_lo) if 1 <= r <= m]
+        sample_bits = (s.view(torch.int32).numpy() & self.TOP).copy()
+        if ranks:  # one in-place selection (bit patterns order like the magnitudes)
+            sample_bits.partition(sorted({m - r for r in ranks}))
+
         def bits(rank: int, default: int) -> int:  # bit pattern of the sample's rank-th largest
-            if rank < 1 or rank > m:
-                return default
-            v = torch.kthvalue(s, m - rank + 1).values
-            return int(v.view(torch.int32)) & self.TOP
+            return int(sample_bits[m - rank]) if 1 <= rank <= m else default
 
         self.hi = bits(r_hi, self.TOP)
         self.lo = bits(r_lo, 0)
         self.above = 0  # entries with bits > hi
         self.parts: list[np.ndarray] = []  # bits - lo of the entries inside the band
-        self.where: list[np.ndarray] = []  # their positions, when `add` is given offsets
+        self.where: list[int] = []  # the first stream position of each part's piece
         self.inside = 0
         self.failed = False
 
@@ -305,23 +307,36 @@ class BandKth:
 
     def add(self, a: torch.Tensor, offset: int | None = None) -> None:
         """Count and collect one piece of the stream (float32 magnitudes, any shape). With
-        `offset` (the piece's first position in the stream) on every call, the positions of
-        the collected entries are kept too, so that `result` can say where the kept ties end."""
+        `offset` (the piece's first position in the stream) on every call, `tie_piece` can
+        say which piece holds the last tie the rule keeps."""
         if self.failed:
             return
         u = a.detach().reshape(-1).contiguous().view(torch.int32).numpy().view(np.uint32)
         self.above += int(np.count_nonzero(u > self.hi))
         d = u - np.uint32(self.lo)  # wraps below lo: one unsigned comparison finds the band
-        inside = d <= np.uint32(self.hi - self.lo)
-        idx = np.flatnonzero(inside) if offset is not None else None
-        band = d[idx] if idx is not None else d[inside]
+        band = d[d <= np.uint32(self.hi - self.lo)]
         self.inside += band.size
         if self.inside > self.n // 4 + 4096:  # a useless band: hand over to the two passes
             self.failed, self.parts, self.where = True, [], []
         elif band.size:
             self.parts.append(band)
-            if idx is not None:
-                self.where.append(idx + offset)
+            if offset is not None:
+                self.where.append(offset)
+
+    def tie_piece(self, rule: GlobalTopK) -> tuple[int, int] | None:
+        """For an `ordered` rule from `result`: (the offset of the piece holding the last tie it
+        keeps, how many of that piece's ties are kept); None without offsets. The caller finds
+        the position in that piece (`ties_cut`) and sets `rule.cut`."""
+        if not rule.ordered or not self.parts or len(self.where) != len(self.parts):
+            return None
+        value = np.array([rule.value], dtype=np.float32).view(np.uint32)[0]
+        d, need = np.uint32(value - np.uint32(self.lo)), rule.ties
+        for offset, part in zip(self.where, self.parts, strict=True):
+            got = int(np.count_nonzero(part == d))
+            if got >= need:
+                return offset, need
+            need -= got
+        return None  # pragma: no cover - `result` counted them
 
     def result(self) -> GlobalTopK | None:
         if self.k <= 0:
@@ -331,16 +346,13 @@ class BandKth:
         need = self.k - self.above
         if self.failed or need <= 0 or need > self.inside:
             return None
-        band = torch.from_numpy(np.concatenate(self.parts).view(np.int32))
-        d = torch.kthvalue(band, band.numel() - need + 1).values  # (bits - lo), need-th largest
-        above = self.above + int((band > d).sum())
-        equal = int((band == d).sum())
-        value = torch.tensor([self.lo + int(d)], dtype=torch.int32).view(torch.float32)
-        rule = GlobalTopK(value=float(value[0]), ties=self.k - above, equal=equal)
-        if rule.ordered and len(self.where) == len(self.parts):  # positions in stream order
-            ties = np.concatenate(self.where)[band.numpy() == int(d)]
-            rule.cut = int(ties[rule.ties - 1]) + 1
-        return rule
+        band = np.concatenate(self.parts)  # (bits - lo), < 2^31
+        j = band.size - need
+        d = band[j] if band.size == 1 else np.partition(band, j)[j]  # the need-th largest
+        above = self.above + int(np.count_nonzero(band > d))
+        equal = int(np.count_nonzero(band == d))
+        value = np.array([self.lo + int(d)], dtype=np.uint32).view(np.float32)
+        return GlobalTopK(value=float(value[0]), ties=self.k - above, equal=equal)
 
 
 def trim_rows(x: torch.Tensor, rules: list[GlobalTopK]) -> torch.Tensor:
