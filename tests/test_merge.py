@@ -162,6 +162,22 @@ def test_ties_global_with_ties_at_the_threshold_in_several_tensors(tmp_path, mon
         assert torch.allclose(out[k], base[k] + merged[k], atol=1e-6), k
 
 
+def test_ties_global_cut_after_an_empty_tensor(tmp_path, monkeypatch):
+    """The last kept tie in the first slice of a tensor that starts where an empty one does."""
+    from tvtool.vectors import merge_stream
+
+    monkeypatch.setattr(merge_stream, "CHUNK", 7)
+    base = {"a.empty": torch.zeros(0), "b.w": torch.zeros(64)}
+    save_safetensors(tmp_path / "base.safetensors", base)
+    tau = torch.full((64,), 0.5)
+    tau[:10] = 1.0  # ten ties at the threshold; int(0.078 * 64) = 4 of them kept
+    store = Store()
+    store.set_ref("e", save_tensor_object(store, "vector", {**base, "b.w": tau}).digest)
+    out, _, _ = run(store, tmp_path, ["e"], method="ties", density=0.078)
+    assert torch.equal(out["b.w"], torch.where(torch.arange(64) < 4, 1.0, 0.0))
+    assert out["a.empty"].numel() == 0
+
+
 def test_ties_tensor_scope_trims_each_tensor_and_differs_from_global(world):
     tmp, store, base, taus = world
     out, _, _ = run(store, tmp, ["t0", "t1"], method="ties", scope="tensor", density=0.25)

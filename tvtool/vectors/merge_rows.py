@@ -133,7 +133,7 @@ def _tie_cut(inp: MergeInputs, i: int, rule, offset: int, ties: int, base) -> in
     """The vector position just past the `ties`-th entry equal to the rule's value in term i's
     slice that starts at vector position `offset` (read again: one slice)."""
     t, offsets = inp.plan.terms[i], inp.states[i].offsets
-    key = max((k for k in t.keys if offsets[k] <= offset), key=offsets.__getitem__)
+    key = next(k for k in t.keys if 0 <= offset - offsets[k] < inp.base.meta(k).numel)
     lo = offset - offsets[key]
     for j, x in enumerate(inp.term_slices(i, key, base)):
         if j * inp.chunk == lo:

@@ -6,9 +6,10 @@ magnitude at the threshold, earlier ones win: tensors in key order (sorted names
 row-major index. The global threshold is found exactly with bounded memory by `BandKth` (one
 streamed pass: a band around a sample's estimate, counted and collected) or, when the band
 misses, by `KthLargest` (two streamed passes of histograms over the float32 bit patterns).
-`BandKth` also keeps the positions of the entries it collects, so its rule knows where the ties
-it keeps end (`GlobalTopK.cut`): every tensor, and every slice of it, then has a rule of its own
-(`GlobalTopK.at`, `slice_rule`) and can be trimmed in any order, in parallel.
+`BandKth` also says which piece of the stream holds the last tie its rule keeps (`tie_piece`);
+the caller reads that piece again to find where the kept ties end (`GlobalTopK.cut`): every
+tensor, and every slice of it, then has a rule of its own (`GlobalTopK.at`, `slice_rule`) and
+can be trimmed in any order, in parallel.
 A tensor's own threshold comes from one in-place selection of its magnitudes' bit patterns
 (`partition_rule`); where only some of its ties are kept, `ties_cut` finds the index where
 they stop, so that its column slices can be trimmed independently (`slice_rule`).
@@ -286,7 +287,7 @@ class BandKth:
             r_hi, r_lo = math.ceil(q * m - half), math.floor(q * m + half)  # ranks from the top
 
         ranks = [r for r in (r_hi, r_lo) if 1 <= r <= m]
-        sample_bits = (s.view(torch.int32).numpy() & self.TOP).copy()
+        sample_bits = s.view(torch.int32).numpy() & self.TOP  # a new array
         if ranks:  # one in-place selection (bit patterns order like the magnitudes)
             sample_bits.partition(sorted({m - r for r in ranks}))
 
