@@ -364,13 +364,10 @@ def whole_rows(
     weights = [inp.states[i].weight for i in ids]
     step = span(len(ids), inp.chunk)
     bounds = [(lo, min(n, lo + step)) for lo in range(0, n, step)]
-    cut = any(c is not None for c in cuts)
 
     def columns(part: list[tuple[int, int]]) -> None:
         for lo, hi in part:
-            sliced = rules
-            if cut:
-                sliced = [slice_rule(ru, c, lo, hi) for ru, c in zip(rules, cuts, strict=True)]
+            sliced = _sliced(rules, cuts, lo, hi) if rules is not None else None
             inp.m.combine_rows(acc[lo:hi], x[:, lo:hi], sliced, weights, inp.plan.scale, inp.p,
                                info)
 
