@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", type=Path, default=None)
     ap.add_argument("--no-mergekit", action="store_true",
                     help="tvtool and the floor only (the mergekit rows are left out)")
+    ap.add_argument("--note", default=None, help="recorded with the result (the conditions)")
     ap.add_argument("--mergekit-venv", type=Path,
                     default=Path(tempfile.gettempdir()) / "tvtool-mergekit-venv")
     args = ap.parse_args(argv)
@@ -214,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
 
     cases: dict[str, list] = {
         "floor": [sys.executable, "-c", FLOOR, *inputs, work / "floor.bin"],
+        # what every tvtool row pays before it reads a byte (the floor script does not)
+        "tvtool start-up only": [
+            sys.executable, "-c", "import torch, tvtool.vectors.merge, tvtool.cli.app"],
         # a fresh store each time: every input hashed (the runs below find the fingerprints in
         # the store's cache, as after any extract or merge of unchanged files)
         "tvtool sum, inputs not hashed before": [
@@ -259,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in rows.items():
         r["x_floor"] = r["wall_s"] / floor
         print(f"{name:<28} {r['wall_s']:>8.2f} {r['x_floor']:>8.2f} {r['peak_rss_mb']:>12.0f}")
-    ratios = {}
+    startup = rows["tvtool start-up only"]["wall_s"]
+    ratios = {"sum vs floor + start-up": rows["tvtool sum"]["wall_s"] / (floor + startup)}
     if mk is not None:
         ratios["sum vs mergekit"] = rows["tvtool sum"]["wall_s"] / rows[
             "mergekit task_arithmetic"]["wall_s"]
@@ -288,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads, "repeat": args.repeat, "mergekit": why, "rows": rows,
             "ratios": ratios, "targets": targets, "checks": checks, "cpus": os.cpu_count(),
             "load_average_before": load_before, "load_average_after": os.getloadavg()}
+    if args.note:
+        info["note"] = args.note
     name = "merge_vs_mergekit-small.json" if args.small else "merge_vs_mergekit.json"
     dest = HERE / "results" / name
     dest.write_text(json.dumps(info, indent=2) + "\n")
